@@ -1,0 +1,25 @@
+// Operator schemas of the tangent_kernels library and the Python module stub.
+//
+// Each op is declared once here; its CPU kernel registers with TORCH_LIBRARY_IMPL in its own file.
+// Importing tangent_kernels._C loads this library, which fills torch.ops.tangent_kernels.*.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(tangent_kernels, m) {
+  // (y, y_t, mean, rstd); y_t is an empty tensor when every tangent input and offset is absent.
+  m.def(
+      "layer_norm_jvp_forward(Tensor x, Tensor? x_t, Tensor? weight, Tensor? bias, "
+      "Tensor? d_weight, Tensor? d_bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // (grad input, grad weight, grad bias) for one upstream stream; results not asked for are empty.
+  m.def(
+      "layer_norm_backward(Tensor grad, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
+      "bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
+}
+
+extern "C" {
+// A module with no Python functions: importing it only runs the static registrations above.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

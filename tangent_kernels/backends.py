@@ -1,0 +1,80 @@
+"""Which backend runs an op: availability, the ``"auto"`` choice, and a record of what ran.
+
+Backends (DESIGN.md §3): ``"triton"`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``),
+``"cpp"`` (the C++ extension, CPU tensors), ``"reference"`` (plain PyTorch, anywhere).
+``"auto"`` prefers Triton on CUDA and C++ on the CPU, and falls back to the reference where the
+fast backend cannot run the op (with a one-time warning when the fallback is due to something
+missing, such as an unbuilt extension). An explicitly requested backend that cannot run raises
+``BackendUnavailableError`` saying why.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from . import cpp
+from . import triton as triton_backend
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+
+# Which backends implement each op; the reference implements all of them.
+IMPLEMENTED = {
+    "layer_norm_jvp": ("triton", "cpp", "reference"),
+}
+
+_last_backend: dict[str, str] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this op on these inputs."""
+
+
+def unavailable_reason(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Why ``backend`` cannot run ``op`` on this device and dtype; empty when it can."""
+    if backend not in IMPLEMENTED[op]:
+        return f"{op} has no {backend} implementation yet (it has: {', '.join(IMPLEMENTED[op])})"
+    if backend == "triton":
+        return triton_backend.unsupported_reason(device, dtype)
+    if backend == "cpp":
+        return cpp.unsupported_reason(device, dtype)
+    return ""
+
+
+def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """Resolve ``backend`` for ``op`` on tensors of this device and dtype, and record the choice."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpp"
+        reason = unavailable_reason(preferred, op, device, dtype)
+        chosen = "reference" if reason else preferred
+        if reason and preferred in IMPLEMENTED[op] and (op, preferred) not in _warned:
+            _warned.add((op, preferred))
+            warnings.warn(f"tangent_kernels: {op} falls back to the reference backend: {reason}", stacklevel=3)
+    else:
+        reason = unavailable_reason(backend, op, device, dtype)
+        if reason:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run {op} on {device.type}/{dtype}: {reason}")
+        chosen = backend
+    _last_backend[op] = chosen
+    return chosen
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that ran the latest call of ``op`` (``None`` before the first call)."""
+    if op not in IMPLEMENTED:
+        raise ValueError(f"op: expected one of {sorted(IMPLEMENTED)}, got {op!r}")
+    return _last_backend.get(op)
+
+
+def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str]:
+    """For each backend, ``""`` if it can run on this device and dtype, else the reason it cannot."""
+    device = torch.device(device)
+    return {
+        "triton": triton_backend.unsupported_reason(device, dtype),
+        "cpp": cpp.unsupported_reason(device, dtype),
+        "reference": "",
+    }

@@ -1,0 +1,64 @@
+"""The one module that imports Triton and knows how its kernels run.
+
+Kernels are compiled for CUDA tensors, or run by Triton's interpreter on CPU tensors when
+``TRITON_INTERPRET=1`` is set before this package is imported (Triton reads it when a kernel is
+defined, so later changes have no effect). Nothing here touches a GPU at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+except ImportError as error:  # the package works without Triton, on the other backends
+    triton = None
+    UNAVAILABLE_REASON = f"triton is not importable ({error})"
+else:
+    UNAVAILABLE_REASON = ""
+
+AVAILABLE = triton is not None
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TUNING = AVAILABLE and not INTERPRETING and os.environ.get("TANGENT_KERNELS_AUTOTUNE", "1") != "0"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
+    """Why the Triton backend cannot run on this device and dtype; empty when it can."""
+    if not AVAILABLE:
+        return UNAVAILABLE_REASON
+    if device.type == "cpu" and not INTERPRETING:
+        return "CPU tensors need TRITON_INTERPRET=1 set before tangent_kernels is imported"
+    if device.type not in ("cuda", "cpu"):
+        return f"device {device.type!r} is not supported (expected cuda, or cpu under TRITON_INTERPRET=1)"
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not supported (expected one of float16, bfloat16, float32)"
+    return ""
+
+
+def autotune(configs, key, prune):
+    """``triton.autotune`` over the configs that ``prune(configs, named_args, **kwargs)`` keeps.
+
+    With tuning off (the interpreter, or ``TANGENT_KERNELS_AUTOTUNE=0`` as the tests set) only the
+    first kept config runs, so a test exercises exactly one config and never benchmarks.
+    """
+
+    def first_only(configs_, named_args, **kwargs):
+        return prune(configs_, named_args, **kwargs)[:1]
+
+    return triton.autotune(
+        configs=configs,
+        key=key,
+        prune_configs_by={"early_config_prune": prune if TUNING else first_only},
+    )
+
+
+def shared_memory_fits(config_bytes: int, capability: int) -> bool:
+    """Whether a kernel's static shared memory fits one block on sm_<capability>."""
+    return config_bytes <= SHARED_MEMORY_PER_BLOCK[capability]
+
+
+# Opt-in dynamic shared memory per block (CUDA programming guide, compute capabilities table).
+SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}

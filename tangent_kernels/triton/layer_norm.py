@@ -1,0 +1,243 @@
+"""Layer norm primal + tangent in one pass per row, and the backward of one upstream stream.
+
+Forward (DESIGN.md §1): ``y = g0 · x̂ + b0`` and
+``y_t = g0 · (x_t − mean(x_t) − x̂ · mean(x̂ · x_t)) · rstd + dg · x̂ + db``, with the row's mean
+and rstd saved in fp32.
+
+Backward (DESIGN.md §2): for an upstream gradient ``g`` of either stream, the input gradient is
+the ordinary layer-norm input gradient with ``g0 · g`` as upstream, and the parameter gradients
+are the column sums ``Σ g · x̂`` and ``Σ g``. The same kernel serves ``grad y`` (giving the grads
+of ``x``, ``g0``, ``b0``) and ``grad y_t`` (giving the grads of ``x_t``, ``dg``, ``db``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_FEATURES = 16384  # one row is held in registers; wider rows need a split-row kernel
+_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _layer_norm_jvp_fwd_kernel(
+    X,  # [M, N] primal input, row stride stride_x, unit column stride
+    X_T,  # [M, N] tangent input (read only if HAS_X_T), row stride stride_x_t
+    W,  # [N] frozen weight g0 (read only if HAS_W)
+    B,  # [N] frozen bias b0 (read only if HAS_B)
+    D_W,  # [N] weight offset dg (read only if HAS_D_W)
+    D_B,  # [N] bias offset db (read only if HAS_D_B)
+    Y,  # [M, N] primal output, row stride stride_y
+    Y_T,  # [M, N] tangent output (written only if HAS_TANGENT), row stride stride_y_t
+    MEAN,  # [M] fp32 row means
+    RSTD,  # [M] fp32 row reciprocal standard deviations
+    stride_x,
+    stride_x_t,
+    stride_y,
+    stride_y_t,
+    N,  # features per row
+    eps,
+    HAS_X_T: tl.constexpr,
+    HAS_W: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_D_W: tl.constexpr,
+    HAS_D_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    in_row = cols < N
+
+    x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / N
+    centered = tl.where(in_row, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+    x_hat = centered * rstd
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+    if HAS_W:
+        w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        y = x_hat * w
+    else:
+        y = x_hat
+    if HAS_B:
+        y += tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=in_row)
+
+    if HAS_X_T or HAS_D_W or HAS_D_B:
+        y_t = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_X_T:
+            x_t = tl.load(X_T + row * stride_x_t + cols, mask=in_row, other=0.0).to(tl.float32)
+            x_t_mean = tl.sum(x_t, axis=0) / N
+            x_hat_x_t_mean = tl.sum(x_hat * x_t, axis=0) / N
+            y_t = (x_t - x_t_mean - x_hat * x_hat_x_t_mean) * rstd
+            if HAS_W:
+                y_t = y_t * w
+        if HAS_D_W:
+            y_t += x_hat * tl.load(D_W + cols, mask=in_row, other=0.0).to(tl.float32)
+        if HAS_D_B:
+            y_t += tl.load(D_B + cols, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(Y_T + row * stride_y_t + cols, y_t.to(Y_T.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    G,  # [M, N] upstream gradient of one output stream, row stride stride_g
+    X,  # [M, N] primal input, row stride stride_x
+    W,  # [N] frozen weight g0 (read only if HAS_W)
+    MEAN,  # [M] fp32 row means from the forward
+    RSTD,  # [M] fp32 row reciprocal standard deviations from the forward
+    G_X,  # [M, N] input gradient (written only if INPUT_GRAD), row stride stride_g_x
+    G_W_PARTIAL,  # [num_programs, N] fp32 partial sums of g · x̂ (written only if PARAM_GRADS)
+    G_B_PARTIAL,  # [num_programs, N] fp32 partial sums of g (written only if PARAM_GRADS)
+    stride_g,
+    stride_x,
+    stride_g_x,
+    M,  # rows
+    N,  # features per row
+    rows_per_program,
+    HAS_W: tl.constexpr,
+    INPUT_GRAD: tl.constexpr,
+    PARAM_GRADS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    in_row = cols < N
+    if HAS_W:
+        w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    g_w_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    g_b_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    first_row = pid * rows_per_program
+    for offset in range(0, rows_per_program):
+        row = (first_row + offset).to(tl.int64)
+        if row < M:
+            x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
+            g = tl.load(G + row * stride_g + cols, mask=in_row, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            x_hat = tl.where(in_row, (x - mean) * rstd, 0.0)
+            if PARAM_GRADS:
+                g_w_sum += g * x_hat
+                g_b_sum += g
+            if INPUT_GRAD:
+                u = g * w if HAS_W else g
+                u_mean = tl.sum(u, axis=0) / N
+                u_x_hat_mean = tl.sum(u * x_hat, axis=0) / N
+                g_x = (u - u_mean - x_hat * u_x_hat_mean) * rstd
+                tl.store(G_X + row * stride_g_x + cols, g_x.to(G_X.dtype.element_ty), mask=in_row)
+    if PARAM_GRADS:
+        tl.store(G_W_PARTIAL + pid * N + cols, g_w_sum, mask=in_row)
+        tl.store(G_B_PARTIAL + pid * N + cols, g_b_sum, mask=in_row)
+
+
+def block_size(features: int) -> int:
+    """The power-of-two row tile that holds ``features`` columns (at least 16)."""
+    return max(triton.next_power_of_2(features), 16)
+
+
+def num_warps(block: int) -> int:
+    """Warps per row: one per 256 columns, between 1 and 16."""
+    return min(max(block // 256, 1), 16)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a 2-D ``[rows, features]`` view with unit column stride (a copy only if needed)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def forward(x, x_t, weight, bias, d_weight, d_bias, eps):
+    """Launch the forward kernel: returns ``(y, y_t or None, mean, rstd)``."""
+    n = x.shape[-1]
+    x2 = _rows(x)
+    x_t2 = x2 if x_t is None else _rows(x_t)
+    has_tangent = x_t is not None or d_weight is not None or d_bias is not None
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, so .view(x2.shape) below
+    y_t = torch.empty_like(y) if has_tangent else y
+    mean = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    block = block_size(n)
+    placeholder = x2  # any pointer; never read when the matching HAS_* flag is off
+    _layer_norm_jvp_fwd_kernel[(x2.shape[0],)](
+        x2, x_t2,
+        placeholder if weight is None else weight,
+        placeholder if bias is None else bias,
+        placeholder if d_weight is None else d_weight,
+        placeholder if d_bias is None else d_bias,
+        y, y_t, mean, rstd,
+        x2.stride(0), x_t2.stride(0), n, n,
+        n, eps,
+        HAS_X_T=x_t is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_D_W=d_weight is not None, HAS_D_B=d_bias is not None,
+        BLOCK_N=block, num_warps=num_warps(block),
+    )  # fmt: skip
+    return y, (y_t if has_tangent else None), mean, rstd
+
+
+def backward(grad, x, weight, mean, rstd, input_grad, param_grads):
+    """Launch the backward kernel for one stream: returns ``(grad input, grad weight, grad bias)``.
+
+    Results that were not asked for are ``None``.
+    """
+    n = x.shape[-1]
+    x2, g2 = _rows(x), _rows(grad)
+    rows = x2.shape[0]
+    g_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if input_grad else x2
+    programs = max(1, min(rows, _parallel_programs(x.device)))
+    rows_per_program = triton.cdiv(rows, programs)
+    programs = triton.cdiv(rows, rows_per_program)
+    partial_shape = (programs, n) if param_grads else (1, 1)
+    g_w_partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device)
+    g_b_partial = torch.empty_like(g_w_partial)
+    block = block_size(n)
+    _layer_norm_bwd_kernel[(programs,)](
+        g2, x2, x2 if weight is None else weight, mean, rstd,
+        g_x, g_w_partial, g_b_partial,
+        g2.stride(0), x2.stride(0), n,
+        rows, n, rows_per_program,
+        HAS_W=weight is not None, INPUT_GRAD=input_grad, PARAM_GRADS=param_grads,
+        BLOCK_N=block, num_warps=num_warps(block),
+    )  # fmt: skip
+    grad_input = g_x if input_grad else None
+    if not param_grads:
+        return grad_input, None, None
+    param_dtype = x.dtype if weight is None else weight.dtype
+    return grad_input, g_w_partial.sum(0).to(param_dtype), g_b_partial.sum(0).to(param_dtype)
+
+
+def _parallel_programs(device: torch.device) -> int:
+    """How many programs share the rows of the backward: a few per SM on a GPU."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter runs programs one after another; few programs mean few partials
+
+
+def compile_specs():
+    """Every (kernel, signature, constexprs, num_warps) this module can launch, for target checks."""
+    flags_fwd = dict(HAS_X_T=True, HAS_W=True, HAS_B=True, HAS_D_W=True, HAS_D_B=True)
+    flags_bwd = dict(HAS_W=True, INPUT_GRAD=True, PARAM_GRADS=True)
+    block = 16
+    while block <= MAX_FEATURES:
+        for dtype, name in _TORCH_TO_TRITON.items():
+            ptr = f"*{name}"
+            fwd_sig = {
+                "X": ptr, "X_T": ptr, "W": ptr, "B": ptr, "D_W": ptr, "D_B": ptr,
+                "Y": ptr, "Y_T": ptr, "MEAN": "*fp32", "RSTD": "*fp32",
+                "stride_x": "i32", "stride_x_t": "i32", "stride_y": "i32", "stride_y_t": "i32",
+                "N": "i32", "eps": "fp32",
+            }  # fmt: skip
+            bwd_sig = {
+                "G": ptr, "X": ptr, "W": ptr, "MEAN": "*fp32", "RSTD": "*fp32",
+                "G_X": ptr, "G_W_PARTIAL": "*fp32", "G_B_PARTIAL": "*fp32",
+                "stride_g": "i32", "stride_x": "i32", "stride_g_x": "i32",
+                "M": "i32", "N": "i32", "rows_per_program": "i32",
+            }  # fmt: skip
+            yield (f"fwd {dtype} BLOCK_N={block}", _layer_norm_jvp_fwd_kernel, fwd_sig,
+                   {**flags_fwd, "BLOCK_N": block}, num_warps(block))  # fmt: skip
+            yield (f"bwd {dtype} BLOCK_N={block}", _layer_norm_bwd_kernel, bwd_sig,
+                   {**flags_bwd, "BLOCK_N": block}, num_warps(block))  # fmt: skip
+        block *= 2

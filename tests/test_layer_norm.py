@@ -1,0 +1,184 @@
+"""Layer norm primal + tangent on every backend against the float64 reference, forward and backward."""
+
+import pytest
+import torch
+
+from helpers import assert_close, float64, grads
+from tangent_kernels import functional as F
+from tangent_kernels import last_backend, reference
+
+# (backend, dtype): Triton ships fp32/fp16/bf16; the C++ op also takes fp64 and bf16.
+BACKEND_DTYPES = [
+    ("triton", torch.float32),
+    ("triton", torch.bfloat16),
+    ("triton", torch.float16),
+    ("cpp", torch.float32),
+    ("cpp", torch.bfloat16),
+    ("cpp", torch.float64),
+    ("reference", torch.float32),
+]
+ROWS = [1, 197]  # a single token; ViT-B/16 at 224 px
+WIDTHS = [7, 64, 768]  # prime, power of two, ViT-B width
+# Which of (x_t, d_weight, d_bias) are given: all, the first linearized layer (no x_t), only x_t.
+TANGENTS = {"all": (True, True, True), "no_x_t": (False, True, True), "only_x_t": (True, False, False)}
+
+
+def make_inputs(rows, width, dtype, device, tangents):
+    has_x_t, has_dw, has_db = tangents
+    x = (torch.randn(2, rows, width, device=device) * 3 + 0.5).to(dtype)
+    x_t = torch.randn(2, rows, width, device=device).to(dtype).requires_grad_() if has_x_t else None
+    w = (1 + 0.5 * torch.randn(width, device=device)).to(dtype)
+    b = torch.randn(width, device=device).to(dtype)
+    dw = (0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_() if has_dw else None
+    db = (0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_() if has_db else None
+    return x, x_t, w, b, dw, db
+
+
+def backend_device(backend, device):
+    return device if backend == "triton" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=str)
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.parametrize("tangents", list(TANGENTS), ids=str)
+def test_matches_reference(backend, dtype, rows, width, tangents, device, poisoned_outputs):
+    inputs = make_inputs(rows, width, dtype, backend_device(backend, device), TANGENTS[tangents])
+    y, y_t = F.layer_norm_jvp(*inputs, eps=1e-6, backend=backend)
+    assert last_backend("layer_norm_jvp") == backend
+
+    inputs64 = float64(*inputs)
+    y64, y_t64 = reference.layer_norm_jvp(*inputs64, eps=1e-6)
+    y_same, y_t_same = reference.layer_norm_jvp(*(None if t is None else t.detach() for t in inputs), eps=1e-6)
+    assert_close(y, y64, y_same, name="y")
+    assert_close(y_t, y_t64, y_t_same, name="y_t")
+
+    grad_y_t = torch.randn_like(y_t)
+    ours = grads(y_t, inputs, grad_y_t)
+    oracle = grads(y_t64, inputs64, grad_y_t.double())
+    same = grads(reference.layer_norm_jvp(*inputs, eps=1e-6)[1], inputs, grad_y_t)
+    for name, a, b, c in zip(("x", "x_t", "weight", "bias", "d_weight", "d_bias"), ours, oracle, same):
+        if b is not None:
+            assert_close(a, b, c, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+@pytest.mark.parametrize("tangents", list(TANGENTS), ids=str)
+def test_gradcheck_float64(backend, tangents):
+    x, x_t, w, b, dw, db = make_inputs(3, 7, torch.float64, "cpu", TANGENTS[tangents])
+    inputs = [t for t in (x_t, dw, db) if t is not None]
+
+    def tangent_output(*given):
+        it = iter(given)
+        args = [next(it) if t is not None else None for t in (x_t, dw, db)]
+        return F.layer_norm_jvp(x, args[0], w, b, args[1], args[2], backend=backend)
+
+    assert torch.autograd.gradcheck(tangent_output, inputs)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_gradcheck_primal_stream(backend):
+    """Gradients of ``y`` with respect to x, weight and bias (an ordinary layer norm backward)."""
+    x, _, w, b, _, _ = make_inputs(3, 7, torch.float64, "cpu", TANGENTS["all"])
+    inputs = [t.requires_grad_() for t in (x, w, b)]
+    assert torch.autograd.gradcheck(lambda x, w, b: F.layer_norm_jvp(x, None, w, b, backend=backend)[0], inputs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_second_order_term_raises(backend, device):
+    x, x_t, w, b, dw, db = make_inputs(4, 7, torch.float32, backend_device(backend, device), TANGENTS["all"])
+    x.requires_grad_()
+    _, y_t = F.layer_norm_jvp(x, x_t, w, b, dw, db, backend=backend)
+    with pytest.raises(NotImplementedError, match="'x'.*second-order"):
+        y_t.sum().backward()
+
+
+def test_auto_runs_reference_when_a_primal_input_requires_grad():
+    x, x_t, w, b, dw, db = make_inputs(4, 7, torch.float64, "cpu", TANGENTS["all"])
+    x.requires_grad_()
+    _, y_t = F.layer_norm_jvp(x, x_t, w, b, dw, db, backend="auto")
+    assert last_backend("layer_norm_jvp") == "reference"
+    (grad_x,) = torch.autograd.grad(y_t.sum(), x)
+    assert torch.isfinite(grad_x).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+def test_nan_stays_in_its_row(backend, device):
+    x, x_t, w, b, dw, db = make_inputs(5, 33, torch.float32, backend_device(backend, device), TANGENTS["all"])
+    x[0, 1, 4] = float("nan")
+    x_t = x_t.detach().clone()
+    x_t[1, 3, 0] = float("nan")
+    y, y_t = (t.detach().clone() for t in F.layer_norm_jvp(x, x_t, w, b, dw, db, backend=backend))
+    assert torch.isnan(y[0, 1]).all() and torch.isnan(y_t[0, 1]).all()
+    assert torch.isnan(y_t[1, 3]).all() and not torch.isnan(y[1, 3]).any()
+    y[0, 1], y_t[0, 1], y_t[1, 3] = 0, 0, 0
+    assert torch.isfinite(y).all() and torch.isfinite(y_t).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+def test_no_tangent_gives_none(backend, device):
+    x, _, w, b, _, _ = make_inputs(3, 16, torch.float32, backend_device(backend, device), TANGENTS["all"])
+    y, y_t = F.layer_norm_jvp(x, None, w, b, backend=backend)
+    assert y_t is None
+    assert_close(y, reference.layer_norm_jvp(*float64(x, None, w, b))[0], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_without_affine(backend, device):
+    x = torch.randn(6, 10, device=backend_device(backend, device))
+    x_t = torch.randn_like(x)
+    y, y_t = F.layer_norm_jvp(x, x_t, None, None, eps=1e-5, backend=backend)
+    y64, y_t64 = reference.layer_norm_jvp(*float64(x, x_t), None, None, eps=1e-5)
+    assert_close(y, y64, dtype=torch.float32)
+    assert_close(y_t, y_t64, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_strided_input(backend, device):
+    """A transposed view (rows not contiguous) gives the same result as its contiguous copy."""
+    base = torch.randn(12, 3, 8, device=backend_device(backend, device))
+    x = base.transpose(0, 1)  # (3, 12, 8), last dim contiguous, rows strided
+    x_t = torch.randn(8, 12, 3, device=x.device).permute(2, 1, 0)  # last dim not contiguous
+    w, b = torch.randn(8, device=x.device), torch.randn(8, device=x.device)
+    y, y_t = F.layer_norm_jvp(x, x_t, w, b, w, b, backend=backend)
+    y64, y_t64 = reference.layer_norm_jvp(*float64(x, x_t, w, b, w, b))
+    assert_close(y, y64, dtype=torch.float32)
+    assert_close(y_t, y_t64, dtype=torch.float32)
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x = torch.randn(4, 8)
+        self.w = torch.randn(8)
+
+    def test_tangent_shape(self):
+        with pytest.raises(ValueError, match=r"x_t: expected shape \(4, 8\)"):
+            F.layer_norm_jvp(self.x, torch.randn(4, 9), self.w, None)
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="x_t: expected dtype torch.float32"):
+            F.layer_norm_jvp(self.x, self.x.double(), self.w, None)
+        with pytest.raises(TypeError, match="d_weight: expected dtype torch.float32"):
+            F.layer_norm_jvp(self.x, None, self.w, None, self.w.half())
+
+    def test_device_mismatch(self):
+        with pytest.raises(ValueError, match="weight: expected device cpu"):
+            F.layer_norm_jvp(self.x, None, self.w.to("meta"), None)
+
+    def test_wrong_normalized_shape(self):
+        with pytest.raises(ValueError, match=r"weight: expected shape \(8,\)"):
+            F.layer_norm_jvp(self.x, None, torch.randn(7), None)
+        with pytest.raises(ValueError, match=r"bias: expected shape \(8,\)"):
+            F.layer_norm_jvp(self.x, None, self.w, torch.randn(4, 8))
+
+    def test_integer_input(self):
+        with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+            F.layer_norm_jvp(torch.ones(4, 8, dtype=torch.int64), None, None, None)
+
+    def test_offset_without_frozen_parameter(self):
+        with pytest.raises(ValueError, match="d_weight: given without a frozen weight"):
+            F.layer_norm_jvp(self.x, None, None, None, self.w)
+
+    def test_unknown_backend(self):
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            F.layer_norm_jvp(self.x, None, self.w, None, backend="cuda")
