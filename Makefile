@@ -1,0 +1,28 @@
+# One-command set-up on a fresh machine: the first target run creates .venv and builds the
+# C++ extension; later runs reuse them (and rebuild when requirements, setup or csrc change).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?= -n 2
+
+.PHONY: setup test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet -e . --no-build-isolation
+	touch $(STAMP)
+
+# The tests: Triton kernels in the interpreter on the CPU, compiled for sm_80/sm_90, C++ and reference.
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The main job: benchmark + verification run (small default on the CPU, full suite on a GPU).
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info tangent_kernels/*.so

@@ -1,0 +1,98 @@
+"""Time, peak memory and the environment of a benchmark run.
+
+Time is the median with p20/p80 over repeated calls: ``triton.testing.do_bench`` on a GPU, a
+wall-clock loop on the CPU. Peak memory is what a call allocates above what existed before it:
+the CUDA allocator's peak on a GPU, the profiler's allocation record on the CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import time
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)
+
+
+def time_call(fn, device: torch.device, min_seconds: float = 0.2, max_repeats: int = 200) -> dict:
+    """``{"median_ms", "p20_ms", "p80_ms", "repeats"}`` for calling ``fn()``."""
+    if device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
+        return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "repeats": None}
+    fn()  # warm-up: first-call allocations, lazy imports
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_seconds and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return {"median_ms": median.item(), "p20_ms": p20.item(), "p80_ms": p80.item(), "repeats": len(times)}
+
+
+def peak_memory(fn, device: torch.device) -> int:
+    """Bytes allocated by ``fn()`` at its peak, above what was allocated before the call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+        key=lambda e: e.start_ns(),
+    )
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+def environment(device: torch.device) -> dict:
+    """The machine, versions and commit that a result row belongs to."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "commit": _git_commit(),
+        "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()  # fmt: skip
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None

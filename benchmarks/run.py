@@ -1,0 +1,117 @@
+"""The main job: benchmark and verify every suite, print the ratios, store JSON and a plot.
+
+    python -m benchmarks.run                  # small default suite on this machine's device
+    python -m benchmarks.run --full           # the full suite (the default on a GPU)
+    python -m benchmarks.run --suite attention layer_norm --out benchmarks/results/my-run
+
+Each row holds the time (median, p20, p80), FLOP/s or bytes/s where the case defines them, peak
+memory, and the error against the float64 reference, with the device, versions and commit of
+the run, so every ratio in the table can be recomputed from the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import pathlib
+import sys
+
+import torch
+from tqdm import tqdm
+
+from .measure import environment, peak_memory, time_call
+from .plot import plot_results
+
+SUITES = ("layer_norm",)
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def run_case(case, device: torch.device) -> list[dict]:
+    """Time and check every mode of ``case``: one row per mode."""
+    errors = case.check() if case.check else {}
+    rows = []
+    for mode, fn in case.modes.items():
+        row = {"suite": case.suite, "case": case.name, "mode": mode, **case.params}
+        try:
+            row.update(time_call(fn, device))
+            row["peak_memory_bytes"] = peak_memory(fn, device)
+        except Exception as error:  # a mode that cannot run (e.g. jvp through fused SDPA) is a result
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+            rows.append(row)
+            continue
+        seconds = row["median_ms"] / 1e3
+        if mode in case.flops:
+            row["flops"] = case.flops[mode]
+            row["tflops_per_s"] = case.flops[mode] / seconds / 1e12
+        if mode in case.bytes:
+            row["bytes"] = case.bytes[mode]
+            row["gb_per_s"] = case.bytes[mode] / seconds / 1e9
+        if mode in errors:
+            row["max_relative_error"] = errors[mode]
+            row["correct"] = bool(errors[mode] <= case.tolerance)
+        rows.append(row)
+    by_mode = {r["mode"]: r for r in rows}
+    for numerator, denominator in case.ratios:
+        a, b = by_mode.get(numerator, {}), by_mode.get(denominator, {})
+        if "median_ms" in a and "median_ms" in b:
+            by_mode[denominator].setdefault("ratios", {})[f"time {numerator} / {denominator}"] = (
+                a["median_ms"] / b["median_ms"]
+            )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table: one line per (case, mode), ratios at the end of the line."""
+    header = f"{'suite':<11} {'case':<34} {'mode':<22} {'median ms':>10} {'TFLOP/s':>8} {'GB/s':>7} {'peak MiB':>9} {'error':>9}  ratios"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['suite']:<11} {r['case']:<34} {r['mode']:<22} failed: {r['error']}")
+            continue
+        flag = "" if r.get("correct", True) else "  WRONG RESULT"
+        ratios = "  ".join(f"{k.removeprefix('time ')}={v:.2f}x" for k, v in r.get("ratios", {}).items())
+        lines.append(
+            f"{r['suite']:<11} {r['case']:<34} {r['mode']:<22} {r['median_ms']:>10.3f} "
+            f"{_fmt(r.get('tflops_per_s'), 8, 2)} {_fmt(r.get('gb_per_s'), 7, 1)} "
+            f"{r['peak_memory_bytes'] / 2**20:>9.1f} {_fmt(r.get('max_relative_error'), 9, None)}  {ratios}{flag}"
+        )
+    return "\n".join(lines)
+
+
+def _fmt(value, width, digits):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return " " * (width - 1) + "-"
+    return f"{value:>{width}.{digits}f}" if digits is not None else f"{value:>{width}.1e}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", nargs="+", choices=SUITES, default=list(SUITES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--full", action="store_true", help="the full suite (default on a GPU)")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for results.json and the plot")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    full = args.full or device.type == "cuda"
+    out = args.out or RESULTS / f"latest-{device.type}"
+
+    cases = [case for suite in args.suite for case in importlib.import_module(f"benchmarks.suites.{suite}").cases(device, full)]
+    rows = []
+    for case in tqdm(cases, desc="benchmarks", unit="case", file=sys.stderr):
+        rows.extend(run_case(case, device))
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"environment": environment(device), "full": full, "rows": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    plot_results(result, out / "plot.png")
+    print(format_table(rows))
+    print(f"\nwrote {out / 'results.json'} and {out / 'plot.png'}")
+    wrong = [r for r in rows if r.get("correct") is False and r["mode"] == "ours"]
+    if wrong:
+        print(f"{len(wrong)} case(s) where our result is WRONG", file=sys.stderr)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Layer norm forward + tangent: ours against torch.func.jvp of F.layer_norm and the plain forward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import jvp
+
+from tangent_kernels import functional, reference
+
+from . import Case, relative_error
+
+# (rows, width): ViT-S/16 and ViT-B/16 at 224 px (197 tokens), batch 8 on the CPU, 64/256 on a GPU.
+CPU_SHAPES = [(8 * 197, 384), (8 * 197, 768)]
+GPU_SHAPES = [(64 * 197, 768), (256 * 197, 768), (64 * 197, 1024), (256 * 197, 1024)]
+
+
+def cases(device: torch.device, full: bool) -> list[Case]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    return [_case(rows, width, dtype, device) for rows, width in shapes]
+
+
+def _case(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> Case:
+    x, x_t = (torch.randn(rows, width, device=device, dtype=dtype) for _ in range(2))
+    w, b, dw, db = (torch.randn(width, device=device, dtype=dtype) for _ in range(4))
+
+    def plain():
+        return F.layer_norm(x, (width,), w, b, eps=1e-6)
+
+    def ours():
+        return functional.layer_norm_jvp(x, x_t, w, b, dw, db, eps=1e-6)
+
+    def torch_jvp():
+        return jvp(lambda x, w, b: F.layer_norm(x, (width,), w, b, eps=1e-6), (x, w, b), (x_t, dw, db))
+
+    def check():
+        expected = reference.layer_norm_jvp(*(t.double() for t in (x, x_t, w, b, dw, db)), eps=1e-6)
+        errors = {}
+        for mode, fn in (("ours", ours), ("torch.func.jvp", torch_jvp)):
+            errors[mode] = max(relative_error(a, e) for a, e in zip(fn(), expected))
+        return errors
+
+    element_bytes = x.element_size()
+    return Case(
+        suite="layer_norm",
+        name=f"rows={rows} width={width} {str(dtype).removeprefix('torch.')}",
+        params={"rows": rows, "width": width, "dtype": str(dtype), "device": device.type},
+        modes={"plain forward": plain, "ours": ours, "torch.func.jvp": torch_jvp},
+        # Bytes that must move: read x (and x_t), write y (and y_t); parameters are negligible.
+        bytes={"plain forward": 2 * rows * width * element_bytes,
+               "ours": 4 * rows * width * element_bytes,
+               "torch.func.jvp": 4 * rows * width * element_bytes},  # fmt: skip
+        check=check,
+        tolerance=2e-2 if dtype == torch.bfloat16 else 1e-5,
+        ratios=(("torch.func.jvp", "ours"), ("ours", "plain forward")),
+    )
