@@ -21,7 +21,11 @@ BACKENDS = ("auto", "triton", "cpp", "reference")
 
 # Which backends implement each op; the reference implements all of them.
 IMPLEMENTED = {
+    "attention_jvp": ("triton", "reference"),
+    "gelu_jvp": ("reference",),
     "layer_norm_jvp": ("triton", "cpp", "reference"),
+    "linear_jvp": ("reference",),
+    "mlp_jvp": ("reference",),
 }
 
 _last_backend: dict[str, str] = {}

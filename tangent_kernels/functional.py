@@ -19,7 +19,7 @@ from torch import Tensor
 from . import backends, reference
 from .backends import last_backend  # noqa: F401  (part of the public API)
 
-__all__ = ["layer_norm_jvp", "last_backend"]
+__all__ = ["attention_jvp", "gelu_jvp", "last_backend", "layer_norm_jvp", "linear_jvp", "mlp_jvp"]
 
 
 def _check_floating(name: str, t: Tensor) -> None:
@@ -153,3 +153,200 @@ def _triton_layer_norm_max_features() -> int:
     from .triton.layer_norm import MAX_FEATURES
 
     return MAX_FEATURES
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def _attention_kernels(backend: str):
+    from .triton import attention
+
+    return attention
+
+
+class _AttentionJvp(torch.autograd.Function):
+    """Fused attention primal + tangent; the backward is the flash backward at ``(q, k, v)``."""
+
+    @staticmethod
+    def forward(ctx, kernels, q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal):
+        o, o_t, lse = kernels.forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask)
+        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+        ctx.kernels, ctx.scale, ctx.causal = kernels, scale, causal
+        ctx.set_materialize_grads(False)
+        return o, o_t
+
+    @staticmethod
+    def backward(ctx, grad_o, grad_o_t):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        _, needs_q, needs_k, needs_v, needs_q_t, needs_k_t, needs_v_t, needs_mask, _, _ = ctx.needs_input_grad
+        if needs_mask and (grad_o is not None or grad_o_t is not None):
+            raise NotImplementedError(
+                "attention_jvp: the gradient with respect to an additive key_padding_mask is not implemented "
+                "in the fused backends; detach the mask, or use backend='reference'"
+            )
+        grads = [None] * 6  # q, k, v, q_t, k_t, v_t
+
+        def vjp(grad_out, need_q, need_k, need_v):
+            dq, dk, dv = ctx.kernels.backward(grad_out, q, k, v, o, lse, ctx.scale, ctx.causal, mask,
+                                              need_q, need_k or need_v)  # fmt: skip
+            return dq, dk, dv
+
+        if grad_o_t is not None:
+            for name, needed in (("q", needs_q), ("k", needs_k), ("v", needs_v)):
+                if needed:
+                    raise _second_order_error("attention_jvp", name)
+            if needs_q_t or needs_k_t or needs_v_t:
+                grads[3:] = vjp(grad_o_t, needs_q_t, needs_k_t, needs_v_t)
+        if grad_o is not None and (needs_q or needs_k or needs_v):
+            grads[:3] = vjp(grad_o, needs_q, needs_k, needs_v)
+        return (None, *grads, None, None, None)
+
+
+def _check_attention(q, k, v, q_t, k_t, v_t, key_padding_mask):
+    """Shapes, dtypes and devices of attention inputs; returns the mask as ``(B, Lk)``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_floating(name, t)
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected a 4-D (batch, heads, tokens, head_dim) tensor, got shape {tuple(t.shape)}")
+    batch, num_q_heads, _, head_dim = q.shape
+    if k.shape[0] != batch or k.shape[-1] != head_dim:
+        raise ValueError(f"k: expected shape ({batch}, heads, tokens, {head_dim}) to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")  # fmt: skip
+    if k.shape[1] == 0 or num_q_heads % k.shape[1] != 0:
+        raise ValueError(f"k: its {k.shape[1]} heads must divide the {num_q_heads} heads of q (grouped-query attention)")
+    _check_like("k", k, q, "q", shape=k.shape)
+    _check_like("v", v, q, "q", shape=k.shape)
+    _check_like("q_t", q_t, q, "q")
+    _check_like("k_t", k_t, k, "k")
+    _check_like("v_t", v_t, v, "v")
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask: expected a tensor, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
+        raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = padding) or a floating dtype "
+                        f"(added to the scores), got {key_padding_mask.dtype}")  # fmt: skip
+    if key_padding_mask.device != q.device:
+        raise ValueError(f"key_padding_mask: expected device {q.device} (as q), got {key_padding_mask.device}")
+    if key_padding_mask.dim() != 2 or key_padding_mask.shape[1] != k.shape[2] or key_padding_mask.shape[0] not in (1, batch):
+        raise ValueError(f"key_padding_mask: expected shape ({batch}, {k.shape[2]}) (batch, key tokens), "
+                         f"got {tuple(key_padding_mask.shape)}")  # fmt: skip
+    return key_padding_mask.expand(batch, k.shape[2])
+
+
+def _unit_last_stride(t: Tensor | None) -> Tensor | None:
+    """Kernels read rows with unit stride along the last dimension; copy only if it is not so."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def attention_jvp(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_t: Tensor | None = None,
+    k_t: Tensor | None = None,
+    v_t: Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Softmax attention and its tangent in one pass, on ``(B, H, N, D)`` tensors.
+
+    ``k``/``v`` may have fewer heads than ``q`` (grouped-query attention) and another length.
+    Tensors laid out as ``(B, N, H, D)`` in memory are passed as ``x.transpose(1, 2)`` views and
+    read in place. ``scale`` defaults to ``head_dim ** -0.5``; ``causal`` is aligned top-left as in
+    torch's SDPA; ``key_padding_mask`` is ``(B, Lk)``, boolean with True marking padding, or
+    floating and added to the scores. A query row with every key masked gives zeros.
+    """
+    key_padding_mask = _check_attention(q, k, v, q_t, k_t, v_t, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = backends.select("attention_jvp", backend, q.device, q.dtype)
+    if chosen == "triton":
+        from .triton.attention import MAX_HEAD_DIM
+
+        if q.shape[-1] > MAX_HEAD_DIM:
+            chosen = _fall_back("attention_jvp", backend, q,
+                                f"q: the triton attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")  # fmt: skip
+    mask_needs_grad = key_padding_mask is not None and key_padding_mask.requires_grad
+    if chosen != "reference" and backend == "auto" and (_primal_requires_grad(q, k, v) or mask_needs_grad):
+        chosen = _fall_back("attention_jvp", backend, q, "")
+    if chosen == "reference" or q.numel() == 0 or k.shape[2] == 0:
+        return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
+                                       key_padding_mask=key_padding_mask)  # fmt: skip
+    q, k, v, q_t, k_t, v_t = (_unit_last_stride(t) for t in (q, k, v, q_t, k_t, v_t))
+    return _AttentionJvp.apply(_attention_kernels(chosen), q, k, v, q_t, k_t, v_t, key_padding_mask, scale, bool(causal))
+
+
+# ----------------------------------------------------------------------------------------------
+# linear, GELU, MLP (reference backend until their kernels land)
+
+
+def _reference_only(op: str, backend: str, like: Tensor) -> None:
+    backends.select(op, backend, like.device, like.dtype)
+
+
+def _check_linear(prefix: str, in_features: int, like: Tensor, weight, bias, d_weight, d_bias) -> None:
+    """A linear layer's frozen weight/bias and offsets: ``(out, in_features)`` and ``(out,)``."""
+    _check_floating(f"{prefix}weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"{prefix}weight: expected shape (out_features, {in_features}), got {tuple(weight.shape)}")
+    _check_like(f"{prefix}weight", weight, like, "x", shape=weight.shape)
+    _check_like(f"d_{prefix}weight", d_weight, weight, f"{prefix}weight")
+    for name, t in ((f"{prefix}bias", bias), (f"d_{prefix}bias", d_bias)):
+        _check_like(name, t, like, "x", shape=(weight.shape[0],))
+
+
+def linear_jvp(
+    x: Tensor,
+    x_t: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    d_weight: Tensor | None = None,
+    d_bias: Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """``y = x W0ᵀ + b0``, ``y_t = x_t W0ᵀ + x dWᵀ + db``."""
+    _check_floating("x", x)
+    _check_like("x_t", x_t, x, "x")
+    _check_linear("", x.shape[-1], x, weight, bias, d_weight, d_bias)
+    _reference_only("linear_jvp", backend, x)
+    return reference.linear_jvp(x, x_t, weight, bias, d_weight, d_bias)
+
+
+def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: str = "auto"):
+    """``y = gelu(x)``, ``y_t = gelu'(x) · x_t`` (``approximate`` is ``"none"`` (erf) or ``"tanh"``)."""
+    _check_floating("x", x)
+    _check_like("x_t", x_t, x, "x")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    _reference_only("gelu_jvp", backend, x)
+    return reference.gelu_jvp(x, x_t, approximate)
+
+
+def mlp_jvp(
+    x: Tensor,
+    x_t: Tensor | None,
+    fc1_weight: Tensor,
+    fc1_bias: Tensor | None,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor | None,
+    d_fc1_weight: Tensor | None = None,
+    d_fc1_bias: Tensor | None = None,
+    d_fc2_weight: Tensor | None = None,
+    d_fc2_bias: Tensor | None = None,
+    approximate: str = "none",
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """timm's ``Mlp``: ``fc2(gelu(fc1(x)))`` and its tangent."""
+    _check_floating("x", x)
+    _check_like("x_t", x_t, x, "x")
+    _check_linear("fc1_", x.shape[-1], x, fc1_weight, fc1_bias, d_fc1_weight, d_fc1_bias)
+    _check_linear("fc2_", fc1_weight.shape[0], x, fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias)
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    _reference_only("mlp_jvp", backend, x)
+    return reference.mlp_jvp(x, x_t, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+                             d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias, approximate)  # fmt: skip

@@ -16,7 +16,7 @@ from helpers import compile_for_gpu_targets
 KERNEL_MODULES = sorted(
     f"tangent_kernels.triton.{info.name}"
     for info in pkgutil.iter_modules(triton_package.__path__)
-    if info.name != "compile_check"
+    if info.name not in ("compile_check", "math")
 )
 
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
+import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 
 from . import SHARED_MEMORY_PER_BLOCK, INTERPRETING
 
@@ -35,22 +38,36 @@ def compile_for_target(kernel, signature, constexprs, num_warps, num_stages, cap
     return compiled.metadata.shared
 
 
-def check_module(module_name: str):
-    """Yield one result dict per (spec, target) of the kernel module ``module_name``."""
-    module = importlib.import_module(module_name)
-    for spec in module.compile_specs():
-        name, kernel, signature, constexprs, num_warps = spec[:5]
-        num_stages = spec[5] if len(spec) > 5 else 3
-        for capability in TARGETS:
-            result = {"module": module_name, "spec": name, "target": f"sm_{capability}"}
-            try:
-                shared = compile_for_target(kernel, signature, constexprs, num_warps, num_stages, capability)
-            except Exception as error:  # report every failure, not only the first
-                result.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
-            else:
-                limit = SHARED_MEMORY_PER_BLOCK[capability]
-                result.update(ok=shared <= limit, shared=shared, shared_limit=limit)
-            yield result
+def _specs(module_name: str) -> list:
+    return list(importlib.import_module(module_name).compile_specs())
+
+
+def _compile_one(job: tuple[str, int, int]) -> dict:
+    """Compile spec number ``index`` of ``module_name`` for one target (runs in a worker)."""
+    module_name, index, capability = job
+    spec = _specs(module_name)[index]
+    name, kernel, signature, constexprs, num_warps = spec[:5]
+    num_stages = spec[5] if len(spec) > 5 else 3
+    result = {"module": module_name, "spec": name, "target": f"sm_{capability}"}
+    try:
+        shared = compile_for_target(kernel, signature, constexprs, num_warps, num_stages, capability)
+    except Exception as error:  # report every failure, not only the first
+        result.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
+    else:
+        limit = SHARED_MEMORY_PER_BLOCK[capability]
+        result.update(ok=shared <= limit, shared=shared, shared_limit=limit)
+    return result
+
+
+def check_module(module_name: str, workers: int | None = None):
+    """Yield one result dict per (spec, target) of the kernel module ``module_name``.
+
+    Specs compile in parallel worker processes (one per core by default).
+    """
+    jobs = [(module_name, i, capability) for i in range(len(_specs(module_name))) for capability in TARGETS]
+    workers = workers or os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield from pool.map(_compile_one, jobs)
 
 
 def main(argv: list[str]) -> int:

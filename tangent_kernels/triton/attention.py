@@ -1,0 +1,560 @@
+"""Attention primal + tangent in one flash-style pass, and the flash backward (DESIGN.md §1, §2).
+
+Forward, per query tile, over key tiles with online softmax (scores in log2 units):
+``acc = Σ p̃ V``, ``acc_t = Σ (p̃ ⊙ S_t) V + p̃ V_t``, ``r = Σ rowsum(p̃ ⊙ S_t)``, all rescaled by
+``α = 2^(m_old − m_new)``; then ``O = acc / l``, ``O_t = acc_t / l − (r / l) ⊙ O``. The log-sum-exp
+(base 2) is saved for the backward; no N×N tensor is stored.
+
+Backward: the gradient of a loss through either output stream is the ordinary attention VJP at
+``(Q, K, V)`` (for ``O_t`` it reaches ``Q_t, K_t, V_t``), so one flash backward serves both:
+``delta = rowsum(dO ⊙ O)``, then key-tile programs accumulate ``dK, dV`` over every query head of
+their group (no atomics), and query-tile programs accumulate ``dQ``.
+
+Layout: ``(B, H, N, D)`` tensors with any batch/head/sequence strides and unit stride along D
+(so ``(B, N, H, D)`` memory is read in place). Key/value heads may divide the query heads.
+The causal mask is aligned top-left (query i sees keys 0..i), as in torch's SDPA; a boolean
+key-padding mask marks padding with True; an additive one is added to the scores. A query row
+whose keys are all masked gives zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autotune
+from .math import dot
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@triton.jit
+def _masked_scores(
+    s,  # [BLOCK_M, BLOCK_N] fp32 scores q·kᵀ, unscaled
+    rows,  # [BLOCK_M] query positions
+    cols,  # [BLOCK_N] key positions
+    k_len,
+    qk_scale,  # softmax scale · log2(e)
+    mask_row,  # pointer to this batch's key-padding mask row (read only if MASK_KIND != 0)
+    stride_mask_n,
+    MASK_KIND: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    """Scores in log2 units with masked positions at -inf (keys past k_len, causal, padding)."""
+    s = s * qk_scale
+    valid = cols[None, :] < k_len
+    if MASK_KIND == 1:
+        padding = tl.load(mask_row + cols * stride_mask_n, mask=cols < k_len, other=1)
+        valid = valid & (padding == 0)[None, :]
+    if MASK_KIND == 2:
+        bias = tl.load(mask_row + cols * stride_mask_n, mask=cols < k_len, other=0.0).to(tl.float32)
+        s = s + bias[None, :] * 1.4426950408889634
+    if IS_CAUSAL:
+        valid = valid & (rows[:, None] >= cols[None, :])
+    return tl.where(valid, s, float("-inf"))
+
+
+@triton.jit
+def _attention_jvp_fwd_kernel(
+    Q, K, V,  # [B, Hq, Lq, D], [B, Hkv, Lk, D], [B, Hkv, Lk, D] primal inputs
+    Q_T, K_T, V_T,  # tangents, shaped like Q, K, V (read only if HAS_Q_T / HAS_K_T / HAS_V_T)
+    MASK,  # [B, Lk] key-padding mask, uint8 (True = padding) or additive float (if MASK_KIND != 0)
+    O, O_T,  # [B, Hq, Lq, D] primal and tangent outputs (O_T written only if a tangent is given)
+    LSE,  # [B, Hq, Lq] fp32 base-2 log-sum-exp of the scaled scores (+inf for fully masked rows)
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_qtb, stride_qth, stride_qtm,
+    stride_ktb, stride_kth, stride_ktn,
+    stride_vtb, stride_vth, stride_vtn,
+    stride_ob, stride_oh, stride_om,
+    stride_otb, stride_oth, stride_otm,
+    stride_mask_b, stride_mask_n,
+    num_q_heads, group_size,  # query heads per key/value head
+    q_len, k_len, head_dim,
+    scale,  # softmax scale
+    HAS_Q_T: tl.constexpr, HAS_K_T: tl.constexpr, HAS_V_T: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = (bh // num_q_heads).to(tl.int64)
+    h = (bh % num_q_heads).to(tl.int64)
+    kv_h = h // group_size
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < q_len
+    d_ok = offs_d < head_dim
+    q_tile_mask = row_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=q_tile_mask, other=0.0)  # fmt: skip
+    if HAS_Q_T:
+        q_t = tl.load(Q_T + b * stride_qtb + h * stride_qth + rows[:, None] * stride_qtm + offs_d[None, :],
+                      mask=q_tile_mask, other=0.0)  # fmt: skip
+    k_base = K + b * stride_kb + kv_h * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + kv_h * stride_vh + offs_d[None, :]
+    k_t_base = K_T + b * stride_ktb + kv_h * stride_kth + offs_d[None, :]
+    v_t_base = V_T + b * stride_vtb + kv_h * stride_vth + offs_d[None, :]
+    mask_row = MASK + b * stride_mask_b
+    qk_scale = scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(k_len, (start_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_tile_mask = (cols < k_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_tile_mask, other=0.0)
+        s = dot(q, tl.trans(k), None, DOT_PRECISION)
+        if HAS_Q_T or HAS_K_T:
+            s_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_Q_T:
+                s_t = dot(q_t, tl.trans(k), s_t, DOT_PRECISION)
+            if HAS_K_T:
+                k_t = tl.load(k_t_base + cols[:, None] * stride_ktn, mask=kv_tile_mask, other=0.0)
+                s_t = dot(q, tl.trans(k_t), s_t, DOT_PRECISION)
+        s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL)
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep p = 0, α = 0
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc_t = acc_t * alpha[:, None]
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_tile_mask, other=0.0)
+        acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION)
+        if HAS_Q_T or HAS_K_T:
+            p_s_t = p * (s_t * scale)
+            r_i = r_i * alpha + tl.sum(p_s_t, axis=1)
+            acc_t = dot(p_s_t.to(v.dtype), v, acc_t, DOT_PRECISION)
+        if HAS_V_T:
+            v_t = tl.load(v_t_base + cols[:, None] * stride_vtn, mask=kv_tile_mask, other=0.0)
+            acc_t = dot(p.to(v_t.dtype), v_t, acc_t, DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a fully masked row: acc is 0, so O is 0
+    o = acc / l_safe[:, None]
+    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=q_tile_mask)  # fmt: skip
+    if HAS_Q_T or HAS_K_T or HAS_V_T:
+        o_t = acc_t / l_safe[:, None] - (r_i / l_safe)[:, None] * o
+        tl.store(O_T + b * stride_otb + h * stride_oth + rows[:, None] * stride_otm + offs_d[None, :],
+                 o_t.to(O_T.dtype.element_ty), mask=q_tile_mask)  # fmt: skip
+    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(LSE + bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    O,  # [B, Hq, Lq, D] primal output
+    DO,  # [B, Hq, Lq, D] upstream gradient of one output stream
+    DELTA,  # [B, Hq, Lq] fp32 rowsum(dO ⊙ O)
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    num_q_heads, q_len, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // num_m_blocks
+    b = (bh // num_q_heads).to(tl.int64)
+    h = (bh % num_q_heads).to(tl.int64)
+    rows = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile_mask = (rows < q_len)[:, None] & (offs_d < head_dim)[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
+                mask=tile_mask, other=0.0).to(tl.float32)  # fmt: skip
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=tile_mask, other=0.0).to(tl.float32)  # fmt: skip
+    tl.store(DELTA + bh.to(tl.int64) * q_len + rows, tl.sum(o * do, axis=1), mask=rows < q_len)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V,  # primal inputs, as in the forward
+    DO,  # [B, Hq, Lq, D] upstream gradient
+    LSE, DELTA,  # [B, Hq, Lq] fp32 from the forward and the delta kernel
+    MASK,  # [B, Lk] key-padding mask (read only if MASK_KIND != 0)
+    DK, DV,  # [B, Hkv, Lk, D] contiguous gradients of K and V
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_mask_b, stride_mask_n,
+    num_kv_heads, group_size, q_len, k_len, head_dim,
+    scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_n_blocks = tl.cdiv(k_len, BLOCK_N)
+    pid = tl.program_id(0)
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    bh_kv = pid // num_n_blocks
+    b = (bh_kv // num_kv_heads).to(tl.int64)
+    kv_h = (bh_kv % num_kv_heads).to(tl.int64)
+    num_q_heads = num_kv_heads * group_size
+
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < head_dim
+    kv_tile_mask = (cols < k_len)[:, None] & d_ok[None, :]
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + cols[:, None] * stride_kn + offs_d[None, :],
+                mask=kv_tile_mask, other=0.0)  # fmt: skip
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + cols[:, None] * stride_vn + offs_d[None, :],
+                mask=kv_tile_mask, other=0.0)  # fmt: skip
+    mask_row = MASK + b * stride_mask_b
+    qk_scale = scale * 1.4426950408889634
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    lo = 0
+    if IS_CAUSAL:
+        lo = (start_n // BLOCK_M) * BLOCK_M  # earlier queries see none of these keys
+    for g in range(0, group_size):
+        h = kv_h * group_size + g
+        q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
+        do_base = DO + b * stride_dob + h * stride_doh + offs_d[None, :]
+        stats_base = (b * num_q_heads + h) * q_len
+        for start_m in range(lo, q_len, BLOCK_M):
+            rows = start_m + offs_m
+            q_tile_mask = (rows < q_len)[:, None] & d_ok[None, :]
+            q = tl.load(q_base + rows[:, None] * stride_qm, mask=q_tile_mask, other=0.0)
+            do = tl.load(do_base + rows[:, None] * stride_dom, mask=q_tile_mask, other=0.0)
+            lse = tl.load(LSE + stats_base + rows, mask=rows < q_len, other=float("inf"))
+            delta = tl.load(DELTA + stats_base + rows, mask=rows < q_len, other=0.0)
+            s = dot(q, tl.trans(k), None, DOT_PRECISION)
+            s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL)
+            p = tl.exp2(s - lse[:, None])
+            dv = dot(tl.trans(p.to(do.dtype)), do, dv, DOT_PRECISION)
+            dp = dot(do, tl.trans(v), None, DOT_PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk = dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION)
+
+    out = bh_kv.to(tl.int64) * k_len * head_dim + cols[:, None] * head_dim + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_tile_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_tile_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V,  # primal inputs, as in the forward
+    DO,  # [B, Hq, Lq, D] upstream gradient
+    LSE, DELTA,  # [B, Hq, Lq] fp32 from the forward and the delta kernel
+    MASK,  # [B, Lk] key-padding mask (read only if MASK_KIND != 0)
+    DQ,  # [B, Hq, Lq, D] contiguous gradient of Q
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_mask_b, stride_mask_n,
+    num_q_heads, group_size, q_len, k_len, head_dim,
+    scale,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid = tl.program_id(0)
+    start_m = pid % num_m_blocks
+    bh = pid // num_m_blocks
+    b = (bh // num_q_heads).to(tl.int64)
+    h = (bh % num_q_heads).to(tl.int64)
+    kv_h = h // group_size
+
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < q_len
+    d_ok = offs_d < head_dim
+    q_tile_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
+                mask=q_tile_mask, other=0.0)  # fmt: skip
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
+                 mask=q_tile_mask, other=0.0)  # fmt: skip
+    lse = tl.load(LSE + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * q_len + rows, mask=row_ok, other=0.0)
+    k_base = K + b * stride_kb + kv_h * stride_kh + offs_d[None, :]
+    v_base = V + b * stride_vb + kv_h * stride_vh + offs_d[None, :]
+    mask_row = MASK + b * stride_mask_b
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    hi = k_len
+    if IS_CAUSAL:
+        hi = tl.minimum(k_len, (start_m + 1) * BLOCK_M)
+    for start_n in range(0, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv_tile_mask = (cols < k_len)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_tile_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_tile_mask, other=0.0)
+        s = dot(q, tl.trans(k), None, DOT_PRECISION)
+        s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL)
+        p = tl.exp2(s - lse[:, None])
+        dp = dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+
+    out = bh.to(tl.int64) * q_len * head_dim + rows[:, None] * head_dim + offs_d[None, :]
+    tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=q_tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per element width and padded head dim; each
+# entry compiles for sm_80 and sm_90 within shared memory (tests/test_compile_targets.py). fp32
+# tiles take twice the shared memory of fp16/bf16 ones, so they get smaller tiles.
+
+_FWD_CONFIGS = {
+    2: {
+        16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2)],
+    },
+    4: {
+        16: [(64, 64, 4, 3), (128, 64, 4, 3)],
+        32: [(64, 64, 4, 3), (128, 64, 4, 3)],
+        64: [(64, 32, 4, 2), (32, 64, 4, 2)],
+        128: [(32, 32, 4, 2), (64, 32, 4, 1)],
+        256: [(32, 32, 4, 1), (16, 32, 4, 1)],
+    },
+}
+_DKDV_CONFIGS = {
+    2: {
+        16: [(32, 128, 4, 3), (64, 64, 4, 3)],
+        32: [(32, 128, 4, 3), (64, 64, 4, 3)],
+        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+        128: [(32, 128, 8, 2), (64, 64, 4, 2)],
+        256: [(32, 64, 4, 1), (32, 32, 4, 2)],
+    },
+    4: {
+        16: [(32, 128, 4, 3), (64, 64, 4, 3)],
+        32: [(32, 128, 4, 3), (64, 64, 4, 3)],
+        64: [(32, 128, 4, 3), (64, 64, 4, 3)],
+        128: [(64, 64, 4, 2), (32, 64, 4, 2)],
+        256: [(32, 32, 4, 2), (32, 32, 4, 1)],
+    },
+}
+_DQ_CONFIGS = {
+    2: {
+        16: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        32: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        128: [(128, 32, 8, 2), (64, 64, 4, 2)],
+        256: [(64, 32, 4, 1), (32, 32, 4, 2)],
+    },
+    4: {
+        16: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        32: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        64: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        128: [(64, 64, 4, 2), (64, 32, 4, 2)],
+        256: [(32, 32, 4, 2), (32, 32, 4, 1)],
+    },
+}
+
+
+def _configs(table):
+    """Each distinct config of ``table`` once (the autotuner keys configs by identity)."""
+    configs = {}
+    for by_head_dim in table.values():
+        for entries in by_head_dim.values():
+            for block_m, block_n, warps, stages in entries:
+                if (block_m, block_n, warps, stages) not in configs:
+                    configs[block_m, block_n, warps, stages] = triton.Config(
+                        {"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages
+                    )
+    return list(configs.values())
+
+
+def _pruner(table):
+    """Keep the configs listed for the call's element width and padded head dim, in order."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        wanted = table[args["Q"].element_size()][args["BLOCK_D"]]
+        by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
+        return [by_key[entry] for entry in wanted]
+
+    return prune
+
+
+_FWD_KEY = ["q_len", "k_len", "head_dim", "HAS_Q_T", "HAS_K_T", "HAS_V_T", "MASK_KIND", "IS_CAUSAL"]
+_BWD_KEY = ["q_len", "k_len", "head_dim", "MASK_KIND", "IS_CAUSAL"]
+_attention_jvp_fwd = autotune(_configs(_FWD_CONFIGS), _FWD_KEY, _pruner(_FWD_CONFIGS))(_attention_jvp_fwd_kernel)
+_attention_bwd_dkdv = autotune(_configs(_DKDV_CONFIGS), _BWD_KEY, _pruner(_DKDV_CONFIGS))(_attention_bwd_dkdv_kernel)
+_attention_bwd_dq = autotune(_configs(_DQ_CONFIGS), _BWD_KEY, _pruner(_DQ_CONFIGS))(_attention_bwd_dq_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+
+
+def head_dim_block(head_dim: int) -> int:
+    """The power-of-two tile width that holds ``head_dim`` (at least 16, the smallest dot size)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 unless torch allows TF32 for matmuls, as torch does."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _mask_arguments(key_padding_mask, placeholder):
+    """``(pointer tensor, stride over batch, stride over keys, MASK_KIND)`` for the kernels."""
+    if key_padding_mask is None:
+        return placeholder, 0, 0, MASK_NONE
+    if key_padding_mask.dtype == torch.bool:
+        mask = key_padding_mask.view(torch.uint8)
+        return mask, mask.stride(0), mask.stride(1), MASK_BOOL
+    return key_padding_mask, key_padding_mask.stride(0), key_padding_mask.stride(1), MASK_ADDITIVE
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _like(t: torch.Tensor) -> torch.Tensor:
+    """An output laid out like ``t`` ((B, N, H, D) memory stays so), unit stride along D."""
+    out = torch.empty_like(t)
+    return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
+    """Launch the forward: returns ``(o, o_t or None, lse)`` with ``lse`` in base 2."""
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads, k_len = k.shape[1], k.shape[2]
+    has_tangent = q_t is not None or k_t is not None or v_t is not None
+    o = _like(q)
+    o_t = _like(q) if has_tangent else o
+    lse = torch.empty((batch, num_q_heads, q_len), dtype=torch.float32, device=q.device)
+    mask, stride_mask_b, stride_mask_n, mask_kind = _mask_arguments(key_padding_mask, q)
+    q_t_, k_t_, v_t_ = (q if q_t is None else q_t), (k if k_t is None else k_t), (v if v_t is None else v_t)
+
+    def grid(meta):
+        return (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * num_q_heads,)
+
+    _attention_jvp_fwd[grid](
+        Q=q, K=k, V=v, Q_T=q_t_, K_T=k_t_, V_T=v_t_, MASK=mask, O=o, O_T=o_t, LSE=lse,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_qtb=q_t_.stride(0), stride_qth=q_t_.stride(1), stride_qtm=q_t_.stride(2),
+        stride_ktb=k_t_.stride(0), stride_kth=k_t_.stride(1), stride_ktn=k_t_.stride(2),
+        stride_vtb=v_t_.stride(0), stride_vth=v_t_.stride(1), stride_vtn=v_t_.stride(2),
+        stride_ob=o.stride(0), stride_oh=o.stride(1), stride_om=o.stride(2),
+        stride_otb=o_t.stride(0), stride_oth=o_t.stride(1), stride_otm=o_t.stride(2),
+        stride_mask_b=stride_mask_b, stride_mask_n=stride_mask_n,
+        num_q_heads=num_q_heads, group_size=num_q_heads // num_kv_heads,
+        q_len=q_len, k_len=k_len, head_dim=head_dim, scale=scale,
+        HAS_Q_T=q_t is not None, HAS_K_T=k_t is not None, HAS_V_T=v_t is not None,
+        MASK_KIND=mask_kind, IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_D=head_dim_block(head_dim),
+    )  # fmt: skip
+    return o, (o_t if has_tangent else None), lse
+
+
+def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq, need_dkv):
+    """The attention VJP at ``(q, k, v)`` for upstream ``grad_out``: ``(dq, dk, dv)``.
+
+    Gradients that were not asked for are ``None``.
+    """
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads, k_len = k.shape[1], k.shape[2]
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    block_d = head_dim_block(head_dim)
+    mask, stride_mask_b, stride_mask_n, mask_kind = _mask_arguments(key_padding_mask, q)
+    common = dict(
+        Q=q, K=k, V=v, DO=grad_out, MASK=mask,
+        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
+        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
+        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
+        stride_dob=grad_out.stride(0), stride_doh=grad_out.stride(1), stride_dom=grad_out.stride(2),
+        stride_mask_b=stride_mask_b, stride_mask_n=stride_mask_n,
+        group_size=num_q_heads // num_kv_heads, q_len=q_len, k_len=k_len, head_dim=head_dim, scale=scale,
+        MASK_KIND=mask_kind, IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d,
+    )  # fmt: skip
+
+    delta = torch.empty((batch, num_q_heads, q_len), dtype=torch.float32, device=q.device)
+    delta_block = 64
+    _attention_bwd_delta_kernel[(triton.cdiv(q_len, delta_block) * batch * num_q_heads,)](
+        o, grad_out, delta, *_strides(o), *_strides(grad_out), num_q_heads, q_len, head_dim,
+        BLOCK_M=delta_block, BLOCK_D=block_d,
+    )  # fmt: skip
+
+    dq = dk = dv = None
+    if need_dkv:
+        dk = torch.empty((batch, num_kv_heads, k_len, head_dim), dtype=k.dtype, device=k.device)
+        dv = torch.empty((batch, num_kv_heads, k_len, head_dim), dtype=v.dtype, device=v.device)
+
+        def grid_kv(meta):
+            return (triton.cdiv(k_len, meta["BLOCK_N"]) * batch * num_kv_heads,)
+
+        _attention_bwd_dkdv[grid_kv](LSE=lse, DELTA=delta, DK=dk, DV=dv, num_kv_heads=num_kv_heads, **common)
+    if need_dq:
+        dq = torch.empty((batch, num_q_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
+
+        def grid_q(meta):
+            return (triton.cdiv(q_len, meta["BLOCK_M"]) * batch * num_q_heads,)
+
+        _attention_bwd_dq[grid_q](LSE=lse, DELTA=delta, DQ=dq, num_q_heads=num_q_heads, **common)
+    return dq, dk, dv
+
+
+def compile_specs():
+    """Every (kernel, signature, constexprs, num_warps, num_stages) this module can launch.
+
+    The forward is checked with every feature on (all tangents, a boolean key mask, causal),
+    which holds the most tiles at once; the backward kernels likewise.
+    """
+    fp32_pointers = {"LSE", "DELTA"}
+    kernels = (
+        ("fwd", _attention_jvp_fwd_kernel, _FWD_CONFIGS,
+         dict(HAS_Q_T=True, HAS_K_T=True, HAS_V_T=True, MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
+        ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
+        ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
+    )  # fmt: skip
+    for dtype, name in _TRITON_DTYPE.items():
+        for label, kernel, table, flags in kernels:
+            for block_d, entries in table[dtype.itemsize].items():
+                for block_m, block_n, warps, stages in entries:
+                    constexprs = {**flags, "DOT_PRECISION": _dot_precision(dtype), "BLOCK_M": block_m,
+                                  "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
+                    signature = {}
+                    for arg in kernel.arg_names:
+                        if arg in constexprs:
+                            continue
+                        if arg in fp32_pointers:
+                            signature[arg] = "*fp32"
+                        elif arg == "MASK":
+                            signature[arg] = "*u8"
+                        elif arg.isupper():
+                            signature[arg] = f"*{name}"
+                        else:
+                            signature[arg] = "fp32" if arg == "scale" else "i32"
+                    yield (f"{label} {name} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
+                           kernel, signature, constexprs, warps, stages)  # fmt: skip
+    for dtype, name in _TRITON_DTYPE.items():
+        signature = {arg: ("*fp32" if arg == "DELTA" else f"*{name}") if arg.isupper() else "i32"
+                     for arg in _attention_bwd_delta_kernel.arg_names if arg not in ("BLOCK_M", "BLOCK_D")}  # fmt: skip
+        for block_d in _FWD_CONFIGS[dtype.itemsize]:
+            yield (f"delta {name} D={block_d}", _attention_bwd_delta_kernel, signature,
+                   {"BLOCK_M": 64, "BLOCK_D": block_d}, 4)  # fmt: skip

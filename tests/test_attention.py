@@ -1,0 +1,208 @@
+"""Fused attention primal + tangent (Triton) against the float64 reference, forward and backward."""
+
+import math
+
+import pytest
+import torch
+
+import tangent_kernels as tk
+from helpers import assert_close, float64, grads
+from tangent_kernels import functional as F
+from tangent_kernels import reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CASES = [
+    # (batch, q heads, kv heads, q len, k len, head dim)
+    (1, 2, 2, 1, 1, 64),  # a single token
+    (2, 3, 3, 7, 7, 32),  # odd length, several batches
+    (1, 2, 2, 197, 197, 64),  # ViT-B/16 at 224 px
+    (1, 1, 1, 577, 577, 80),  # ViT at 384 px, head dim 80 (not a power of two)
+    (2, 4, 2, 33, 50, 96),  # grouped-query heads, Lq < Lk, head dim 96
+    (1, 4, 1, 50, 17, 16),  # multi-query, Lq > Lk, head dim 16
+    (1, 2, 2, 9, 70, 256),  # head dim 256
+]
+VARIANTS = ["plain", "causal", "bool_mask", "additive_mask", "causal_bool_mask"]
+
+
+def make_inputs(case, dtype, device, variant="plain"):
+    batch, hq, hkv, lq, lk, d = case
+    q, q_t = (torch.randn(batch, hq, lq, d, device=device).to(dtype) for _ in range(2))
+    k, v, k_t, v_t = (torch.randn(batch, hkv, lk, d, device=device).to(dtype) for _ in range(4))
+    mask = None
+    if "bool_mask" in variant:
+        mask = torch.rand(batch, lk, device=device) < 0.3
+        mask[:, 0] = False  # every query keeps a key (fully masked rows are tested separately)
+    elif variant == "additive_mask":
+        mask = torch.randn(batch, lk, device=device).to(dtype)
+    return (q, k, v, q_t, k_t, v_t), dict(causal="causal" in variant, key_padding_mask=mask)
+
+
+def reference_in(dtype, tensors, options):
+    """The reference on copies in ``dtype`` (requires_grad kept), the mask converted alike."""
+    copies = tuple(None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors)
+    mask = options["key_padding_mask"]
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(dtype)
+    return copies, reference.attention_jvp(*copies, causal=options["causal"], key_padding_mask=mask)
+
+
+def check_against_reference(tensors, options, dtype, backend="triton"):
+    tensors = tuple(t.requires_grad_() for t in tensors)
+    q, k, v, q_t, k_t, v_t = tensors
+    o, o_t = F.attention_jvp(q.detach(), k.detach(), v.detach(), q_t, k_t, v_t, backend=backend, **options)
+    assert tk.last_backend("attention_jvp") == backend
+    ref64_in, (o64, o_t64) = reference_in(torch.float64, tensors, options)
+    same_in, (o_same, o_t_same) = reference_in(dtype, tensors, options)
+    assert_close(o, o64, o_same, name="o")
+    assert_close(o_t, o_t64, o_t_same, name="o_t")
+
+    # gradient through the tangent: reaches q_t, k_t, v_t
+    grad_o_t = torch.randn_like(o_t)
+    ours = grads(o_t, (q_t, k_t, v_t), grad_o_t)
+    oracle = grads(o_t64, ref64_in[3:], grad_o_t.double())
+    same = grads(o_t_same, same_in[3:], grad_o_t)
+    for name, a, b, c in zip(("q_t", "k_t", "v_t"), ours, oracle, same):
+        assert_close(a, b, c, name=f"grad {name}")
+
+    # gradient through the primal output: reaches q, k, v
+    prim = tuple(t.detach().requires_grad_() for t in (q, k, v))
+    o = F.attention_jvp(*prim, backend=backend, **options)[0]
+    grad_o = torch.randn_like(o)
+    ours = grads(o, prim, grad_o)
+    oracle = grads(o64, ref64_in[:3], grad_o.double())
+    same = grads(o_same, same_in[:3], grad_o)
+    for name, a, b, c in zip(("q", "k", "v"), ours, oracle, same):
+        assert_close(a, b, c, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_reference(case, dtype, device, poisoned_outputs):
+    tensors, options = make_inputs(case, dtype, device)
+    check_against_reference(tensors, options, dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[1:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5]], ids=str)
+def test_masks_and_causal(case, dtype, variant, device, poisoned_outputs):
+    tensors, options = make_inputs(case, dtype, device, variant)
+    check_against_reference(tensors, options, dtype)
+
+
+@pytest.mark.parametrize("given", ["q_t", "k_t", "v_t", "q_t,k_t"])
+def test_some_tangents_none(given, device, poisoned_outputs):
+    (q, k, v, q_t, k_t, v_t), options = make_inputs((2, 4, 2, 19, 23, 32), torch.float32, device)
+    tangents = {"q_t": q_t, "k_t": k_t, "v_t": v_t}
+    tangents = {name: (t if name in given.split(",") else None) for name, t in tangents.items()}
+    o, o_t = F.attention_jvp(q, k, v, **tangents, backend="triton")
+    o64, o_t64 = reference.attention_jvp(*float64(q, k, v, *tangents.values()))
+    assert_close(o, o64, dtype=torch.float32)
+    assert_close(o_t, o_t64, dtype=torch.float32, name="o_t")
+
+
+def test_no_tangent_gives_none(device):
+    q = torch.randn(1, 2, 5, 16, device=device)
+    o, o_t = F.attention_jvp(q, q, q, backend="triton")
+    assert o_t is None
+    assert_close(o, reference.attention_jvp(*float64(q, q, q), None, None, None)[0], dtype=torch.float32)
+
+
+def test_bnhd_layout_is_read_in_place(device, poisoned_outputs):
+    """(B, N, H, D) memory passed as transposed views: same result, output in the same layout."""
+    q, k, v, q_t, k_t, v_t = (torch.randn(2, 13, 3, 32, device=device) for _ in range(6))
+    views = [t.transpose(1, 2) for t in (q, k, v, q_t, k_t, v_t)]
+    o, o_t = F.attention_jvp(*views, backend="triton")
+    o64, o_t64 = reference.attention_jvp(*float64(*views))
+    assert_close(o, o64, dtype=torch.float32)
+    assert_close(o_t, o_t64, dtype=torch.float32)
+    assert o.transpose(1, 2).is_contiguous() and o_t.transpose(1, 2).is_contiguous()
+
+
+def test_nan_in_a_query_row_stays_in_that_row(device):
+    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 37, 37, 32), torch.float32, device)
+    q[0, 1, 5, 3] = math.nan
+    o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend="triton")
+    for out in (o, o_t):
+        assert torch.isnan(out[0, 1, 5]).all()
+        clean = out.clone()
+        clean[0, 1, 5] = 0
+        assert torch.isfinite(clean).all()
+
+
+def test_fully_masked_row_gives_zeros(device):
+    (q, k, v, q_t, k_t, v_t), _ = make_inputs((2, 2, 2, 5, 6, 16), torch.float32, device)
+    mask = torch.zeros(2, 6, dtype=torch.bool, device=device)
+    mask[1] = True  # every key of batch 1 is padding
+    q_t.requires_grad_()
+    o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, key_padding_mask=mask, backend="triton")
+    assert torch.equal(o[1], torch.zeros_like(o[1])) and torch.equal(o_t[1], torch.zeros_like(o_t[1]))
+    o64, o_t64 = reference.attention_jvp(*float64(q, k, v, q_t, k_t, v_t), key_padding_mask=mask)
+    assert_close(o_t, o_t64, dtype=torch.float32)
+    (grad_q_t,) = torch.autograd.grad(o_t.sum(), q_t)
+    assert torch.equal(grad_q_t[1], torch.zeros_like(grad_q_t[1])) and torch.isfinite(grad_q_t).all()
+
+
+def test_second_order_term_raises(device):
+    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
+    k.requires_grad_()
+    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend="triton")
+    with pytest.raises(NotImplementedError, match="'k'.*second-order"):
+        o_t.sum().backward()
+
+
+def test_additive_mask_gradient_raises(device):
+    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
+    mask = torch.zeros(1, 7, device=device, requires_grad=True)
+    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t.requires_grad_(), key_padding_mask=mask, backend="triton")
+    with pytest.raises(NotImplementedError, match="key_padding_mask"):
+        o_t.sum().backward()
+
+
+def test_auto_runs_reference_when_a_primal_input_requires_grad():
+    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float64, "cpu")
+    q.requires_grad_()
+    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t)
+    assert tk.last_backend("attention_jvp") == "reference"
+    assert torch.isfinite(torch.autograd.grad(o_t.sum(), q)[0]).all()
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.q = torch.randn(2, 4, 5, 16)
+        self.k = torch.randn(2, 2, 6, 16)
+
+    def test_heads_must_divide(self):
+        with pytest.raises(ValueError, match="k: its 3 heads must divide the 4 heads of q"):
+            F.attention_jvp(self.q, torch.randn(2, 3, 6, 16), torch.randn(2, 3, 6, 16))
+
+    def test_head_dim_mismatch(self):
+        with pytest.raises(ValueError, match="k: expected shape"):
+            F.attention_jvp(self.q, torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8))
+
+    def test_value_shape(self):
+        with pytest.raises(ValueError, match=r"v: expected shape \(2, 2, 6, 16\)"):
+            F.attention_jvp(self.q, self.k, torch.randn(2, 2, 7, 16))
+
+    def test_tangent_shape(self):
+        with pytest.raises(ValueError, match=r"k_t: expected shape \(2, 2, 6, 16\)"):
+            F.attention_jvp(self.q, self.k, self.k, k_t=torch.randn(2, 4, 6, 16))
+
+    def test_not_4d(self):
+        with pytest.raises(ValueError, match="q: expected a 4-D"):
+            F.attention_jvp(self.q[0], self.k, self.k)
+
+    def test_dtype_mismatch(self):
+        with pytest.raises(TypeError, match="v: expected dtype torch.float32"):
+            F.attention_jvp(self.q, self.k, self.k.double())
+
+    def test_mask_shape_and_dtype(self):
+        with pytest.raises(ValueError, match=r"key_padding_mask: expected shape \(2, 6\)"):
+            F.attention_jvp(self.q, self.k, self.k, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool))
+        with pytest.raises(TypeError, match="key_padding_mask: expected dtype torch.bool"):
+            F.attention_jvp(self.q, self.k, self.k, key_padding_mask=torch.zeros(2, 6, dtype=torch.int64))
+
+    def test_head_dim_too_large_for_triton(self, device):
+        q = torch.randn(1, 1, 3, 264, device=device)
+        with pytest.raises(tk.BackendUnavailableError, match="head dims up to 256, got 264"):
+            F.attention_jvp(q, q, q, backend="triton")
