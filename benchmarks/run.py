@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .measure import environment, peak_memory, time_call
 from .plot import plot_results
 
-SUITES = ("layer_norm",)
+SUITES = ("attention", "layer_norm")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -64,20 +64,25 @@ def run_case(case, device: torch.device) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table: one line per (case, mode), ratios at the end of the line."""
-    header = f"{'suite':<11} {'case':<34} {'mode':<22} {'median ms':>10} {'TFLOP/s':>8} {'GB/s':>7} {'peak MiB':>9} {'error':>9}  ratios"
+    header = f"{'suite':<11} {'case':<34} {'mode':<28} {'median ms':>10} {'TFLOP/s':>8} {'GB/s':>7} {'peak MiB':>9} {'error':>9}  ratios"
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['suite']:<11} {r['case']:<34} {r['mode']:<22} failed: {r['error']}")
+            lines.append(f"{r['suite']:<11} {r['case']:<34} {_mode_label(r):<28} failed: {r['error']}")
             continue
         flag = "" if r.get("correct", True) else "  WRONG RESULT"
         ratios = "  ".join(f"{k.removeprefix('time ')}={v:.2f}x" for k, v in r.get("ratios", {}).items())
         lines.append(
-            f"{r['suite']:<11} {r['case']:<34} {r['mode']:<22} {r['median_ms']:>10.3f} "
+            f"{r['suite']:<11} {r['case']:<34} {_mode_label(r):<28} {r['median_ms']:>10.3f} "
             f"{_fmt(r.get('tflops_per_s'), 8, 2)} {_fmt(r.get('gb_per_s'), 7, 1)} "
             f"{r['peak_memory_bytes'] / 2**20:>9.1f} {_fmt(r.get('max_relative_error'), 9, None)}  {ratios}{flag}"
         )
     return "\n".join(lines)
+
+
+def _mode_label(row: dict) -> str:
+    """The mode, with the backend that ran for our own modes (e.g. ``ours [cpp]``)."""
+    return f"{row['mode']} [{row['backend']}]" if row["mode"] == "ours" and row.get("backend") else row["mode"]
 
 
 def _fmt(value, width, digits):

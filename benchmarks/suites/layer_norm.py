@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp
 
+import tangent_kernels as tk
 from tangent_kernels import functional, reference
 
 from . import Case, relative_error
@@ -42,10 +43,12 @@ def _case(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> Ca
         return errors
 
     element_bytes = x.element_size()
+    ours()
     return Case(
         suite="layer_norm",
         name=f"rows={rows} width={width} {str(dtype).removeprefix('torch.')}",
-        params={"rows": rows, "width": width, "dtype": str(dtype), "device": device.type},
+        params={"rows": rows, "width": width, "dtype": str(dtype), "device": device.type,
+                "backend": tk.last_backend("layer_norm_jvp")},  # fmt: skip
         modes={"plain forward": plain, "ours": ours, "torch.func.jvp": torch_jvp},
         # Bytes that must move: read x (and x_t), write y (and y_t); parameters are negligible.
         bytes={"plain forward": 2 * rows * width * element_bytes,
