@@ -1,11 +1,30 @@
 """tangent-kernels: fused primal + tangent (JVP) kernels for linearized transformers.
 
-``functional`` holds one entry per op (``layer_norm_jvp``, ...); ``reference`` the same ops in
-plain PyTorch; ``backends`` says which backend runs where and which one ran.
+``functional`` holds one entry per op (``layer_norm_jvp``, ``attention_jvp``, ...); ``reference``
+the same ops in plain PyTorch; ``modules`` drop-in tangent layers; ``linearize`` turns a timm
+Vision Transformer into ``f(x; w0) + J f(x; w0) · dw``; ``checkpoint`` saves only ``dw``.
 """
 
-from . import backends, functional, reference
+from . import backends, functional, modules, reference
 from .backends import BackendUnavailableError, available_backends, last_backend
+from .checkpoint import BaseMismatchError, base_fingerprint, load_offsets, save_offsets
+from .linearize import LinearizedViT, linearize
+from .modules import UnsupportedModuleError
 
-__all__ = ["BackendUnavailableError", "available_backends", "backends", "functional", "last_backend", "reference"]
+__all__ = [
+    "BackendUnavailableError",
+    "BaseMismatchError",
+    "LinearizedViT",
+    "UnsupportedModuleError",
+    "available_backends",
+    "backends",
+    "base_fingerprint",
+    "functional",
+    "last_backend",
+    "linearize",
+    "load_offsets",
+    "modules",
+    "reference",
+    "save_offsets",
+]
 __version__ = "0.1.0"

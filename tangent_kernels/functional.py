@@ -43,8 +43,12 @@ def _check_like(name: str, t: Tensor | None, like: Tensor, like_name: str, shape
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
 def _primal_requires_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and _any_requires_grad(*tensors)
 
 
 def _second_order_error(op: str, argument: str) -> NotImplementedError:
@@ -73,6 +77,8 @@ class _LayerNormJvp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, x, x_t, weight, bias, d_weight, d_bias, eps):
         y, y_t, mean, rstd = kernels.forward(x, x_t, weight, bias, d_weight, d_bias, eps)
+        if not _any_requires_grad(x, weight, bias):
+            ctx.mark_non_differentiable(y)  # the primal stream does not depend on tangents or offsets
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.kernels = kernels
         ctx.has_x_t = x_t is not None
@@ -171,6 +177,8 @@ class _AttentionJvp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal):
         o, o_t, lse = kernels.forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask)
+        if not _any_requires_grad(q, k, v, key_padding_mask):
+            ctx.mark_non_differentiable(o)  # the primal stream does not depend on the tangents
         ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
         ctx.kernels, ctx.scale, ctx.causal = kernels, scale, causal
         ctx.set_materialize_grads(False)

@@ -206,3 +206,9 @@ class TestBadInput:
         q = torch.randn(1, 1, 3, 264, device=device)
         with pytest.raises(tk.BackendUnavailableError, match="head dims up to 256, got 264"):
             F.attention_jvp(q, q, q, backend="triton")
+
+
+def test_primal_output_needs_no_grad_when_only_tangents_do(device):
+    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
+    o, o_t = F.attention_jvp(q, k, v, q_t.requires_grad_(), k_t, v_t, backend="triton")
+    assert not o.requires_grad and o_t.requires_grad

@@ -182,3 +182,11 @@ class TestBadInput:
     def test_unknown_backend(self):
         with pytest.raises(ValueError, match="backend: expected one of"):
             F.layer_norm_jvp(self.x, None, self.w, None, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+def test_primal_output_needs_no_grad_when_only_tangents_do(backend, device):
+    """The primal stream must not look differentiable through the offsets (it feeds later layers)."""
+    x, x_t, w, b, dw, db = make_inputs(3, 8, torch.float32, backend_device(backend, device), TANGENTS["all"])
+    y, y_t = F.layer_norm_jvp(x, x_t, w, b, dw, db, backend=backend)
+    assert not y.requires_grad and y_t.requires_grad

@@ -1,0 +1,191 @@
+"""``linearize(model)`` for timm Vision Transformers: ``f(x; w0) + J_w f(x; w0) · dw``.
+
+The linearized part is the last ``k`` blocks plus the final norm, pooling and head (TAFT-k), or
+the whole network (``blocks="all"``, embeddings included). The frozen prefix runs timm's own
+modules (their fused SDPA included) with no tangent at all; the first linearized block starts
+from a zero tangent. The result's ``parameters()`` are exactly the offsets ``dw`` (zero at
+first), under the names the original model gives those weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from .modules import (
+    TangentBlock,
+    TangentIdentity,
+    TangentLinear,
+    TangentPatchEmbed,
+    UnsupportedModuleError,
+    _frozen,
+    _register_linearized,
+    _tangent_norm,
+    dropout_pair,
+)
+from .reference import add_tangents
+
+POOLS = ("token", "avg", "")
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are non-persistent buffers sharing the original storage.
+
+    The original is untouched; the copy has no parameters, so nothing in it trains or appears in
+    ``state_dict()``.
+    """
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    clone = copy.deepcopy(module, memo)
+    for submodule in clone.modules():
+        for name, param in list(submodule._parameters.items()):
+            del submodule._parameters[name]
+            submodule.register_buffer(name, None if param is None else param.detach(), persistent=False)
+    return clone
+
+
+def _reinitialized(block: nn.Module) -> nn.Module:
+    """A fresh copy of ``block`` with timm's ViT initialisation (the original is untouched)."""
+    from timm.models.vision_transformer import init_weights_vit_timm
+
+    block = copy.deepcopy(block)
+    for name, module in block.named_modules():
+        init_weights_vit_timm(module, name)
+    return block
+
+
+def _check_supported(model: nn.Module) -> None:
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModuleError(
+            f"linearize: expected a timm VisionTransformer, got {type(model).__name__}"
+        )
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModuleError("linearize: attention pooling (global_pool='map') is not supported")
+    if model.global_pool not in POOLS:
+        raise UnsupportedModuleError(f"linearize: global_pool={model.global_pool!r} is not supported (use one of {POOLS})")
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModuleError("linearize: dynamic_img_size=True is not supported")
+    if not isinstance(model.head, (nn.Linear, nn.Identity)):
+        raise UnsupportedModuleError(f"linearize: head {type(model.head).__name__} is not supported (nn.Linear or Identity)")
+
+
+class _FrozenPrefix(nn.Module):
+    """Embeddings and the first blocks of a ViT, run by timm's own code with frozen weights."""
+
+    def __init__(self, model: nn.Module, num_blocks: int):
+        super().__init__()
+        vit = frozen_copy(model)
+        vit.blocks = vit.blocks[:num_blocks]
+        vit.norm, vit.fc_norm, vit.head = nn.Identity(), nn.Identity(), nn.Identity()  # linearized instead
+        self.vit = vit
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.vit.forward_features(images)
+
+
+class LinearizedViT(nn.Module):
+    """A timm ViT linearized around its weights; see ``linearize``."""
+
+    def __init__(self, model: nn.Module, blocks="all", *, backend="auto", reinit=False, fresh_cls_token=False):
+        super().__init__()
+        _check_supported(model)
+        depth = len(model.blocks)
+        num_linearized = depth if blocks == "all" else blocks
+        if not isinstance(num_linearized, int) or not 1 <= num_linearized <= depth:
+            raise ValueError(f"blocks: expected 'all' or an int from 1 to {depth} (the last k blocks), got {blocks!r}")
+        first = depth - num_linearized
+        self.backend, self.first_linearized = backend, first
+        self.num_prefix_tokens, self.global_pool = model.num_prefix_tokens, model.global_pool
+        self.pool_include_prefix = getattr(model, "pool_include_prefix", False)
+        self.no_embed_class = model.no_embed_class
+
+        if first == 0:
+            if fresh_cls_token:
+                raise ValueError("fresh_cls_token: with blocks='all' the class token is already linearized")
+            self.frozen = None
+            self.patch_embed = TangentPatchEmbed(model.patch_embed, backend)
+            for name in ("cls_token", "reg_token", "pos_embed"):
+                _register_linearized(self, name, _frozen(model, name))
+            self.norm_pre = _tangent_norm(model.norm_pre, backend)
+            self.pos_drop_p = model.pos_drop.p
+            if getattr(model.patch_drop, "prob", 0.0) > 0.0:
+                raise UnsupportedModuleError("linearize: patch dropout (patch_drop_rate > 0) is not supported")
+        else:
+            self.frozen = _FrozenPrefix(model, first)
+            if fresh_cls_token and model.cls_token is None:
+                raise ValueError("fresh_cls_token: the model has no class token (class_token=False)")
+            fresh = torch.zeros_like(model.cls_token.detach()) if fresh_cls_token else None
+            self.register_parameter("cls_token", None if fresh is None else nn.Parameter(fresh))
+
+        source = (_reinitialized(b) if reinit else b for b in list(model.blocks)[first:])
+        self.blocks = nn.ModuleDict({str(first + i): TangentBlock(b, backend) for i, b in enumerate(source)})
+        self.norm = _tangent_norm(model.norm, backend)
+        self.fc_norm = _tangent_norm(model.fc_norm, backend)
+        self.head_drop_p = model.head_drop.p
+        self.head = TangentLinear(model.head, backend) if isinstance(model.head, nn.Linear) else TangentIdentity()
+
+    def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Tokens and their tangent entering the first linearized block."""
+        if self.frozen is not None:
+            x = self.frozen(images)
+            if self.cls_token is None:
+                return x, None
+            fresh = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+            return x, torch.cat([fresh, torch.zeros_like(x[:, 1:])], dim=1)
+        x, x_t = self.patch_embed(images)
+        batch = x.shape[0]
+        prefix = [(t0.expand(batch, -1, -1), dt.expand(batch, -1, -1))
+                  for t0, dt in ((self.cls_token0, self.cls_token), (self.reg_token0, self.reg_token)) if t0 is not None]  # fmt: skip
+        pos = None if self.pos_embed0 is None else (self.pos_embed0, self.pos_embed)
+        if pos is not None and self.no_embed_class:  # position embedding on patches only, then prepend
+            x, x_t = x + pos[0], add_tangents(x_t, pos[1])
+        if prefix:
+            x = torch.cat([p[0].to(x.dtype) for p in prefix] + [x], dim=1)
+            x_t = torch.cat([p[1].to(x_t.dtype) for p in prefix] + [x_t], dim=1)
+        if pos is not None and not self.no_embed_class:
+            x, x_t = x + pos[0], add_tangents(x_t, pos[1])
+        x, x_t = dropout_pair(x, x_t, self.pos_drop_p, self.training)
+        return self.norm_pre(x, x_t)
+
+    def _pool(self, x: Tensor) -> Tensor:
+        if self.global_pool == "token":
+            return x[:, 0]
+        if self.global_pool == "avg":
+            return (x if self.pool_include_prefix else x[:, self.num_prefix_tokens:]).mean(dim=1)
+        return x
+
+    def forward_dual(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Both streams: ``(f(x; w0), J f(x; w0) · dw)``."""
+        x, x_t = self._embed(images)
+        for block in self.blocks.values():
+            x, x_t = block(x, x_t)
+        x, x_t = self.norm(x, x_t)
+        x, x_t = self._pool(x), None if x_t is None else self._pool(x_t)
+        x, x_t = self.fc_norm(x, x_t)
+        x, x_t = dropout_pair(x, x_t, self.head_drop_p, self.training)
+        y, y_t = self.head(x, x_t)
+        return y, (torch.zeros_like(y) if y_t is None else y_t)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """``f(x; w0) + J f(x; w0) · dw``, summed in at least float32."""
+        y, y_t = self.forward_dual(images)
+        dtype = torch.promote_types(y.dtype, torch.float32)
+        return y.to(dtype) + y_t.to(dtype)
+
+
+def linearize(model: nn.Module, blocks="all", *, backend: str = "auto", reinit: bool = False,
+              fresh_cls_token: bool = False) -> LinearizedViT:  # fmt: skip
+    """Linearize a timm ``VisionTransformer`` around its current weights.
+
+    ``blocks``: ``"all"`` (embeddings, every block, final norm and head) or ``k`` (the last ``k``
+    blocks plus the final norm and head, as TAFT-k; the rest runs frozen). ``reinit``: re-initialise
+    the linearized blocks' weights ``w0`` (timm's ViT initialisation) before linearizing them.
+    ``fresh_cls_token``: with ``k`` blocks, add a trainable tangent (zero at first) at the class
+    token's position of the first linearized block's input, under the name ``cls_token``.
+    ``backend`` is passed to every op. The original model is not modified; the frozen weights
+    share its storage.
+    """
+    return LinearizedViT(model, blocks, backend=backend, reinit=reinit, fresh_cls_token=fresh_cls_token)

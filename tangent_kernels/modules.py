@@ -1,0 +1,328 @@
+"""Drop-in tangent modules: each is built from the timm / PyTorch module it linearizes.
+
+A tangent module maps ``(x, x_t) -> (y, y_t)`` (``x_t=None`` is a zero tangent). It keeps the
+frozen weights ``w0`` of the module it was built from as non-persistent buffers named
+``<name>0`` (``weight0``, ``bias0``, ...), sharing their storage, and has one trainable offset
+``dw`` per weight under the original parameter name (``weight``, ``bias``, ``gamma``, ...),
+initialised to zero. So ``parameters()`` are exactly the offsets and ``state_dict()`` keys line up
+with the original module's.
+
+``backend`` names the backend for every op that has one of that name (the others run on
+``"auto"``; ``tangent_kernels.last_backend(op)`` tells what ran). Dropout and DropPath apply the same mask to both streams (the linearization of the network
+with that mask). Under ``torch.autocast`` the ops run in the dtype autocast would pick: the
+autocast dtype for linear layers and attention, float32 for layer norms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor, nn
+
+from . import backends
+from . import functional as F
+from .reference import add_tangents
+
+Pair = tuple[Tensor, "Tensor | None"]
+
+
+class UnsupportedModuleError(TypeError):
+    """A module (or a setting of it) that the tangent modules cannot linearize."""
+
+
+def _frozen(module: nn.Module, name: str) -> Tensor | None:
+    value = getattr(module, name, None)
+    return None if value is None else value.detach()
+
+
+def _offset(frozen: Tensor | None) -> nn.Parameter | None:
+    return None if frozen is None else nn.Parameter(torch.zeros_like(frozen))
+
+
+def _register_linearized(module: nn.Module, name: str, frozen: Tensor | None) -> None:
+    """``frozen`` as buffer ``<name>0`` and a zero offset as parameter ``<name>``."""
+    module.register_buffer(f"{name}0", frozen, persistent=False)
+    module.register_parameter(name, _offset(frozen))
+
+
+def _op_backend(op: str, backend: str) -> str:
+    """A module's backend applies to every op that has it; ops without it run on ``"auto"``."""
+    return backend if backend in backends.IMPLEMENTED[op] else "auto"
+
+
+def _autocast_dtype(x: Tensor, *, norm: bool = False) -> torch.dtype | None:
+    """The dtype autocast runs an op in for ``x``'s device, or ``None`` outside autocast."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.float32 if norm else torch.get_autocast_dtype(device_type)
+
+
+def _cast(dtype: torch.dtype | None, *tensors: Tensor | None) -> list[Tensor | None]:
+    if dtype is None:
+        return list(tensors)
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def dropout_pair(x: Tensor, x_t: Tensor | None, p: float, training: bool) -> Pair:
+    """Dropout with one mask for both streams."""
+    if not training or p == 0.0:
+        return x, x_t
+    mask = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
+    return x * mask, None if x_t is None else x_t * mask
+
+
+def drop_path_pair(x: Tensor, x_t: Tensor | None, p: float, training: bool, scale_by_keep: bool = True) -> Pair:
+    """Stochastic depth (one keep/drop draw per sample) with one mask for both streams."""
+    if not training or p == 0.0:
+        return x, x_t
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+    if scale_by_keep and keep > 0.0:
+        mask.div_(keep)
+    return x * mask, None if x_t is None else x_t * mask
+
+
+class TangentIdentity(nn.Module):
+    """``(x, x_t) -> (x, x_t)``: stands in for ``nn.Identity`` inside tangent modules."""
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        return x, x_t
+
+
+class TangentLinear(nn.Module):
+    """``nn.Linear`` linearized: ``y = x W0ᵀ + b0``, ``y_t = x_t W0ᵀ + x dWᵀ + db``."""
+
+    def __init__(self, linear: nn.Linear, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise UnsupportedModuleError(f"TangentLinear: expected an nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features, self.backend = linear.in_features, linear.out_features, backend
+        _register_linearized(self, "weight", _frozen(linear, "weight"))
+        _register_linearized(self, "bias", _frozen(linear, "bias"))
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        args = _cast(_autocast_dtype(x), x, x_t, self.weight0, self.bias0, self.weight, self.bias)
+        return F.linear_jvp(*args, backend=_op_backend("linear_jvp", self.backend))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class TangentLayerNorm(nn.Module):
+    """``nn.LayerNorm`` (over the last dimension) linearized, with offsets of its weight and bias."""
+
+    def __init__(self, norm: nn.LayerNorm, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+            raise UnsupportedModuleError(
+                f"TangentLayerNorm: expected an nn.LayerNorm over the last dimension, got {norm!r}"
+            )
+        self.normalized_shape, self.eps, self.backend = tuple(norm.normalized_shape), norm.eps, backend
+        _register_linearized(self, "weight", _frozen(norm, "weight"))
+        _register_linearized(self, "bias", _frozen(norm, "bias"))
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        args = _cast(_autocast_dtype(x, norm=True), x, x_t, self.weight0, self.bias0, self.weight, self.bias)
+        return F.layer_norm_jvp(*args, eps=self.eps, backend=_op_backend("layer_norm_jvp", self.backend))
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class TangentLayerScale(nn.Module):
+    """timm ``LayerScale`` linearized: ``y = γ0 · x``, ``y_t = γ0 · x_t + dγ · x``."""
+
+    def __init__(self, layer_scale: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(layer_scale, "gamma", None), Tensor):
+            raise UnsupportedModuleError(f"TangentLayerScale: expected timm's LayerScale, got {type(layer_scale).__name__}")
+        _register_linearized(self, "gamma", _frozen(layer_scale, "gamma"))
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        return x * self.gamma0, add_tangents(None if x_t is None else x_t * self.gamma0, x * self.gamma)
+
+
+def gelu_approximation(act: nn.Module) -> str:
+    """``"none"`` or ``"tanh"`` for the GELU modules of torch and timm; raises for others."""
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    name = type(act).__name__
+    if name in ("GELU", "GELUTanh") and type(act).__module__.startswith("timm"):
+        return "tanh" if name == "GELUTanh" else "none"
+    raise UnsupportedModuleError(f"activation {name}: only GELU (erf or tanh form) is supported")
+
+
+def _tangent_norm(norm: nn.Module, backend: str) -> nn.Module:
+    """A tangent version of an optional norm slot: identity or layer norm."""
+    if isinstance(norm, nn.Identity):
+        return TangentIdentity()
+    return TangentLayerNorm(norm, backend)
+
+
+class TangentMlp(nn.Module):
+    """timm ``Mlp`` linearized: ``fc1 → GELU → dropout → (norm) → fc2 → dropout``."""
+
+    def __init__(self, mlp: nn.Module, backend: str = "auto"):
+        super().__init__()
+        for part in ("fc1", "act", "fc2"):
+            if not hasattr(mlp, part):
+                raise UnsupportedModuleError(f"TangentMlp: expected timm's Mlp (fc1, act, fc2), {type(mlp).__name__} has no {part}")
+        if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+            raise UnsupportedModuleError("TangentMlp: fc1 and fc2 must be nn.Linear (use_conv=True is not supported)")
+        self.approximate = gelu_approximation(mlp.act)
+        self.backend = backend
+        self.fc1 = TangentLinear(mlp.fc1, backend)
+        self.norm = _tangent_norm(getattr(mlp, "norm", nn.Identity()), backend)
+        self.fc2 = TangentLinear(mlp.fc2, backend)
+        self.drop1_p = getattr(getattr(mlp, "drop1", None), "p", 0.0)
+        self.drop2_p = getattr(getattr(mlp, "drop2", None), "p", 0.0)
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        fused = isinstance(self.norm, TangentIdentity) and (not self.training or self.drop1_p == 0.0)
+        if fused:  # one op, so a fused MLP kernel can serve it
+            fc1, fc2 = self.fc1, self.fc2
+            args = _cast(_autocast_dtype(x), x, x_t, fc1.weight0, fc1.bias0, fc2.weight0, fc2.bias0,
+                         fc1.weight, fc1.bias, fc2.weight, fc2.bias)  # fmt: skip
+            y, y_t = F.mlp_jvp(*args, approximate=self.approximate, backend=_op_backend("mlp_jvp", self.backend))
+        else:
+            h, h_t = self.fc1(x, x_t)
+            h, h_t = F.gelu_jvp(h, h_t, self.approximate, backend=_op_backend("gelu_jvp", self.backend))
+            h, h_t = dropout_pair(h, h_t, self.drop1_p, self.training)
+            h, h_t = self.norm(h, h_t)
+            y, y_t = self.fc2(h, h_t)
+        return dropout_pair(y, y_t, self.drop2_p, self.training)
+
+
+class TangentAttention(nn.Module):
+    """timm ``Attention`` linearized: fused qkv (bias on/off), optional qk-norm and scale-norm, proj."""
+
+    def __init__(self, attn: nn.Module, backend: str = "auto"):
+        super().__init__()
+        if type(attn).__name__ != "Attention" or not hasattr(attn, "qkv"):
+            raise UnsupportedModuleError(
+                f"TangentAttention: expected timm.layers.Attention (fused qkv), got {type(attn).__name__}"
+            )
+        if getattr(attn, "gate", None) is not None:
+            raise UnsupportedModuleError("TangentAttention: gated attention (gate=...) is not supported")
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.backend = backend
+        self.qkv = TangentLinear(attn.qkv, backend)
+        self.q_norm = _tangent_norm(attn.q_norm, backend)
+        self.k_norm = _tangent_norm(attn.k_norm, backend)
+        self.norm = _tangent_norm(getattr(attn, "norm", nn.Identity()), backend)
+        self.proj = TangentLinear(attn.proj, backend)
+        self.attn_drop_p = attn.attn_drop.p
+        self.proj_drop_p = attn.proj_drop.p
+
+    def _heads(self, qkv: Tensor | None) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Split ``(B, N, 3·H·D)`` into three ``(B, H, N, D)`` views (no copy)."""
+        if qkv is None:
+            return None, None, None
+        batch, tokens, _ = qkv.shape
+        return qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(
+        self, x: Tensor, x_t: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Pair:
+        if attn_mask is not None:
+            raise NotImplementedError("TangentAttention: attn_mask is not supported (is_causal=True is)")
+        if self.training and self.attn_drop_p > 0.0:
+            raise NotImplementedError(
+                f"TangentAttention: attention dropout (p={self.attn_drop_p}) in training is not supported; "
+                "build the model with attn_drop_rate=0"
+            )
+        batch, tokens, _ = x.shape
+        qkv, qkv_t = self.qkv(x, x_t)
+        (q, k, v), (q_t, k_t, v_t) = self._heads(qkv), self._heads(qkv_t)
+        q, q_t = self.q_norm(q, q_t)
+        k, k_t = self.k_norm(k, k_t)
+        q, k, v, q_t, k_t, v_t = _cast(_autocast_dtype(x), q, k, v, q_t, k_t, v_t)
+        backend = _op_backend("attention_jvp", self.backend)
+        o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, scale=self.scale, causal=is_causal, backend=backend)
+        o, o_t = (None if t is None else t.transpose(1, 2).reshape(batch, tokens, -1) for t in (o, o_t))
+        o, o_t = self.norm(o, o_t)
+        y, y_t = self.proj(o, o_t)
+        return dropout_pair(y, y_t, self.proj_drop_p, self.training)
+
+
+def _tangent_layer_scale(module: nn.Module) -> nn.Module:
+    return TangentIdentity() if isinstance(module, nn.Identity) else TangentLayerScale(module)
+
+
+class TangentDropPath(nn.Module):
+    """timm ``DropPath`` (or ``nn.Identity``) with one per-sample mask for both streams."""
+
+    def __init__(self, drop_path: nn.Module):
+        super().__init__()
+        self.drop_prob = getattr(drop_path, "drop_prob", 0.0)
+        self.scale_by_keep = getattr(drop_path, "scale_by_keep", True)
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        return drop_path_pair(x, x_t, self.drop_prob, self.training, self.scale_by_keep)
+
+
+class TangentBlock(nn.Module):
+    """timm ViT ``Block`` linearized: pre-norm attention and MLP with residuals, LayerScale, DropPath."""
+
+    def __init__(self, block: nn.Module, backend: str = "auto"):
+        super().__init__()
+        if type(block).__name__ != "Block" or not all(hasattr(block, n) for n in ("norm1", "attn", "norm2", "mlp")):
+            raise UnsupportedModuleError(
+                f"TangentBlock: expected timm's vision_transformer.Block, got {type(block).__name__}"
+            )
+        self.norm1 = TangentLayerNorm(block.norm1, backend)
+        self.attn = TangentAttention(block.attn, backend)
+        self.ls1 = _tangent_layer_scale(block.ls1)
+        self.norm2 = TangentLayerNorm(block.norm2, backend)
+        self.mlp = TangentMlp(block.mlp, backend)
+        self.ls2 = _tangent_layer_scale(block.ls2)
+        self.drop_path1 = TangentDropPath(block.drop_path1)
+        self.drop_path2 = TangentDropPath(block.drop_path2)
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None, is_causal: bool = False) -> Pair:
+        h, h_t = self.norm1(x, x_t)
+        h, h_t = self.attn(h, h_t, is_causal=is_causal)
+        h, h_t = self.ls1(h, h_t)
+        h, h_t = self.drop_path1(h, h_t)
+        x, x_t = x + h, add_tangents(x_t, h_t)
+        h, h_t = self.norm2(x, x_t)
+        h, h_t = self.mlp(h, h_t)
+        h, h_t = self.ls2(h, h_t)
+        h, h_t = self.drop_path2(h, h_t)
+        return x + h, add_tangents(x_t, h_t)
+
+
+class TangentPatchEmbed(nn.Module):
+    """timm ``PatchEmbed`` linearized: the patch convolution with weight/bias offsets, then flatten and norm."""
+
+    def __init__(self, patch_embed: nn.Module, backend: str = "auto"):
+        super().__init__()
+        proj = getattr(patch_embed, "proj", None)
+        if not isinstance(proj, nn.Conv2d):
+            raise UnsupportedModuleError("TangentPatchEmbed: expected timm's PatchEmbed with a Conv2d projection")
+        if not getattr(patch_embed, "flatten", False) or getattr(patch_embed, "dynamic_img_pad", False):
+            raise UnsupportedModuleError(
+                "TangentPatchEmbed: only flattened (NLC) output without dynamic padding is supported "
+                "(dynamic_img_size / dynamic_img_pad are not)"
+            )
+        self.img_size = patch_embed.img_size
+        self.strict_img_size = getattr(patch_embed, "strict_img_size", True)
+        self.stride, self.padding = proj.stride, proj.padding
+        self.proj = nn.Module()
+        _register_linearized(self.proj, "weight", _frozen(proj, "weight"))
+        _register_linearized(self.proj, "bias", _frozen(proj, "bias"))
+        self.norm = _tangent_norm(patch_embed.norm, backend)
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        if self.img_size is not None and self.strict_img_size and tuple(x.shape[-2:]) != tuple(self.img_size):
+            raise ValueError(f"x: expected images of size {tuple(self.img_size)}, got {tuple(x.shape[-2:])}")
+        p = self.proj
+        x, x_t, w0, b0, dw, db = _cast(_autocast_dtype(x), x, x_t, p.weight0, p.bias0, p.weight, p.bias)
+        conv = dict(stride=self.stride, padding=self.padding)
+        y = torch_F.conv2d(x, w0, b0, **conv)
+        y_t = torch_F.conv2d(x, dw, db, **conv)
+        if x_t is not None:
+            y_t = y_t + torch_F.conv2d(x_t, w0, None, **conv)
+        y, y_t = (t.flatten(2).transpose(1, 2) for t in (y, y_t))
+        return self.norm(y, y_t)

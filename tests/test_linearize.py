@@ -1,0 +1,251 @@
+"""linearize(model) on random-init timm ViTs against torch.func.jvp(functional_call(model, ...)).
+
+The oracle runs timm's own model with its fused attention off (math attention, as users must
+for ``torch.func.jvp``), and differentiates ``jvp`` with ``torch.func.grad`` for the gradients.
+"""
+
+import pytest
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch.func import functional_call, jvp
+
+import tangent_kernels as tk
+from helpers import max_relative_error
+
+# Small variants built with timm's own constructor arguments (img size 32-64, patch 8 or 16).
+VARIANTS = {
+    "base": dict(img_size=32, patch_size=8),
+    "no_qkv_bias": dict(img_size=32, patch_size=8, qkv_bias=False),
+    "qk_norm": dict(img_size=48, patch_size=16, qk_norm=True),
+    "layer_scale": dict(img_size=32, patch_size=8, init_values=0.1),
+    "avg_pool": dict(img_size=32, patch_size=8, class_token=False, global_pool="avg", fc_norm=True),
+    "registers": dict(img_size=64, patch_size=16, reg_tokens=2, no_embed_class=True),
+    "tanh_gelu": dict(img_size=32, patch_size=8, act_layer=lambda: torch.nn.GELU(approximate="tanh")),
+}
+
+
+def small_vit(dtype=torch.float64, **kwargs):
+    kwargs = {"img_size": 32, "patch_size": 8, **kwargs}
+    model = VisionTransformer(embed_dim=48, depth=3, num_heads=3, mlp_ratio=2.0, num_classes=7, **kwargs)
+    return model.to(dtype).eval()
+
+
+def math_attention(model):
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    return model
+
+
+def randomize_offsets(lin, scale=0.05):
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.normal_(0.0, scale)
+
+
+def oracle(model, lin, images, grad_out):
+    """``(y + y_t, {offset name: gradient of <y + y_t, grad_out>})`` by torch.func.jvp/grad."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    offsets = {k: v.detach() for k, v in lin.named_parameters()}
+    fresh = offsets.pop("cls_token", None) if lin.frozen is not None else None
+    assert fresh is None, "the oracle does not model fresh_cls_token"
+
+    def f_lin(offsets):
+        tangents = {k: offsets.get(k, torch.zeros_like(v)) for k, v in params.items()}
+        y, y_t = jvp(lambda p: functional_call(model, p, (images,)), (params,), (tangents,))
+        return y + y_t
+
+    out = f_lin(offsets)
+    grads = torch.func.grad(lambda o: (f_lin(o) * grad_out).sum())(offsets)
+    return out, grads
+
+
+def assert_grads_close(lin, expected_grads, rel_bound, vanishing=1e-6):
+    """Each offset's gradient within ``rel_bound`` of its largest entry, or of ``vanishing`` times
+    the largest gradient overall for gradients that are zero exactly (a key bias under softmax)."""
+    assert set(expected_grads) == {n for n, _ in lin.named_parameters()}
+    overall = max(g.abs().max().item() for g in expected_grads.values())
+    for name, p in lin.named_parameters():
+        expected = expected_grads[name]
+        scale = max(expected.abs().max().item(), vanishing * overall)
+        error = (p.grad.double() - expected.double()).abs().max().item() / scale
+        assert error < rel_bound, f"grad {name}: relative error {error:.2e}"
+
+
+def check(model, lin, images, rel_bound):
+    randomize_offsets(lin)
+    out = lin(images)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    expected, expected_grads = oracle(math_attention(model), lin, images, grad_out)
+    assert max_relative_error(out, expected) < rel_bound
+    assert_grads_close(lin, expected_grads, rel_bound)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("blocks", ["all", 1])
+def test_matches_jvp_float64(variant, blocks):
+    model = small_vit(**VARIANTS[variant])
+    lin = tk.linearize(model, blocks, backend="reference")
+    images = torch.randn(2, 3, *model.patch_embed.img_size, dtype=torch.float64)
+    check(model, lin, images, 1e-9)
+
+
+def test_vit_tiny_patch16_224_float64():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10).double().eval()
+    lin = tk.linearize(model, 2, backend="reference")
+    check(model, lin, torch.randn(1, 3, 224, 224, dtype=torch.float64), 1e-9)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("blocks", ["all", 2])
+def test_fused_backends_float32(backend, blocks, device):
+    if backend == "cpp" and not tk.cpp.AVAILABLE:
+        pytest.skip(tk.cpp.UNAVAILABLE_REASON)
+    run_on = device if backend == "triton" else torch.device("cpu")
+    model = small_vit(torch.float32, **VARIANTS["qk_norm"]).to(run_on)
+    lin = tk.linearize(model, blocks, backend=backend)
+    images = torch.randn(2, 3, 48, 48, device=run_on)
+    randomize_offsets(lin)
+    out = lin(images)
+    assert tk.last_backend("layer_norm_jvp") == backend
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    model64, images64 = model.double(), images.double()
+    lin64 = tk.linearize(model64, blocks, backend="reference")
+    lin64.load_state_dict({k: v.double() for k, v in lin.state_dict().items()})
+    expected, expected_grads = oracle(math_attention(model64), lin64, images64, grad_out.double())
+    assert max_relative_error(out, expected) < 1e-4
+    assert_grads_close(lin, expected_grads, 1e-3, vanishing=1e-3)
+
+
+@pytest.mark.parametrize("blocks", ["all", 1])
+def test_zero_offsets_give_the_original_output(blocks):
+    model = small_vit(torch.float32, **VARIANTS["registers"])  # timm's fused attention stays on
+    images = torch.randn(3, 3, 64, 64)
+    lin = tk.linearize(model, blocks)
+    torch.testing.assert_close(lin(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_parameters_are_exactly_the_offsets():
+    model = small_vit(**VARIANTS["layer_scale"])
+    lin = tk.linearize(model, "all")
+    model_state = model.state_dict()
+    offsets = dict(lin.named_parameters())
+    assert offsets.keys() == model_state.keys() == lin.state_dict().keys()
+    for name, p in offsets.items():
+        assert p.requires_grad and p.shape == model_state[name].shape and torch.count_nonzero(p) == 0
+    assert all(p.requires_grad for p in model.parameters()), "the original model was modified"
+
+
+def test_last_k_blocks_keep_original_names():
+    model = small_vit()
+    lin = tk.linearize(model, 1, fresh_cls_token=True)
+    names = set(dict(lin.named_parameters()))
+    assert "blocks.2.attn.qkv.weight" in names and "head.weight" in names and "norm.weight" in names
+    assert "blocks.1.attn.qkv.weight" not in names and "pos_embed" not in names
+    assert "cls_token" in names  # the fresh class token's tangent
+    assert names - {"cls_token"} <= set(model.state_dict())
+
+
+def test_fresh_cls_token_adds_a_tangent_at_the_class_position():
+    model = small_vit()
+    lin = tk.linearize(model, 1, fresh_cls_token=True)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        lin.cls_token.normal_()
+    y, y_t = lin.forward_dual(images)
+    assert torch.count_nonzero(y_t) > 0
+    (y_t.sum()).backward()
+    assert lin.cls_token.grad is not None and torch.count_nonzero(lin.cls_token.grad) > 0
+
+
+def test_reinit_changes_only_the_linearized_blocks():
+    torch.manual_seed(0)
+    model = small_vit()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lin = tk.linearize(model, 1, reinit=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the original was modified"
+    assert not torch.equal(lin.blocks["2"].attn.qkv.weight0, model.blocks[2].attn.qkv.weight)
+    assert torch.equal(lin.head.weight0, model.head.weight)
+
+
+def test_save_and_load_offsets(tmp_path):
+    model = small_vit()
+    lin = tk.linearize(model, 2)
+    randomize_offsets(lin)
+    path = tmp_path / "dw.safetensors"
+    tk.save_offsets(lin, path)
+    restored = tk.linearize(model, 2)
+    tk.load_offsets(restored, path)
+    for (name, a), (_, b) in zip(lin.named_parameters(), restored.named_parameters()):
+        assert torch.equal(a, b), name
+    other = tk.linearize(small_vit(), 2)  # another random base
+    with pytest.raises(tk.BaseMismatchError, match="fingerprint"):
+        tk.load_offsets(other, path)
+
+
+def test_autocast_bfloat16_sums_in_float32():
+    model = small_vit(torch.float32)
+    lin = tk.linearize(model, "all")
+    randomize_offsets(lin)
+    images = torch.randn(2, 3, 32, 32)
+    expected = lin(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(images)
+        y, y_t = lin.forward_dual(images)
+    assert out.dtype == torch.float32 and y.dtype == torch.bfloat16
+    assert max_relative_error(out, expected) < 5e-2
+    out.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lin.parameters())
+
+
+def test_drop_path_uses_one_mask_for_both_streams():
+    """In training, a block with DropPath equals the jvp of timm's block under the same seed."""
+    model = small_vit(drop_path_rate=0.5).train()
+    block = model.blocks[2]
+    tangent_block = tk.modules.TangentBlock(block, backend="reference").train()
+    randomize_offsets(tangent_block, 0.1)
+    x, x_t = torch.randn(4, 17, 48, dtype=torch.float64), torch.randn(4, 17, 48, dtype=torch.float64)
+    torch.manual_seed(3)
+    y, y_t = tangent_block(x, x_t)
+    params = dict(block.named_parameters())
+    offsets = {k: v.detach() for k, v in tangent_block.named_parameters()}
+    block.attn.fused_attn = False
+    torch.manual_seed(3)
+    y_ref, y_t_ref = jvp(lambda x, p: functional_call(block, p, (x,)), (x, params), (x_t, offsets))
+    assert max_relative_error(y, y_ref) < 1e-12 and max_relative_error(y_t, y_t_ref) < 1e-12
+
+
+def test_dropout_uses_one_mask_for_both_streams():
+    y, y_t = tk.modules.dropout_pair(torch.ones(1000), torch.ones(1000), 0.5, training=True)
+    assert torch.equal(y == 0, y_t == 0) and 0 < int((y == 0).sum()) < 1000
+
+
+class TestUnsupported:
+    def test_not_a_vit(self):
+        with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Sequential"):
+            tk.linearize(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+    def test_map_pooling(self):
+        with pytest.raises(tk.UnsupportedModuleError, match="attention pooling"):
+            tk.linearize(small_vit(global_pool="map"))
+
+    def test_activation(self):
+        from timm.layers import QuickGELU
+
+        with pytest.raises(tk.UnsupportedModuleError, match="activation QuickGELU"):
+            tk.linearize(small_vit(act_layer=QuickGELU))
+
+    def test_attention_dropout_in_training(self):
+        lin = tk.linearize(small_vit(attn_drop_rate=0.1), 1).train()
+        with pytest.raises(NotImplementedError, match="attention dropout"):
+            lin(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+
+    def test_blocks_argument(self):
+        with pytest.raises(ValueError, match="blocks: expected 'all' or an int from 1 to 3"):
+            tk.linearize(small_vit(), 4)
+
+    def test_fresh_cls_token_without_class_token(self):
+        with pytest.raises(ValueError, match="fresh_cls_token: the model has no class token"):
+            tk.linearize(small_vit(class_token=False, global_pool="avg"), 1, fresh_cls_token=True)
