@@ -14,6 +14,19 @@ TORCH_LIBRARY(tangent_kernels, m) {
   m.def(
       "layer_norm_backward(Tensor grad, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
       "bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
+  // (o, o_t, lse); o_t is empty when every tangent is absent; lse is natural-log, +inf for fully
+  // masked rows. key_padding_mask is (B, Lk): bool (true = padding) or additive.
+  m.def(
+      "attention_jvp_forward(Tensor q, Tensor k, Tensor v, Tensor? q_t, Tensor? k_t, Tensor? v_t, "
+      "Tensor? key_padding_mask, float scale, bool causal) -> (Tensor, Tensor, Tensor)");
+  // (dq, dk, dv): the attention VJP at (q, k, v) for upstream grad_out; results not asked for are empty.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+      "Tensor? key_padding_mask, float scale, bool causal, bool need_dq, bool need_dkv) -> (Tensor, Tensor, Tensor)");
+  // (a, a_t, gelu'(u)) for u = h + bias, u_t = h_t + d_bias; a_t is empty when h_t and d_bias are absent.
+  m.def(
+      "gelu_jvp_forward(Tensor h, Tensor? h_t, Tensor? bias, Tensor? d_bias, str approximate) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 extern "C" {

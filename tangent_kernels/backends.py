@@ -21,11 +21,11 @@ BACKENDS = ("auto", "triton", "cpp", "reference")
 
 # Which backends implement each op; the reference implements all of them.
 IMPLEMENTED = {
-    "attention_jvp": ("triton", "reference"),
-    "gelu_jvp": ("reference",),
+    "attention_jvp": ("triton", "cpp", "reference"),
+    "gelu_jvp": ("triton", "cpp", "reference"),
     "layer_norm_jvp": ("triton", "cpp", "reference"),
     "linear_jvp": ("reference",),
-    "mlp_jvp": ("reference",),
+    "mlp_jvp": ("triton", "cpp", "reference"),
 }
 
 _last_backend: dict[str, str] = {}

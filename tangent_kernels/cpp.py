@@ -50,3 +50,27 @@ class layer_norm:  # noqa: N801  (a namespace with the launcher interface of tri
             grad, x, weight, mean, rstd, input_grad, param_grads
         )
         return (g_x if input_grad else None), (g_w if param_grads else None), (g_b if param_grads else None)
+
+
+class attention:  # noqa: N801  (the launcher interface of triton.attention)
+    @staticmethod
+    def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
+        o, o_t, lse = torch.ops.tangent_kernels.attention_jvp_forward(
+            q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal
+        )
+        has_tangent = q_t is not None or k_t is not None or v_t is not None
+        return o, (o_t if has_tangent else None), lse
+
+    @staticmethod
+    def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq, need_dkv):
+        dq, dk, dv = torch.ops.tangent_kernels.attention_backward(
+            grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_dkv
+        )
+        return (dq if need_dq else None), (dk if need_dkv else None), (dv if need_dkv else None)
+
+
+class gelu:  # noqa: N801  (the launcher interface of triton.gelu)
+    @staticmethod
+    def forward(h, h_t, bias, d_bias, approximate):
+        a, a_t, derivative = torch.ops.tangent_kernels.gelu_jvp_forward(h, h_t, bias, d_bias, approximate)
+        return a, (a_t if h_t is not None or d_bias is not None else None), derivative

@@ -166,9 +166,11 @@ def _triton_layer_norm_max_features() -> int:
 
 
 def _attention_kernels(backend: str):
-    from .triton import attention
+    if backend == "triton":
+        from .triton import attention
 
-    return attention
+        return attention
+    return backends.cpp.attention
 
 
 class _AttentionJvp(torch.autograd.Function):
@@ -324,14 +326,114 @@ def linear_jvp(
     return reference.linear_jvp(x, x_t, weight, bias, d_weight, d_bias)
 
 
+def _gelu_kernels(backend: str):
+    if backend == "triton":
+        from .triton import gelu
+
+        return gelu
+    return backends.cpp.gelu
+
+
+class _GeluJvp(torch.autograd.Function):
+    """Fused GELU primal + tangent; saves only ``gelu'(x)``, which both streams' gradients use."""
+
+    @staticmethod
+    def forward(ctx, kernels, x, x_t, approximate):
+        a, a_t, derivative = kernels.forward(x, x_t, None, None, approximate)
+        if not x.requires_grad:
+            ctx.mark_non_differentiable(a)
+        ctx.save_for_backward(derivative)
+        ctx.set_materialize_grads(False)
+        return a, a_t
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_a_t):
+        (derivative,) = ctx.saved_tensors
+        _, needs_x, needs_x_t, _ = ctx.needs_input_grad
+        if grad_a_t is not None and needs_x:
+            raise _second_order_error("gelu_jvp", "x")
+        grad_x = grad_a * derivative if grad_a is not None and needs_x else None
+        grad_x_t = grad_a_t * derivative if grad_a_t is not None and needs_x_t else None
+        return None, grad_x, grad_x_t, None
+
+
 def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: str = "auto"):
     """``y = gelu(x)``, ``y_t = gelu'(x) · x_t`` (``approximate`` is ``"none"`` (erf) or ``"tanh"``)."""
     _check_floating("x", x)
     _check_like("x_t", x_t, x, "x")
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
-    _reference_only("gelu_jvp", backend, x)
-    return reference.gelu_jvp(x, x_t, approximate)
+    chosen = backends.select("gelu_jvp", backend, x.device, x.dtype)
+    if chosen != "reference" and backend == "auto" and _primal_requires_grad(x):
+        chosen = _fall_back("gelu_jvp", backend, x, "")
+    if chosen == "reference" or x.numel() == 0 or x_t is None:
+        return reference.gelu_jvp(x, x_t, approximate)
+    return _GeluJvp.apply(_gelu_kernels(chosen), x, x_t, approximate)
+
+
+class _MlpJvp(torch.autograd.Function):
+    """The MLP as stacked GEMMs (ATen: cuBLAS/BLAS) around one fused bias + GELU primal/tangent op.
+
+    Saves the input, ``gelu(u)`` and ``gelu'(u)`` (as ordinary fine-tuning saves the input, ``u``
+    and ``gelu(u)``); the backward is the transpose of the tangent map (DESIGN.md §2).
+    """
+
+    @staticmethod
+    def forward(ctx, kernels, x, x_t, w1, b1, w2, b2, dw1, db1, dw2, db2, approximate):
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2 @ w1.t()
+        h_t = None if x_t is None else x_t.reshape(-1, x.shape[-1]) @ w1.t()
+        if dw1 is not None:
+            h_t = x2 @ dw1.t() if h_t is None else h_t.addmm_(x2, dw1.t())
+        a, a_t, derivative = kernels.forward(h, h_t, b1, db1, approximate)
+        y = a @ w2.t() if b2 is None else torch.addmm(b2, a, w2.t())
+        y_t = None if a_t is None else a_t @ w2.t()
+        if dw2 is not None:
+            y_t = a @ dw2.t() if y_t is None else y_t.addmm_(a, dw2.t())
+        if db2 is not None:
+            y_t = db2.expand_as(y).clone() if y_t is None else y_t.add_(db2)
+        if not _any_requires_grad(x, w1, b1, w2, b2):
+            ctx.mark_non_differentiable(y)
+        ctx.save_for_backward(x2, a, derivative, w1, w2)
+        ctx.has_tangent_hidden, ctx.input_shape = a_t is not None, x.shape
+        ctx.set_materialize_grads(False)
+        shape = (*x.shape[:-1], w2.shape[0])
+        return y.view(shape), (None if y_t is None else y_t.view(shape))
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_y_t):
+        x2, a, derivative, w1, w2 = ctx.saved_tensors
+        needs = dict(zip(("x", "x_t", "w1", "b1", "w2", "b2", "dw1", "db1", "dw2", "db2"), ctx.needs_input_grad[1:11]))
+        grads = dict.fromkeys(needs)
+        if grad_y_t is not None:
+            for name in ("x", "w1", "b1", "w2"):
+                if needs[name] and (name != "w2" or ctx.has_tangent_hidden):
+                    raise _second_order_error("mlp_jvp", name)
+            _mlp_vjp(grad_y_t, x2, a, derivative, w1, w2, needs, grads, ("x_t", "dw1", "db1", "dw2", "db2"))
+        if grad_y is not None and any(needs[n] for n in ("x", "w1", "b1", "w2", "b2")):
+            _mlp_vjp(grad_y, x2, a, derivative, w1, w2, needs, grads, ("x", "w1", "b1", "w2", "b2"))
+        for name in ("x", "x_t"):  # x2 is the input flattened to 2-D
+            if grads[name] is not None:
+                grads[name] = grads[name].view(ctx.input_shape)
+        return (None, *(grads[n] for n in needs), None)
+
+
+def _mlp_vjp(grad_out, x2, a, derivative, w1, w2, needs, grads, names):
+    """The MLP's VJP at the primal point for one stream; ``names`` label (input, W1, b1, W2, b2)."""
+    grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+    n_x, n_w1, n_b1, n_w2, n_b2 = names
+    if needs[n_w2]:
+        grads[n_w2] = grad_out.t() @ a
+    if needs[n_b2]:
+        grads[n_b2] = grad_out.sum(0)
+    if needs[n_x] or needs[n_w1] or needs[n_b1]:
+        grad_u = (grad_out @ w2).mul_(derivative)
+        if needs[n_b1]:
+            grads[n_b1] = grad_u.sum(0)
+        if needs[n_w1]:
+            grads[n_w1] = grad_u.t() @ x2
+        if needs[n_x]:
+            grads[n_x] = grad_u @ w1
 
 
 def mlp_jvp(
@@ -355,6 +457,11 @@ def mlp_jvp(
     _check_linear("fc2_", fc1_weight.shape[0], x, fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias)
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
-    _reference_only("mlp_jvp", backend, x)
-    return reference.mlp_jvp(x, x_t, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
-                             d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias, approximate)  # fmt: skip
+    chosen = backends.select("mlp_jvp", backend, x.device, x.dtype)
+    primal = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    if chosen != "reference" and backend == "auto" and _primal_requires_grad(*primal):
+        chosen = _fall_back("mlp_jvp", backend, x, "")
+    args = (x, x_t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias)
+    if chosen == "reference" or x.numel() == 0:
+        return reference.mlp_jvp(*args, approximate)
+    return _MlpJvp.apply(_gelu_kernels(chosen), *args, approximate)

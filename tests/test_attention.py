@@ -10,7 +10,15 @@ from helpers import assert_close, float64, grads
 from tangent_kernels import functional as F
 from tangent_kernels import reference
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (backend, dtype): Triton ships fp32/fp16/bf16 (interpreter on the CPU); C++ also takes fp64.
+BACKEND_DTYPES = [
+    ("triton", torch.float32),
+    ("triton", torch.bfloat16),
+    ("triton", torch.float16),
+    ("cpp", torch.float32),
+    ("cpp", torch.bfloat16),
+    ("cpp", torch.float64),
+]
 CASES = [
     # (batch, q heads, kv heads, q len, k len, head dim)
     (1, 2, 2, 1, 1, 64),  # a single token
@@ -75,27 +83,43 @@ def check_against_reference(tensors, options, dtype, backend="triton"):
         assert_close(a, b, c, name=f"grad {name}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def backend_device(backend, device):
+    return device if backend == "triton" else torch.device("cpu")
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_reference(case, dtype, device, poisoned_outputs):
-    tensors, options = make_inputs(case, dtype, device)
-    check_against_reference(tensors, options, dtype)
+def test_matches_reference(case, backend, dtype, device, poisoned_outputs):
+    tensors, options = make_inputs(case, dtype, backend_device(backend, device))
+    check_against_reference(tensors, options, dtype, backend)
 
 
 @pytest.mark.parametrize("variant", VARIANTS[1:])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
+                                           ("cpp", torch.float32), ("cpp", torch.bfloat16)], ids=str)  # fmt: skip
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5]], ids=str)
-def test_masks_and_causal(case, dtype, variant, device, poisoned_outputs):
-    tensors, options = make_inputs(case, dtype, device, variant)
-    check_against_reference(tensors, options, dtype)
+def test_masks_and_causal(case, backend, dtype, variant, device, poisoned_outputs):
+    tensors, options = make_inputs(case, dtype, backend_device(backend, device), variant)
+    check_against_reference(tensors, options, dtype, backend)
 
 
+@pytest.mark.parametrize("variant", ["plain", "causal_bool_mask", "additive_mask"])
+def test_cpp_gradcheck_float64(variant):
+    """The C++ op's gradients to all six inputs (both output streams) pass gradcheck."""
+    (q, k, v, q_t, k_t, v_t), options = make_inputs((1, 4, 2, 5, 6, 8), torch.float64, "cpu", variant)
+    tangents = [t.requires_grad_() for t in (q_t, k_t, v_t)]
+    assert torch.autograd.gradcheck(lambda *t: F.attention_jvp(q, k, v, *t, backend="cpp", **options)[1], tangents)
+    primal = [t.requires_grad_() for t in (q, k, v)]
+    assert torch.autograd.gradcheck(lambda *p: F.attention_jvp(*p, backend="cpp", **options)[0], primal)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
 @pytest.mark.parametrize("given", ["q_t", "k_t", "v_t", "q_t,k_t"])
-def test_some_tangents_none(given, device, poisoned_outputs):
-    (q, k, v, q_t, k_t, v_t), options = make_inputs((2, 4, 2, 19, 23, 32), torch.float32, device)
+def test_some_tangents_none(given, backend, device, poisoned_outputs):
+    (q, k, v, q_t, k_t, v_t), options = make_inputs((2, 4, 2, 19, 23, 32), torch.float32, backend_device(backend, device))
     tangents = {"q_t": q_t, "k_t": k_t, "v_t": v_t}
     tangents = {name: (t if name in given.split(",") else None) for name, t in tangents.items()}
-    o, o_t = F.attention_jvp(q, k, v, **tangents, backend="triton")
+    o, o_t = F.attention_jvp(q, k, v, **tangents, backend=backend)
     o64, o_t64 = reference.attention_jvp(*float64(q, k, v, *tangents.values()))
     assert_close(o, o64, dtype=torch.float32)
     assert_close(o_t, o_t64, dtype=torch.float32, name="o_t")
@@ -108,21 +132,25 @@ def test_no_tangent_gives_none(device):
     assert_close(o, reference.attention_jvp(*float64(q, q, q), None, None, None)[0], dtype=torch.float32)
 
 
-def test_bnhd_layout_is_read_in_place(device, poisoned_outputs):
-    """(B, N, H, D) memory passed as transposed views: same result, output in the same layout."""
-    q, k, v, q_t, k_t, v_t = (torch.randn(2, 13, 3, 32, device=device) for _ in range(6))
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_bnhd_layout(backend, device, poisoned_outputs):
+    """(B, N, H, D) memory passed as transposed views gives the same result."""
+    q, k, v, q_t, k_t, v_t = (torch.randn(2, 13, 3, 32, device=backend_device(backend, device)) for _ in range(6))
     views = [t.transpose(1, 2) for t in (q, k, v, q_t, k_t, v_t)]
-    o, o_t = F.attention_jvp(*views, backend="triton")
+    o, o_t = F.attention_jvp(*views, backend=backend)
     o64, o_t64 = reference.attention_jvp(*float64(*views))
     assert_close(o, o64, dtype=torch.float32)
     assert_close(o_t, o_t64, dtype=torch.float32)
-    assert o.transpose(1, 2).is_contiguous() and o_t.transpose(1, 2).is_contiguous()
+    if backend == "triton":  # read in place, and the output keeps the layout
+        assert o.transpose(1, 2).is_contiguous() and o_t.transpose(1, 2).is_contiguous()
 
 
-def test_nan_in_a_query_row_stays_in_that_row(device):
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_nan_in_a_query_row_stays_in_that_row(backend, device):
+    device = backend_device(backend, device)
     (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 37, 37, 32), torch.float32, device)
     q[0, 1, 5, 3] = math.nan
-    o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend="triton")
+    o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend=backend)
     for out in (o, o_t):
         assert torch.isnan(out[0, 1, 5]).all()
         clean = out.clone()
@@ -130,12 +158,14 @@ def test_nan_in_a_query_row_stays_in_that_row(device):
         assert torch.isfinite(clean).all()
 
 
-def test_fully_masked_row_gives_zeros(device):
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_fully_masked_row_gives_zeros(backend, device):
+    device = backend_device(backend, device)
     (q, k, v, q_t, k_t, v_t), _ = make_inputs((2, 2, 2, 5, 6, 16), torch.float32, device)
     mask = torch.zeros(2, 6, dtype=torch.bool, device=device)
     mask[1] = True  # every key of batch 1 is padding
     q_t.requires_grad_()
-    o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, key_padding_mask=mask, backend="triton")
+    o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, key_padding_mask=mask, backend=backend)
     assert torch.equal(o[1], torch.zeros_like(o[1])) and torch.equal(o_t[1], torch.zeros_like(o_t[1]))
     o64, o_t64 = reference.attention_jvp(*float64(q, k, v, q_t, k_t, v_t), key_padding_mask=mask)
     assert_close(o_t, o_t64, dtype=torch.float32)
@@ -143,18 +173,22 @@ def test_fully_masked_row_gives_zeros(device):
     assert torch.equal(grad_q_t[1], torch.zeros_like(grad_q_t[1])) and torch.isfinite(grad_q_t).all()
 
 
-def test_second_order_term_raises(device):
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_second_order_term_raises(backend, device):
+    device = backend_device(backend, device)
     (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
     k.requires_grad_()
-    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend="triton")
+    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend=backend)
     with pytest.raises(NotImplementedError, match="'k'.*second-order"):
         o_t.sum().backward()
 
 
-def test_additive_mask_gradient_raises(device):
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_additive_mask_gradient_raises(backend, device):
+    device = backend_device(backend, device)
     (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
     mask = torch.zeros(1, 7, device=device, requires_grad=True)
-    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t.requires_grad_(), key_padding_mask=mask, backend="triton")
+    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t.requires_grad_(), key_padding_mask=mask, backend=backend)
     with pytest.raises(NotImplementedError, match="key_padding_mask"):
         o_t.sum().backward()
 
@@ -208,7 +242,9 @@ class TestBadInput:
             F.attention_jvp(q, q, q, backend="triton")
 
 
-def test_primal_output_needs_no_grad_when_only_tangents_do(device):
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_primal_output_needs_no_grad_when_only_tangents_do(backend, device):
+    device = backend_device(backend, device)
     (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
-    o, o_t = F.attention_jvp(q, k, v, q_t.requires_grad_(), k_t, v_t, backend="triton")
+    o, o_t = F.attention_jvp(q, k, v, q_t.requires_grad_(), k_t, v_t, backend=backend)
     assert not o.requires_grad and o_t.requires_grad
