@@ -392,13 +392,14 @@ class _MlpJvp(torch.autograd.Function):
             y_t = a @ dw2.t() if y_t is None else y_t.addmm_(a, dw2.t())
         if db2 is not None:
             y_t = db2.expand_as(y).clone() if y_t is None else y_t.add_(db2)
+        shape = (*x.shape[:-1], w2.shape[0])
+        y, y_t = y.view(shape), (None if y_t is None else y_t.view(shape))
         if not _any_requires_grad(x, w1, b1, w2, b2):
             ctx.mark_non_differentiable(y)
         ctx.save_for_backward(x2, a, derivative, w1, w2)
         ctx.has_tangent_hidden, ctx.input_shape = a_t is not None, x.shape
         ctx.set_materialize_grads(False)
-        shape = (*x.shape[:-1], w2.shape[0])
-        return y.view(shape), (None if y_t is None else y_t.view(shape))
+        return y, y_t
 
     @staticmethod
     def backward(ctx, grad_y, grad_y_t):

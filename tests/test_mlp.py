@@ -139,3 +139,12 @@ class TestBadInput:
     def test_approximate(self):
         with pytest.raises(ValueError, match="approximate: expected 'none' or 'tanh'"):
             F.gelu_jvp(torch.ones(3), torch.ones(3), approximate="sigmoid")
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpp"])
+def test_primal_output_needs_no_grad_when_only_tangents_do(backend, device):
+    x, x_t, params, offsets = make_mlp(3, (7, 19), torch.float32, backend_device(backend, device), TANGENTS["all"])
+    y, y_t = F.mlp_jvp(x.view(1, 3, 7), x_t.view(1, 3, 7), *params, *offsets, backend=backend)
+    assert not y.requires_grad and y_t.requires_grad
+    y, y_t = F.gelu_jvp(x, x_t, backend=backend)
+    assert not y.requires_grad and y_t.requires_grad
