@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .measure import environment, peak_memory, time_call
 from .plot import plot_results
 
-SUITES = ("attention", "layer_norm")
+SUITES = ("attention", "layer_norm", "vit")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -37,6 +37,8 @@ def run_case(case, device: torch.device) -> list[dict]:
         try:
             row.update(time_call(fn, device))
             row["peak_memory_bytes"] = peak_memory(fn, device)
+            if mode in case.extras:
+                row.update(case.extras[mode]())
         except Exception as error:  # a mode that cannot run (e.g. jvp through fused SDPA) is a result
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
             rows.append(row)
@@ -64,25 +66,31 @@ def run_case(case, device: torch.device) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     """A plain-text table: one line per (case, mode), ratios at the end of the line."""
-    header = f"{'suite':<11} {'case':<34} {'mode':<28} {'median ms':>10} {'TFLOP/s':>8} {'GB/s':>7} {'peak MiB':>9} {'error':>9}  ratios"
+    header = f"{'suite':<11} {'case':<40} {'mode':<46} {'median ms':>10} {'TFLOP/s':>8} {'GB/s':>7} {'peak MiB':>9} {'saved MiB':>9} {'error':>9}  ratios"
     lines = [header, "-" * len(header)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['suite']:<11} {r['case']:<34} {_mode_label(r):<28} failed: {r['error']}")
+            lines.append(f"{r['suite']:<11} {r['case']:<40} {_mode_label(r):<46} failed: {r['error']}")
             continue
         flag = "" if r.get("correct", True) else "  WRONG RESULT"
         ratios = "  ".join(f"{k.removeprefix('time ')}={v:.2f}x" for k, v in r.get("ratios", {}).items())
         lines.append(
-            f"{r['suite']:<11} {r['case']:<34} {_mode_label(r):<28} {r['median_ms']:>10.3f} "
+            f"{r['suite']:<11} {r['case']:<40} {_mode_label(r):<46} {r['median_ms']:>10.3f} "
             f"{_fmt(r.get('tflops_per_s'), 8, 2)} {_fmt(r.get('gb_per_s'), 7, 1)} "
-            f"{r['peak_memory_bytes'] / 2**20:>9.1f} {_fmt(r.get('max_relative_error'), 9, None)}  {ratios}{flag}"
+            f"{r['peak_memory_bytes'] / 2**20:>9.1f} {_fmt(_mib(r.get('saved_bytes')), 9, 1)} "
+            f"{_fmt(r.get('max_relative_error'), 9, None)}  {ratios}{flag}"
         )
     return "\n".join(lines)
 
 
 def _mode_label(row: dict) -> str:
     """The mode, with the backend that ran for our own modes (e.g. ``ours [cpp]``)."""
-    return f"{row['mode']} [{row['backend']}]" if row["mode"] == "ours" and row.get("backend") else row["mode"]
+    ours = row["mode"].startswith(("ours", "TAFT"))
+    return f"{row['mode']} [{row['backend']}]" if ours and row.get("backend") else row["mode"]
+
+
+def _mib(value):
+    return None if value is None else value / 2**20
 
 
 def _fmt(value, width, digits):

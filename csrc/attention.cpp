@@ -347,9 +347,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jvp_forward(
     TORCH_CHECK(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == k.size(2),
                 "key_padding_mask: expected shape (", q.size(0), ", ", k.size(2), "), got ", mask.sizes());
   }
-  at::Tensor o = at::empty(q.sizes(), q.options());
+  // outputs stored as (B, N, H, D), so merging the heads afterwards is a view, not a copy
+  const auto bnhd = [&q]() { return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2); };
+  at::Tensor o = bnhd();
   const bool has_tangent = q_t.defined() || k_t.defined() || v_t.defined();
-  at::Tensor o_t = has_tangent ? at::empty(q.sizes(), q.options()) : at::empty({0}, q.options());
+  at::Tensor o_t = has_tangent ? bnhd() : at::empty({0}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention_jvp_forward", [&] {
     forward_impl<scalar_t>(q, k, v, q_t, k_t, v_t, mask, scale, causal, o, o_t, lse);

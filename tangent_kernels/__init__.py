@@ -5,7 +5,7 @@ the same ops in plain PyTorch; ``modules`` drop-in tangent layers; ``linearize``
 Vision Transformer into ``f(x; w0) + J f(x; w0) · dw``; ``checkpoint`` saves only ``dw``.
 """
 
-from . import backends, functional, modules, reference
+from . import backends, functional, memory, modules, reference
 from .backends import BackendUnavailableError, available_backends, last_backend
 from .checkpoint import BaseMismatchError, base_fingerprint, load_offsets, save_offsets
 from .linearize import LinearizedViT, linearize
@@ -22,6 +22,7 @@ __all__ = [
     "functional",
     "last_backend",
     "linearize",
+    "memory",
     "load_offsets",
     "modules",
     "reference",

@@ -249,3 +249,22 @@ class TestUnsupported:
     def test_fresh_cls_token_without_class_token(self):
         with pytest.raises(ValueError, match="fresh_cls_token: the model has no class token"):
             tk.linearize(small_vit(class_token=False, global_pool="avg"), 1, fresh_cls_token=True)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+@pytest.mark.parametrize("blocks", ["all", 1])
+def test_taft_saves_no_more_than_fine_tuning(backend, blocks, device):
+    """Bytes saved for the backward of a TAFT step at most those of fine-tuning the same layers."""
+    if backend == "cpp" and not tk.cpp.AVAILABLE:
+        pytest.skip(tk.cpp.UNAVAILABLE_REASON)
+    run_on = device if backend == "triton" else torch.device("cpu")
+    model = small_vit(torch.float32, img_size=64, patch_size=8).to(run_on)
+    lin = tk.linearize(model, blocks, backend=backend)
+    images = torch.randn(2, 3, 64, 64, device=run_on)
+    weights = [*model.parameters(), *model.buffers(), *lin.parameters(), *lin.buffers()]
+    ours, _ = tk.memory.saved_tensor_bytes(lambda: lin(images), weights)
+    trainable = set(dict(lin.named_parameters()))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    fine_tuning, _ = tk.memory.saved_tensor_bytes(lambda: model(images), weights)
+    assert 0 < ours <= fine_tuning, f"TAFT saves {ours} bytes, fine-tuning {fine_tuning}"

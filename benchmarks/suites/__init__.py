@@ -24,6 +24,7 @@ class Case:
     modes: dict[str, Callable[[], object]]
     flops: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Callable[[], dict]] = field(default_factory=dict)  # more fields for a mode's row
     check: Callable[[], dict[str, float]] | None = None
     tolerance: float = 0.0
     # (numerator mode, denominator mode) pairs reported as time ratios in the table.

@@ -432,10 +432,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _like(t: torch.Tensor) -> torch.Tensor:
-    """An output laid out like ``t`` ((B, N, H, D) memory stays so), unit stride along D."""
-    out = torch.empty_like(t)
-    return out if out.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+def _bnhd_like(t: torch.Tensor) -> torch.Tensor:
+    """A ``(B, H, N, D)`` output stored as ``(B, N, H, D)``, so that merging the heads after
+    attention (``o.transpose(1, 2).reshape(B, N, H·D)``) is a view, not a copy."""
+    batch, heads, tokens, head_dim = t.shape
+    return torch.empty((batch, tokens, heads, head_dim), dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
 def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
@@ -443,8 +444,8 @@ def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
     has_tangent = q_t is not None or k_t is not None or v_t is not None
-    o = _like(q)
-    o_t = _like(q) if has_tangent else o
+    o = _bnhd_like(q)
+    o_t = _bnhd_like(q) if has_tangent else o
     lse = torch.empty((batch, num_q_heads, q_len), dtype=torch.float32, device=q.device)
     mask, stride_mask_b, stride_mask_n, mask_kind = _mask_arguments(key_padding_mask, q)
     q_t_, k_t_, v_t_ = (q if q_t is None else q_t), (k if k_t is None else k_t), (v if v_t is None else v_t)
