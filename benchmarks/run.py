@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .measure import environment, peak_memory, time_call
 from .plot import plot_results
 
-SUITES = ("attention", "layer_norm", "vit")
+SUITES = ("attention", "layer_norm", "mlp", "vit")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 

@@ -4,7 +4,8 @@
 //   y_t = g0 * (x_t - mean(x_t) - x_hat * mean(x_hat * x_t)) * rstd + dg * x_hat + db.
 // Backward, for one upstream stream g: the layer-norm input gradient with g0 * g as upstream,
 // and the column sums of g * x_hat and g (per-thread partial sums, added at the end).
-// Accumulation is in at::opmath_type (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64).
+// Accumulation is in at::opmath_type (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64); rows are
+// processed with ATen's vectors (bf16/fp16 rows converted to fp32 in a per-thread buffer).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -13,6 +14,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include "vec.h"
 
 namespace tangent_kernels {
 namespace {
@@ -36,85 +41,154 @@ at::Tensor parameter(const std::optional<at::Tensor>& t, const at::Tensor& x, co
   return t->contiguous();
 }
 
-template <typename scalar_t>
-const scalar_t* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// One row of the forward, vectorized over features; null pointers are absent inputs/outputs.
+template <typename acc_t>
+void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* b, const acc_t* dw, const acc_t* db,
+                 int64_t n, acc_t eps, acc_t* y, acc_t* y_t, acc_t& mean_out, acc_t& rstd_out) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const auto sum = [](Vec& p, Vec& q) { return p + q; };
+  const acc_t mean = at::vec::reduce_all<acc_t>(sum, x, n) / n;
+  const acc_t squares = at::vec::map_reduce_all<acc_t>(
+      [mean](Vec v) { const Vec c = v - Vec(mean); return c * c; }, sum, x, n);
+  const acc_t rstd = acc_t(1) / std::sqrt(squares / n + eps);
+  mean_out = mean;
+  rstd_out = rstd;
+  acc_t x_t_mean = 0, x_hat_x_t_mean = 0;
+  if (x_t) {
+    x_t_mean = at::vec::reduce_all<acc_t>(sum, x_t, n) / n;
+    x_hat_x_t_mean = at::vec::map2_reduce_all<acc_t>(
+        [mean, rstd](Vec v, Vec t) { return (v - Vec(mean)) * Vec(rstd) * t; }, sum, x, x_t, n) / n;
+  }
+  const Vec vmean(mean), vrstd(rstd), vone(1), vzero(0), vx_t_mean(x_t_mean), vdot(x_hat_x_t_mean);
+  const auto load = [](const acc_t* p, int64_t j, int64_t count, const Vec& absent) {
+    return p ? Vec::loadu(p + j, count) : absent;
+  };
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    const Vec x_hat = (Vec::loadu(x + j, count) - vmean) * vrstd;
+    const Vec w_j = load(w, j, count, vone);
+    (x_hat * w_j + load(b, j, count, vzero)).store(y + j, count);
+    if (y_t) {
+      Vec tangent = vzero;
+      if (x_t) tangent = (Vec::loadu(x_t + j, count) - vx_t_mean - x_hat * vdot) * vrstd * w_j;
+      if (dw) tangent = tangent + Vec::loadu(dw + j, count) * x_hat;
+      if (db) tangent = tangent + Vec::loadu(db + j, count);
+      tangent.store(y_t + j, count);
+    }
+  }
+}
+
+// One row of the backward for upstream g: the input gradient (if g_x) and the partial column
+// sums of g · x_hat and g (if pw, pb).
+template <typename acc_t>
+void backward_row(const acc_t* g, const acc_t* x, const acc_t* w, int64_t n, acc_t mean, acc_t rstd, acc_t* g_x,
+                  acc_t* pw, acc_t* pb) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vmean(mean), vrstd(rstd), vone(1);
+  acc_t u_sum = 0, u_x_hat_sum = 0;
+  Vec u_acc(0), u_x_hat_acc(0);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    const Vec g_j = Vec::loadu(g + j, count);
+    const Vec x_hat = (Vec::loadu(x + j, count) - vmean) * vrstd;
+    if (pw) {
+      (Vec::loadu(pw + j, count) + g_j * x_hat).store(pw + j, count);
+      (Vec::loadu(pb + j, count) + g_j).store(pb + j, count);
+    }
+    if (g_x) {  // lanes past count load as zero, so they add nothing
+      const Vec u = g_j * (w ? Vec::loadu(w + j, count) : vone);
+      u_acc = u_acc + u;
+      u_x_hat_acc = u_x_hat_acc + u * x_hat;
+    }
+  }
+  if (!g_x) return;
+  const auto sum = [](Vec& p, Vec& q) { return p + q; };
+  u_sum = at::vec::vec_reduce_all<acc_t>(sum, u_acc);
+  u_x_hat_sum = at::vec::vec_reduce_all<acc_t>(sum, u_x_hat_acc);
+  const Vec u_mean(u_sum / n), u_x_hat_mean(u_x_hat_sum / n);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), n - j);
+    const Vec x_hat = (Vec::loadu(x + j, count) - vmean) * vrstd;
+    const Vec u = Vec::loadu(g + j, count) * (w ? Vec::loadu(w + j, count) : vone);
+    ((u - u_mean - x_hat * u_x_hat_mean) * vrstd).store(g_x + j, count);
+  }
+}
+
+// Rows of scalar_t as acc_t: a pointer into the tensor when the types agree, else a converted
+// copy in a per-thread buffer.
+template <typename scalar_t, typename acc_t>
+const acc_t* row_as_acc(const scalar_t* row, int64_t n, std::vector<acc_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return row;
+  } else {
+    for (int64_t j = 0; j < n; ++j) buffer[j] = static_cast<acc_t>(row[j]);
+    return buffer.data();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* values, int64_t n, scalar_t* row) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t j = 0; j < n; ++j) row[j] = static_cast<scalar_t>(values[j]);
+  }
+}
+
+// A 1-D parameter as contiguous acc_t (converted once per call when the dtypes differ).
+at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc_type) {
+  return t.defined() ? t.to(acc_type).contiguous() : t;
 }
 
 template <typename scalar_t>
-void forward_rows(const at::Tensor& x, const at::Tensor& x_t, const at::Tensor& w, const at::Tensor& b,
-                  const at::Tensor& dw, const at::Tensor& db, double eps, at::Tensor& y, at::Tensor& y_t,
+void forward_rows(const at::Tensor& x, const at::Tensor& x_t, const at::Tensor& w_in, const at::Tensor& b_in,
+                  const at::Tensor& dw_in, const at::Tensor& db_in, double eps, at::Tensor& y, at::Tensor& y_t,
                   at::Tensor& mean_out, at::Tensor& rstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const auto acc_type = mean_out.scalar_type();
+  const at::Tensor w = as_acc(w_in, acc_type), b = as_acc(b_in, acc_type);
+  const at::Tensor dw = as_acc(dw_in, acc_type), db = as_acc(db_in, acc_type);
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
   const scalar_t* x_t_data = data_or_null<scalar_t>(x_t);
-  const scalar_t* w_data = data_or_null<scalar_t>(w);
-  const scalar_t* b_data = data_or_null<scalar_t>(b);
-  const scalar_t* dw_data = data_or_null<scalar_t>(dw);
-  const scalar_t* db_data = data_or_null<scalar_t>(db);
   scalar_t* y_data = y.mutable_data_ptr<scalar_t>();
   scalar_t* y_t_data = y_t.defined() ? y_t.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* mean_data = mean_out.mutable_data_ptr<acc_t>();
   acc_t* rstd_data = rstd_out.mutable_data_ptr<acc_t>();
 
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / n), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> x_buf(same ? 0 : n), x_t_buf(same ? 0 : n), y_buf(same ? 0 : n), y_t_buf(same ? 0 : n);
     for (int64_t row = begin; row < end; ++row) {
-      const scalar_t* xr = x_data + row * n;
-      acc_t sum = 0;
-      for (int64_t j = 0; j < n; ++j) sum += static_cast<acc_t>(xr[j]);
-      const acc_t mean = sum / n;
-      acc_t squares = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t centered = static_cast<acc_t>(xr[j]) - mean;
-        squares += centered * centered;
-      }
-      const acc_t rstd = acc_t(1) / std::sqrt(squares / n + static_cast<acc_t>(eps));
-      mean_data[row] = mean;
-      rstd_data[row] = rstd;
-
-      acc_t x_t_mean = 0, x_hat_x_t_mean = 0;
-      const scalar_t* x_t_row = x_t_data ? x_t_data + row * n : nullptr;
-      if (x_t_row) {
-        for (int64_t j = 0; j < n; ++j) {
-          const acc_t x_t_j = static_cast<acc_t>(x_t_row[j]);
-          x_t_mean += x_t_j;
-          x_hat_x_t_mean += (static_cast<acc_t>(xr[j]) - mean) * rstd * x_t_j;
-        }
-        x_t_mean /= n;
-        x_hat_x_t_mean /= n;
-      }
-
-      scalar_t* yr = y_data + row * n;
-      scalar_t* y_t_row = y_t_data ? y_t_data + row * n : nullptr;
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t x_hat = (static_cast<acc_t>(xr[j]) - mean) * rstd;
-        const acc_t w_j = w_data ? static_cast<acc_t>(w_data[j]) : acc_t(1);
-        yr[j] = static_cast<scalar_t>(x_hat * w_j + (b_data ? static_cast<acc_t>(b_data[j]) : acc_t(0)));
-        if (y_t_row) {
-          acc_t tangent = 0;
-          if (x_t_row) tangent = (static_cast<acc_t>(x_t_row[j]) - x_t_mean - x_hat * x_hat_x_t_mean) * rstd * w_j;
-          if (dw_data) tangent += static_cast<acc_t>(dw_data[j]) * x_hat;
-          if (db_data) tangent += static_cast<acc_t>(db_data[j]);
-          y_t_row[j] = static_cast<scalar_t>(tangent);
-        }
-      }
+      const acc_t* xr = row_as_acc<scalar_t, acc_t>(x_data + row * n, n, x_buf);
+      const acc_t* x_t_row = x_t_data ? row_as_acc<scalar_t, acc_t>(x_t_data + row * n, n, x_t_buf) : nullptr;
+      acc_t* yr = same ? reinterpret_cast<acc_t*>(y_data + row * n) : y_buf.data();
+      acc_t* y_t_row = !y_t_data ? nullptr : same ? reinterpret_cast<acc_t*>(y_t_data + row * n) : y_t_buf.data();
+      forward_row<acc_t>(xr, x_t_row, data_or_null<acc_t>(w), data_or_null<acc_t>(b), data_or_null<acc_t>(dw),
+                         data_or_null<acc_t>(db), n, static_cast<acc_t>(eps), yr, y_t_row, mean_data[row],
+                         rstd_data[row]);
+      store_row<scalar_t, acc_t>(yr, n, y_data + row * n);
+      if (y_t_row) store_row<scalar_t, acc_t>(y_t_row, n, y_t_data + row * n);
     }
   });
 }
 
 template <typename scalar_t>
-void backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w, const at::Tensor& mean,
+void backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& mean,
                    const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& partial_w, at::Tensor& partial_b) {
   using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool same = std::is_same_v<scalar_t, acc_t>;
+  const at::Tensor w = as_acc(w_in, mean.scalar_type());
   const int64_t n = x.size(-1);
   const int64_t rows = x.numel() / n;
   const int64_t chunks = partial_w.defined() ? partial_w.size(0) : std::max<int64_t>(1, rows);
   const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
   const scalar_t* g_data = grad.const_data_ptr<scalar_t>();
   const scalar_t* x_data = x.const_data_ptr<scalar_t>();
-  const scalar_t* w_data = data_or_null<scalar_t>(w);
   const acc_t* mean_data = mean.const_data_ptr<acc_t>();
   const acc_t* rstd_data = rstd.const_data_ptr<acc_t>();
   scalar_t* g_x_data = grad_x.defined() ? grad_x.mutable_data_ptr<scalar_t>() : nullptr;
@@ -122,37 +196,17 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   acc_t* partial_b_data = partial_b.defined() ? partial_b.mutable_data_ptr<acc_t>() : nullptr;
 
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> g_buf(same ? 0 : n), x_buf(same ? 0 : n), g_x_buf(same ? 0 : n);
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       const int64_t row_end = std::min(rows, (chunk + 1) * rows_per_chunk);
       for (int64_t row = chunk * rows_per_chunk; row < row_end; ++row) {
-        const scalar_t* gr = g_data + row * n;
-        const scalar_t* xr = x_data + row * n;
-        const acc_t row_mean = mean_data[row], row_rstd = rstd_data[row];
-        if (partial_w_data) {
-          acc_t* pw = partial_w_data + chunk * n;
-          acc_t* pb = partial_b_data + chunk * n;
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t g = static_cast<acc_t>(gr[j]);
-            pw[j] += g * (static_cast<acc_t>(xr[j]) - row_mean) * row_rstd;
-            pb[j] += g;
-          }
-        }
-        if (g_x_data) {
-          acc_t u_mean = 0, u_x_hat_mean = 0;
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t u = static_cast<acc_t>(gr[j]) * (w_data ? static_cast<acc_t>(w_data[j]) : acc_t(1));
-            u_mean += u;
-            u_x_hat_mean += u * (static_cast<acc_t>(xr[j]) - row_mean) * row_rstd;
-          }
-          u_mean /= n;
-          u_x_hat_mean /= n;
-          scalar_t* gxr = g_x_data + row * n;
-          for (int64_t j = 0; j < n; ++j) {
-            const acc_t u = static_cast<acc_t>(gr[j]) * (w_data ? static_cast<acc_t>(w_data[j]) : acc_t(1));
-            const acc_t x_hat = (static_cast<acc_t>(xr[j]) - row_mean) * row_rstd;
-            gxr[j] = static_cast<scalar_t>((u - u_mean - x_hat * u_x_hat_mean) * row_rstd);
-          }
-        }
+        const acc_t* gr = row_as_acc<scalar_t, acc_t>(g_data + row * n, n, g_buf);
+        const acc_t* xr = row_as_acc<scalar_t, acc_t>(x_data + row * n, n, x_buf);
+        acc_t* g_x_row = !g_x_data ? nullptr : same ? reinterpret_cast<acc_t*>(g_x_data + row * n) : g_x_buf.data();
+        backward_row<acc_t>(gr, xr, data_or_null<acc_t>(w), n, mean_data[row], rstd_data[row], g_x_row,
+                            partial_w_data ? partial_w_data + chunk * n : nullptr,
+                            partial_b_data ? partial_b_data + chunk * n : nullptr);
+        if (g_x_row) store_row<scalar_t, acc_t>(g_x_row, n, g_x_data + row * n);
       }
     }
   });
