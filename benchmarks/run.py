@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .measure import environment, peak_memory, time_call
 from .plot import plot_results
+from .report import markdown_table
 
 SUITES = ("attention", "layer_norm", "mlp", "vit")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -118,8 +119,9 @@ def main(argv=None) -> int:
     result = {"environment": environment(device), "full": full, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     plot_results(result, out / "plot.png")
+    (out / "table.md").write_text(markdown_table(result) + "\n")
     print(format_table(rows))
-    print(f"\nwrote {out / 'results.json'} and {out / 'plot.png'}")
+    print(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'plot.png'}")
     wrong = [r for r in rows if r.get("correct") is False and r["mode"] == "ours"]
     if wrong:
         print(f"{len(wrong)} case(s) where our result is WRONG", file=sys.stderr)

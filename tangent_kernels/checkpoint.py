@@ -34,9 +34,12 @@ def base_fingerprint(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_offsets(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write ``module``'s offsets (its ``state_dict``) and its base fingerprint to ``path``."""
-    tensors = {name: t.detach().cpu().contiguous() for name, t in module.state_dict().items()}
+def save_offsets(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                 state: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Write ``module``'s offsets (its ``state_dict``, or ``state`` in its place) and its base
+    fingerprint to ``path``."""
+    state = module.state_dict() if state is None else state
+    tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     header = {"format": FORMAT, "base_fingerprint": base_fingerprint(module), **(metadata or {})}
     save_file(tensors, os.fspath(path), metadata=header)
 
@@ -46,8 +49,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_offsets(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
-    """Load offsets saved by ``save_offsets`` into ``module``; refuse a different base model."""
+def read_offsets(module: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The offsets saved in ``path``, after checking they were trained around ``module``'s base."""
     with safe_open(os.fspath(path), framework="pt") as f:
         header = dict(f.metadata() or {})
         if header.get("format") != FORMAT:
@@ -59,5 +62,9 @@ def load_offsets(module: nn.Module, path: str | os.PathLike, strict: bool = True
                 f"but this model's frozen weights have fingerprint {actual[:16]}…; load them onto the same "
                 "pre-trained model, linearized the same way"
             )
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    module.load_state_dict(tensors, strict=strict)
+        return {name: f.get_tensor(name) for name in f.keys()}
+
+
+def load_offsets(module: nn.Module, path: str | os.PathLike, strict: bool = True) -> None:
+    """Load offsets saved by ``save_offsets`` into ``module``; refuse a different base model."""
+    module.load_state_dict(read_offsets(module, path), strict=strict)

@@ -1,0 +1,28 @@
+"""The TAFT toolkit (Tangent Attention Fine-Tuning, Liu, Golatkar and Soatto, ICLR 2024).
+
+- ``rsl_loss``: the rescaled square loss;
+- ``train`` / ``TrainConfig``: train a linearized model's offsets, optionally with DP-SGD
+  (``PrivacyConfig``; ε from opacus's accountant);
+- ``split_shards``, ``ShardedTAFT``: one ``dw`` per data shard, their composition (an average of
+  offsets, equal to the average of the shard models' outputs), exact forgetting of a shard or of
+  samples, and checkpoints tied to the base model.
+"""
+
+from .loss import rsl_loss
+from .privacy import PrivacyConfig, add_noise, clipped_gradient_sum
+from .shards import ShardedTAFT, average_offsets, split_shards
+from .train import TrainConfig, TrainResult, accuracy, train
+
+__all__ = [
+    "PrivacyConfig",
+    "ShardedTAFT",
+    "TrainConfig",
+    "TrainResult",
+    "accuracy",
+    "add_noise",
+    "average_offsets",
+    "clipped_gradient_sum",
+    "rsl_loss",
+    "split_shards",
+    "train",
+]
