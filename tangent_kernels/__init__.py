@@ -2,7 +2,8 @@
 
 ``functional`` holds one entry per op (``layer_norm_jvp``, ``attention_jvp``, ...); ``reference``
 the same ops in plain PyTorch; ``modules`` drop-in tangent layers; ``linearize`` turns a timm
-Vision Transformer into ``f(x; w0) + J f(x; w0) · dw``; ``checkpoint`` saves only ``dw``.
+Vision Transformer into ``f(x; w0) + J f(x; w0) · dw``; ``checkpoint`` saves only ``dw``;
+``patch(model)`` speeds up unmodified ``torch.func.jvp`` code; ``taft`` is the TAFT toolkit.
 """
 
 from . import backends, functional, memory, modules, reference
@@ -10,6 +11,7 @@ from .backends import BackendUnavailableError, available_backends, last_backend
 from .checkpoint import BaseMismatchError, base_fingerprint, load_offsets, save_offsets
 from .linearize import LinearizedViT, linearize
 from .modules import UnsupportedModuleError
+from .patch import fused_attention, patch, patched, unpatch
 
 __all__ = [
     "BackendUnavailableError",
@@ -17,6 +19,7 @@ __all__ = [
     "LinearizedViT",
     "UnsupportedModuleError",
     "available_backends",
+    "fused_attention",
     "backends",
     "base_fingerprint",
     "functional",
@@ -25,7 +28,10 @@ __all__ = [
     "memory",
     "load_offsets",
     "modules",
+    "patch",
+    "patched",
     "reference",
     "save_offsets",
+    "unpatch",
 ]
 __version__ = "0.1.0"

@@ -1,12 +1,12 @@
-"""One public entry per primal + tangent op: validate, pick the backend, apply autograd.
+"""One public entry per primal + tangent op: validate, pick the backend, call the op.
 
 Every op returns ``(y, y_t)``; a tangent argument of ``None`` is zero, and ``y_t`` is ``None``
 when every tangent input and parameter offset is ``None``. ``backend`` is one of ``"auto"``,
 ``"triton"``, ``"cpp"``, ``"reference"``; ``last_backend(op)`` tells which one ran.
 
-Gradients of the fused backends follow DESIGN.md §2: the gradient that reaches the tangent
-inputs and the parameter offsets is the transpose of the tangent map, computed by the ordinary
-backward of the primal layer. The gradient of ``y_t`` with respect to a primal input (a
+The fused backends run the ``torch.library`` ops of ``ops.py``, whose gradients follow DESIGN.md
+§2: the gradient that reaches the tangent inputs and the parameter offsets is the transpose of
+the tangent map, computed by the ordinary backward of the primal layer. The gradient of ``y_t`` with respect to a primal input (a
 second-order term) is not implemented there and raises ``NotImplementedError``; ``"auto"``
 therefore runs the reference (which has it) when a primal input requires grad.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import backends, reference
+from . import backends, ops, reference
 from .backends import last_backend  # noqa: F401  (part of the public API)
 
 __all__ = ["attention_jvp", "gelu_jvp", "last_backend", "layer_norm_jvp", "linear_jvp", "mlp_jvp"]
@@ -43,68 +43,17 @@ def _check_like(name: str, t: Tensor | None, like: Tensor, like_name: str, shape
         raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
-def _any_requires_grad(*tensors: Tensor | None) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
-
-
 def _primal_requires_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and _any_requires_grad(*tensors)
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _second_order_error(op: str, argument: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"{op}: the gradient of the tangent output with respect to the primal input {argument!r} "
-        "(a second-order term) is not implemented in the fused backends; detach it, or use "
-        "backend='reference'"
-    )
+def _none_if(flag: bool, t: Tensor) -> Tensor | None:
+    """The ops return an empty tensor for an absent result; ``None`` is the public spelling."""
+    return None if flag else t
 
 
 # ----------------------------------------------------------------------------------------------
 # layer norm
-
-
-def _layer_norm_kernels(backend: str):
-    if backend == "triton":
-        from .triton import layer_norm
-
-        return layer_norm
-    return backends.cpp.layer_norm
-
-
-class _LayerNormJvp(torch.autograd.Function):
-    """Fused layer norm primal + tangent with the backward of DESIGN.md §2."""
-
-    @staticmethod
-    def forward(ctx, kernels, x, x_t, weight, bias, d_weight, d_bias, eps):
-        y, y_t, mean, rstd = kernels.forward(x, x_t, weight, bias, d_weight, d_bias, eps)
-        if not _any_requires_grad(x, weight, bias):
-            ctx.mark_non_differentiable(y)  # the primal stream does not depend on tangents or offsets
-        ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.kernels = kernels
-        ctx.has_x_t = x_t is not None
-        ctx.set_materialize_grads(False)
-        return y, y_t
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_y_t):
-        x, weight, mean, rstd = ctx.saved_tensors
-        _, needs_x, needs_x_t, needs_w, needs_b, needs_d_w, needs_d_b, _ = ctx.needs_input_grad
-        grads = dict.fromkeys(("x", "x_t", "weight", "bias", "d_weight", "d_bias"))
-        if grad_y_t is not None:
-            if needs_x:
-                raise _second_order_error("layer_norm_jvp", "x")
-            if needs_w and ctx.has_x_t:
-                raise _second_order_error("layer_norm_jvp", "weight")
-            if needs_x_t or needs_d_w or needs_d_b:
-                grads["x_t"], grads["d_weight"], grads["d_bias"] = ctx.kernels.backward(
-                    grad_y_t, x, weight, mean, rstd, needs_x_t, needs_d_w or needs_d_b
-                )
-        if grad_y is not None and (needs_x or needs_w or needs_b):
-            grads["x"], grads["weight"], grads["bias"] = ctx.kernels.backward(
-                grad_y, x, weight, mean, rstd, needs_x, needs_w or needs_b
-            )
-        return (None, grads["x"], grads["x_t"], grads["weight"], grads["bias"], grads["d_weight"],
-                grads["d_bias"], None)  # fmt: skip
 
 
 def layer_norm_jvp(
@@ -145,7 +94,8 @@ def layer_norm_jvp(
         chosen = _fall_back("layer_norm_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0:
         return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps)
-    return _LayerNormJvp.apply(_layer_norm_kernels(chosen), x, x_t, weight, bias, d_weight, d_bias, float(eps))
+    y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, float(eps), chosen)
+    return y, _none_if(x_t is None and d_weight is None and d_bias is None, y_t)
 
 
 def _fall_back(op: str, backend: str, like: Tensor, reason: str) -> str:
@@ -163,54 +113,6 @@ def _triton_layer_norm_max_features() -> int:
 
 # ----------------------------------------------------------------------------------------------
 # attention
-
-
-def _attention_kernels(backend: str):
-    if backend == "triton":
-        from .triton import attention
-
-        return attention
-    return backends.cpp.attention
-
-
-class _AttentionJvp(torch.autograd.Function):
-    """Fused attention primal + tangent; the backward is the flash backward at ``(q, k, v)``."""
-
-    @staticmethod
-    def forward(ctx, kernels, q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal):
-        o, o_t, lse = kernels.forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask)
-        if not _any_requires_grad(q, k, v, key_padding_mask):
-            ctx.mark_non_differentiable(o)  # the primal stream does not depend on the tangents
-        ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
-        ctx.kernels, ctx.scale, ctx.causal = kernels, scale, causal
-        ctx.set_materialize_grads(False)
-        return o, o_t
-
-    @staticmethod
-    def backward(ctx, grad_o, grad_o_t):
-        q, k, v, o, lse, mask = ctx.saved_tensors
-        _, needs_q, needs_k, needs_v, needs_q_t, needs_k_t, needs_v_t, needs_mask, _, _ = ctx.needs_input_grad
-        if needs_mask and (grad_o is not None or grad_o_t is not None):
-            raise NotImplementedError(
-                "attention_jvp: the gradient with respect to an additive key_padding_mask is not implemented "
-                "in the fused backends; detach the mask, or use backend='reference'"
-            )
-        grads = [None] * 6  # q, k, v, q_t, k_t, v_t
-
-        def vjp(grad_out, need_q, need_k, need_v):
-            dq, dk, dv = ctx.kernels.backward(grad_out, q, k, v, o, lse, ctx.scale, ctx.causal, mask,
-                                              need_q, need_k or need_v)  # fmt: skip
-            return dq, dk, dv
-
-        if grad_o_t is not None:
-            for name, needed in (("q", needs_q), ("k", needs_k), ("v", needs_v)):
-                if needed:
-                    raise _second_order_error("attention_jvp", name)
-            if needs_q_t or needs_k_t or needs_v_t:
-                grads[3:] = vjp(grad_o_t, needs_q_t, needs_k_t, needs_v_t)
-        if grad_o is not None and (needs_q or needs_k or needs_v):
-            grads[:3] = vjp(grad_o, needs_q, needs_k, needs_v)
-        return (None, *grads, None, None, None)
 
 
 def _check_attention(q, k, v, q_t, k_t, v_t, key_padding_mask):
@@ -287,7 +189,8 @@ def attention_jvp(
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        key_padding_mask=key_padding_mask)  # fmt: skip
     q, k, v, q_t, k_t, v_t = (_unit_last_stride(t) for t in (q, k, v, q_t, k_t, v_t))
-    return _AttentionJvp.apply(_attention_kernels(chosen), q, k, v, q_t, k_t, v_t, key_padding_mask, scale, bool(causal))
+    o, o_t, _ = ops.attention_jvp(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, bool(causal), chosen)
+    return o, _none_if(q_t is None and k_t is None and v_t is None, o_t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,37 +229,6 @@ def linear_jvp(
     return reference.linear_jvp(x, x_t, weight, bias, d_weight, d_bias)
 
 
-def _gelu_kernels(backend: str):
-    if backend == "triton":
-        from .triton import gelu
-
-        return gelu
-    return backends.cpp.gelu
-
-
-class _GeluJvp(torch.autograd.Function):
-    """Fused GELU primal + tangent; saves only ``gelu'(x)``, which both streams' gradients use."""
-
-    @staticmethod
-    def forward(ctx, kernels, x, x_t, approximate):
-        a, a_t, derivative = kernels.forward(x, x_t, None, None, approximate)
-        if not x.requires_grad:
-            ctx.mark_non_differentiable(a)
-        ctx.save_for_backward(derivative)
-        ctx.set_materialize_grads(False)
-        return a, a_t
-
-    @staticmethod
-    def backward(ctx, grad_a, grad_a_t):
-        (derivative,) = ctx.saved_tensors
-        _, needs_x, needs_x_t, _ = ctx.needs_input_grad
-        if grad_a_t is not None and needs_x:
-            raise _second_order_error("gelu_jvp", "x")
-        grad_x = grad_a * derivative if grad_a is not None and needs_x else None
-        grad_x_t = grad_a_t * derivative if grad_a_t is not None and needs_x_t else None
-        return None, grad_x, grad_x_t, None
-
-
 def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: str = "auto"):
     """``y = gelu(x)``, ``y_t = gelu'(x) · x_t`` (``approximate`` is ``"none"`` (erf) or ``"tanh"``)."""
     _check_floating("x", x)
@@ -368,73 +240,37 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: 
         chosen = _fall_back("gelu_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0 or x_t is None:
         return reference.gelu_jvp(x, x_t, approximate)
-    return _GeluJvp.apply(_gelu_kernels(chosen), x, x_t, approximate)
+    y, y_t, _ = ops.gelu_jvp(x, x_t, None, None, approximate, chosen)
+    return y, y_t
 
 
-class _MlpJvp(torch.autograd.Function):
-    """The MLP as stacked GEMMs (ATen: cuBLAS/BLAS) around one fused bias + GELU primal/tangent op.
+def _linear_no_bias_jvp(x: Tensor, x_t: Tensor | None, weight: Tensor, d_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``x W0ᵀ`` and ``x_t W0ᵀ + x dWᵀ`` on 2-D inputs (GEMMs in ATen: cuBLAS / BLAS)."""
+    y = x @ weight.t()
+    y_t = None if x_t is None else x_t @ weight.t()
+    if d_weight is not None:
+        y_t = x @ d_weight.t() if y_t is None else torch.addmm(y_t, x, d_weight.t())
+    return y, y_t
 
-    Saves the input, ``gelu(u)`` and ``gelu'(u)`` (as ordinary fine-tuning saves the input, ``u``
-    and ``gelu(u)``); the backward is the transpose of the tangent map (DESIGN.md §2).
+
+def _mlp_fused(x, x_t, w1, b1, w2, b2, dw1, db1, dw2, db2, approximate, backend):
+    """The MLP as stacked GEMMs around one fused bias + GELU primal/tangent op.
+
+    Autograd saves the input, ``gelu(u)`` and ``gelu'(u)``, as ordinary fine-tuning saves the
+    input, ``u`` and ``gelu(u)``.
     """
-
-    @staticmethod
-    def forward(ctx, kernels, x, x_t, w1, b1, w2, b2, dw1, db1, dw2, db2, approximate):
-        x2 = x.reshape(-1, x.shape[-1])
-        h = x2 @ w1.t()
-        h_t = None if x_t is None else x_t.reshape(-1, x.shape[-1]) @ w1.t()
-        if dw1 is not None:
-            h_t = x2 @ dw1.t() if h_t is None else h_t.addmm_(x2, dw1.t())
-        a, a_t, derivative = kernels.forward(h, h_t, b1, db1, approximate)
-        y = a @ w2.t() if b2 is None else torch.addmm(b2, a, w2.t())
-        y_t = None if a_t is None else a_t @ w2.t()
-        if dw2 is not None:
-            y_t = a @ dw2.t() if y_t is None else y_t.addmm_(a, dw2.t())
-        if db2 is not None:
-            y_t = db2.expand_as(y).clone() if y_t is None else y_t.add_(db2)
-        shape = (*x.shape[:-1], w2.shape[0])
-        y, y_t = y.view(shape), (None if y_t is None else y_t.view(shape))
-        if not _any_requires_grad(x, w1, b1, w2, b2):
-            ctx.mark_non_differentiable(y)
-        ctx.save_for_backward(x2, a, derivative, w1, w2)
-        ctx.has_tangent_hidden, ctx.input_shape = a_t is not None, x.shape
-        ctx.set_materialize_grads(False)
-        return y, y_t
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_y_t):
-        x2, a, derivative, w1, w2 = ctx.saved_tensors
-        needs = dict(zip(("x", "x_t", "w1", "b1", "w2", "b2", "dw1", "db1", "dw2", "db2"), ctx.needs_input_grad[1:11]))
-        grads = dict.fromkeys(needs)
-        if grad_y_t is not None:
-            for name in ("x", "w1", "b1", "w2"):
-                if needs[name] and (name != "w2" or ctx.has_tangent_hidden):
-                    raise _second_order_error("mlp_jvp", name)
-            _mlp_vjp(grad_y_t, x2, a, derivative, w1, w2, needs, grads, ("x_t", "dw1", "db1", "dw2", "db2"))
-        if grad_y is not None and any(needs[n] for n in ("x", "w1", "b1", "w2", "b2")):
-            _mlp_vjp(grad_y, x2, a, derivative, w1, w2, needs, grads, ("x", "w1", "b1", "w2", "b2"))
-        for name in ("x", "x_t"):  # x2 is the input flattened to 2-D
-            if grads[name] is not None:
-                grads[name] = grads[name].view(ctx.input_shape)
-        return (None, *(grads[n] for n in needs), None)
-
-
-def _mlp_vjp(grad_out, x2, a, derivative, w1, w2, needs, grads, names):
-    """The MLP's VJP at the primal point for one stream; ``names`` label (input, W1, b1, W2, b2)."""
-    grad_out = grad_out.reshape(-1, grad_out.shape[-1])
-    n_x, n_w1, n_b1, n_w2, n_b2 = names
-    if needs[n_w2]:
-        grads[n_w2] = grad_out.t() @ a
-    if needs[n_b2]:
-        grads[n_b2] = grad_out.sum(0)
-    if needs[n_x] or needs[n_w1] or needs[n_b1]:
-        grad_u = (grad_out @ w2).mul_(derivative)
-        if needs[n_b1]:
-            grads[n_b1] = grad_u.sum(0)
-        if needs[n_w1]:
-            grads[n_w1] = grad_u.t() @ x2
-        if needs[n_x]:
-            grads[n_x] = grad_u @ w1
+    features = x.shape[-1]
+    x2 = x.reshape(-1, features)
+    h, h_t = _linear_no_bias_jvp(x2, None if x_t is None else x_t.reshape(-1, features), w1, dw1)
+    a, a_t, _ = ops.gelu_jvp(h, h_t, b1, db1, approximate, backend)
+    a_t = _none_if(h_t is None and db1 is None, a_t)
+    y, y_t = _linear_no_bias_jvp(a, a_t, w2, dw2)
+    if b2 is not None:
+        y = y + b2
+    if db2 is not None:
+        y_t = db2.expand_as(y).clone() if y_t is None else y_t + db2
+    shape = (*x.shape[:-1], w2.shape[0])
+    return y.reshape(shape), None if y_t is None else y_t.reshape(shape)
 
 
 def mlp_jvp(
@@ -465,4 +301,4 @@ def mlp_jvp(
     args = (x, x_t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias)
     if chosen == "reference" or x.numel() == 0:
         return reference.mlp_jvp(*args, approximate)
-    return _MlpJvp.apply(_gelu_kernels(chosen), *args, approximate)
+    return _mlp_fused(*args, approximate, chosen)

@@ -94,7 +94,7 @@ def test_mlp_second_order_term_raises(backend, device):
     x, x_t, params, offsets = make_mlp(4, (7, 19), torch.float32, backend_device(backend, device), TANGENTS["all"])
     params[0].requires_grad_()
     _, y_t = F.mlp_jvp(x, x_t, *params, *offsets, backend=backend)
-    with pytest.raises(NotImplementedError, match="'w1'.*second-order"):
+    with pytest.raises(NotImplementedError, match="second-order"):
         y_t.sum().backward()
 
 

@@ -5,9 +5,10 @@ Modes, side by side on one model and batch:
 - ``ours (all blocks)`` / ``torch.func.jvp (all blocks)``: ``f(x; w0) + J dw`` for every weight
   (``torch.func.jvp`` of ``functional_call`` with timm's fused attention off, as users must);
 - ``ours (last block)``: TAFT-1 (last block, final norm and head linearized);
-- ``TAFT step (last block)``, ``torch.func.jvp TAFT step (last block)`` and
-  ``fine-tuning step (last block)``: forward, a squared-error loss and the backward to the
-  trainable weights, with the bytes autograd saves for the backward (weights not counted).
+- ``TAFT step (last block)``, ``torch.func.jvp TAFT step (last block)`` (the ``LinearizedModel``
+  pattern), the same code through ``patch(model)``, and ``fine-tuning step (last block)``:
+  forward, a squared-error loss and the backward to the trainable weights, with the bytes autograd
+  saves for the backward (weights not counted).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def _case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.de
     math_model = copy.deepcopy(model)  # torch.func.jvp cannot go through fused SDPA
     for block in math_model.blocks:
         block.attn.fused_attn = False
+    patched_model = tk.patch(copy.deepcopy(model))  # the same jvp code, attention through our kernels
     images = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     target = torch.randn(batch, NUM_CLASSES, device=device, dtype=torch.float32)
     lin_all, lin_last = tk.linearize(model, "all"), tk.linearize(model, 1)
@@ -63,8 +65,8 @@ def _case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.de
         return {n: (offsets[n] if requires_grad else offsets[n].detach()) if n in offsets else torch.zeros_like(p)
                 for n, p in params.items()}  # fmt: skip
 
-    def torch_jvp(tangents):
-        y, y_t = jvp(lambda p: functional_call(math_model, p, (images,)), (params,), (tangents,))
+    def torch_jvp(tangents, through=math_model):
+        y, y_t = jvp(lambda p: functional_call(through, p, (images,)), (params,), (tangents,))
         return y.float() + y_t.float()
 
     def loss(out):
@@ -86,9 +88,9 @@ def _case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.de
     def taft_step():
         return torch.autograd.grad(loss(lin_last(images)), list(lin_last.parameters()))
 
-    def jvp_taft_step():
+    def jvp_taft_step(through=math_model):
         tangents = jvp_tangents(lin_last, requires_grad=True)
-        return torch.autograd.grad(loss(torch_jvp(tangents)), list(lin_last.parameters()))
+        return torch.autograd.grad(loss(torch_jvp(tangents, through)), list(lin_last.parameters()))
 
     def no_grad(fn):
         def run():
@@ -104,6 +106,7 @@ def _case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.de
         "ours (last block)": no_grad(lambda: lin_last(images)),
         "TAFT step (last block)": taft_step,
         "torch.func.jvp TAFT step (last block)": jvp_taft_step,
+        "patched torch.func.jvp TAFT step (last block)": lambda: jvp_taft_step(patched_model),
         "fine-tuning step (last block)": fine_tuning_step,
     }
     weights = [*model.parameters(), *math_model.parameters(), *lin_all.parameters(), *lin_last.parameters(),
@@ -124,6 +127,9 @@ def _case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.de
     extras = {
         "TAFT step (last block)": saved_bytes(lambda: lin_last(images)),
         "torch.func.jvp TAFT step (last block)": saved_bytes(lambda: torch_jvp(jvp_tangents(lin_last, True))),
+        "patched torch.func.jvp TAFT step (last block)": saved_bytes(
+            lambda: torch_jvp(jvp_tangents(lin_last, True), patched_model)
+        ),
         "fine-tuning step (last block)": saved_bytes(fine_tuning_forward),
     }
 
@@ -148,5 +154,6 @@ def _case(name: str, size: int, batch: int, dtype: torch.dtype, device: torch.de
             ("ours (all blocks)", "plain forward"),
             ("TAFT step (last block)", "fine-tuning step (last block)"),
             ("torch.func.jvp TAFT step (last block)", "TAFT step (last block)"),
+            ("torch.func.jvp TAFT step (last block)", "patched torch.func.jvp TAFT step (last block)"),
         ),
     )

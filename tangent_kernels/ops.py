@@ -1,0 +1,271 @@
+"""The fused kernels as ``torch.library`` custom ops, so ``torch.compile`` sees opaque ops.
+
+Each op takes a ``backend`` argument (``"triton"`` or ``"cpp"``) that picks the kernels; it has a
+fake implementation (shapes, dtypes and strides without running anything) and, for the forward
+ops, the autograd formula of DESIGN.md §2 (``register_autograd``), whose backward is itself an
+op. Optional results come back as empty tensors (custom ops return tensors only);
+``functional`` turns them into ``None``.
+
+Ops: ``layer_norm_jvp`` / ``layer_norm_vjp``, ``attention_jvp`` / ``attention_vjp``,
+``gelu_jvp`` (bias add fused; its backward is element-wise).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import cpp
+
+NAMESPACE = "tangent_kernels"
+
+
+def _kernels(name: str, backend: str):
+    """The launcher module of ``name`` for ``backend`` (Triton module or C++ adapter)."""
+    if backend == "triton":
+        from .triton import attention, gelu, layer_norm
+
+        return {"attention": attention, "gelu": gelu, "layer_norm": layer_norm}[name]
+    if backend == "cpp":
+        return getattr(cpp, name)
+    raise ValueError(f"backend: expected 'triton' or 'cpp' for a fused op, got {backend!r}")
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _or_empty(t: Tensor | None, like: Tensor) -> Tensor:
+    return _empty(like) if t is None else t
+
+
+def _stats_dtype(dtype: torch.dtype, backend: str) -> torch.dtype:
+    """Row statistics (mean, rstd, lse) are fp32, or fp64 for fp64 inputs on the C++ backend."""
+    return torch.float64 if dtype == torch.float64 and backend == "cpp" else torch.float32
+
+
+def _any_requires_grad(*tensors: Tensor | None) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def second_order_error(op: str, argument: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"{op}: the gradient of the tangent output with respect to the primal input {argument!r} "
+        "(a second-order term) is not implemented in the fused backends; detach it, or use "
+        "backend='reference'"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# layer norm
+
+
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_jvp", mutates_args=())
+def layer_norm_jvp(
+    x: Tensor, x_t: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+    d_weight: Optional[Tensor], d_bias: Optional[Tensor], eps: float, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(y, y_t or empty, mean, rstd)`` of a layer norm over the last dimension."""
+    y, y_t, mean, rstd = _kernels("layer_norm", backend).forward(x, x_t, weight, bias, d_weight, d_bias, eps)
+    return y, _or_empty(y_t, x), mean, rstd
+
+
+@layer_norm_jvp.register_fake
+def _(x, x_t, weight, bias, d_weight, d_bias, eps, backend):
+    rows = x.numel() // x.shape[-1]
+    stats = x.new_empty(rows, dtype=_stats_dtype(x.dtype, backend))
+    has_tangent = x_t is not None or d_weight is not None or d_bias is not None
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return y, (torch.empty_like(y) if has_tangent else _empty(x)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::layer_norm_vjp", mutates_args=())
+def layer_norm_vjp(
+    grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    input_grad: bool, param_grads: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The layer-norm backward for one upstream stream: ``(grad input, Σ g·x̂, Σ g)`` (empty if not asked)."""
+    g_x, g_w, g_b = _kernels("layer_norm", backend).backward(grad, x, weight, mean, rstd, input_grad, param_grads)
+    return _or_empty(g_x, x), _or_empty(g_w, x), _or_empty(g_b, x)
+
+
+@layer_norm_vjp.register_fake
+def _(grad, x, weight, mean, rstd, input_grad, param_grads, backend):
+    param_dtype = x.dtype if weight is None else weight.dtype
+    param = x.new_empty(x.shape[-1], dtype=param_dtype) if param_grads else _empty(x)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device) if input_grad else _empty(x)), param, param.clone()
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, x_t, weight, bias, _, _, _, backend = inputs
+    y, _, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    if not _any_requires_grad(x, weight, bias):
+        ctx.mark_non_differentiable(y)  # the primal stream does not depend on tangents or offsets
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.backend, ctx.has_x_t = backend, x_t is not None
+    ctx.set_materialize_grads(False)
+
+
+def _layer_norm_backward(ctx, grad_y, grad_y_t, _grad_mean, _grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    needs_x, needs_x_t, needs_w, needs_b, needs_d_w, needs_d_b = ctx.needs_input_grad[:6]
+    grads = dict.fromkeys(("x", "x_t", "weight", "bias", "d_weight", "d_bias"))
+
+    def optional(t: Tensor, wanted: bool) -> Tensor | None:
+        return t if wanted else None
+
+    if grad_y_t is not None:
+        if needs_x:
+            raise second_order_error("layer_norm_jvp", "x")
+        if needs_w and ctx.has_x_t:
+            raise second_order_error("layer_norm_jvp", "weight")
+        if needs_x_t or needs_d_w or needs_d_b:
+            g_x, g_w, g_b = layer_norm_vjp(grad_y_t, x, weight, mean, rstd, needs_x_t, needs_d_w or needs_d_b, ctx.backend)
+            grads["x_t"], grads["d_weight"], grads["d_bias"] = optional(g_x, needs_x_t), optional(g_w, needs_d_w), optional(g_b, needs_d_b)
+    if grad_y is not None and (needs_x or needs_w or needs_b):
+        g_x, g_w, g_b = layer_norm_vjp(grad_y, x, weight, mean, rstd, needs_x, needs_w or needs_b, ctx.backend)
+        grads["x"], grads["weight"], grads["bias"] = optional(g_x, needs_x), optional(g_w, needs_w), optional(g_b, needs_b)
+    return grads["x"], grads["x_t"], grads["weight"], grads["bias"], grads["d_weight"], grads["d_bias"], None, None
+
+
+layer_norm_jvp.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# attention
+
+
+def _bnhd(like: Tensor) -> Tensor:
+    """An uninitialised (B, H, N, D) tensor stored as (B, N, H, D), as the kernels write outputs."""
+    batch, heads, tokens, head_dim = like.shape
+    return like.new_empty((batch, tokens, heads, head_dim)).transpose(1, 2)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_jvp", mutates_args=())
+def attention_jvp(
+    q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: Optional[Tensor], v_t: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], scale: float, causal: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(o, o_t or empty, lse)``; ``lse`` is in the backend's own units (base 2 for Triton)."""
+    o, o_t, lse = _kernels("attention", backend).forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask)
+    return o, _or_empty(o_t, q), lse
+
+
+@attention_jvp.register_fake
+def _(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal, backend):
+    has_tangent = q_t is not None or k_t is not None or v_t is not None
+    lse = q.new_empty(q.shape[:3], dtype=_stats_dtype(q.dtype, backend))
+    return _bnhd(q), (_bnhd(q) if has_tangent else _empty(q)), lse
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_vjp", mutates_args=())
+def attention_vjp(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+    scale: float, causal: bool, need_dq: bool, need_dkv: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The attention VJP at ``(q, k, v)`` for upstream ``grad_out``: ``(dq, dk, dv)`` (empty if not asked)."""
+    dq, dk, dv = _kernels("attention", backend).backward(grad_out, q, k, v, o, lse, scale, causal,
+                                                         key_padding_mask, need_dq, need_dkv)  # fmt: skip
+    return _or_empty(dq, q), _or_empty(dk, k), _or_empty(dv, v)
+
+
+@attention_vjp.register_fake
+def _(grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_dkv, backend):
+    def new(t: Tensor, wanted: bool) -> Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else _empty(t)
+
+    return new(q, need_dq), new(k, need_dkv), new(v, need_dkv)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, _, _, _, mask, scale, causal, backend = inputs
+    o, _, lse = output
+    ctx.mark_non_differentiable(lse)
+    if not _any_requires_grad(q, k, v, mask):
+        ctx.mark_non_differentiable(o)  # the primal stream does not depend on the tangents
+    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
+    ctx.set_materialize_grads(False)
+
+
+def _attention_backward(ctx, grad_o, grad_o_t, _grad_lse):
+    q, k, v, o, lse, mask = ctx.saved_tensors
+    needs_q, needs_k, needs_v, needs_q_t, needs_k_t, needs_v_t, needs_mask = ctx.needs_input_grad[:7]
+    if needs_mask and (grad_o is not None or grad_o_t is not None):
+        raise NotImplementedError(
+            "attention_jvp: the gradient with respect to an additive key_padding_mask is not implemented "
+            "in the fused backends; detach the mask, or use backend='reference'"
+        )
+    grads = [None] * 6  # q, k, v, q_t, k_t, v_t
+
+    def vjp(grad_out, need_q, need_k, need_v):
+        dq, dk, dv = attention_vjp(grad_out, q, k, v, o, lse, mask, ctx.scale, ctx.causal, need_q, need_k or need_v,
+                                   ctx.backend)  # fmt: skip
+        return dq if need_q else None, dk if need_k else None, dv if need_v else None
+
+    if grad_o_t is not None:
+        for name, needed in (("q", needs_q), ("k", needs_k), ("v", needs_v)):
+            if needed:
+                raise second_order_error("attention_jvp", name)
+        if needs_q_t or needs_k_t or needs_v_t:
+            grads[3:] = vjp(grad_o_t, needs_q_t, needs_k_t, needs_v_t)
+    if grad_o is not None and (needs_q or needs_k or needs_v):
+        grads[:3] = vjp(grad_o, needs_q, needs_k, needs_v)
+    return (*grads, None, None, None, None)
+
+
+attention_jvp.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# GELU with the bias add fused
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gelu_jvp", mutates_args=())
+def gelu_jvp(
+    h: Tensor, h_t: Optional[Tensor], bias: Optional[Tensor], d_bias: Optional[Tensor], approximate: str, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``u = h + bias``, ``u_t = h_t + d_bias``: ``(gelu(u), gelu'(u) · u_t or empty, gelu'(u))``."""
+    a, a_t, derivative = _kernels("gelu", backend).forward(h, h_t, bias, d_bias, approximate)
+    return a, _or_empty(a_t, h), derivative
+
+
+@gelu_jvp.register_fake
+def _(h, h_t, bias, d_bias, approximate, backend):
+    a = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    has_tangent = h_t is not None or d_bias is not None
+    return a, (torch.empty_like(a) if has_tangent else _empty(h)), torch.empty_like(a)
+
+
+def _gelu_setup(ctx, inputs, output):
+    h, _, bias, _, _, _ = inputs
+    a, _, derivative = output
+    ctx.mark_non_differentiable(derivative)
+    if not _any_requires_grad(h, bias):
+        ctx.mark_non_differentiable(a)
+    ctx.save_for_backward(derivative)
+    ctx.set_materialize_grads(False)
+
+
+def _gelu_backward(ctx, grad_a, grad_a_t, _grad_derivative):
+    (derivative,) = ctx.saved_tensors
+    needs_h, needs_h_t, needs_bias, needs_d_bias = ctx.needs_input_grad[:4]
+    if grad_a_t is not None and (needs_h or needs_bias):
+        raise second_order_error("gelu_jvp", "h" if needs_h else "bias")
+    rows = tuple(range(derivative.dim() - 1))
+    grad_u = grad_a * derivative if grad_a is not None and (needs_h or needs_bias) else None
+    grad_u_t = grad_a_t * derivative if grad_a_t is not None and (needs_h_t or needs_d_bias) else None
+    return (
+        grad_u if needs_h else None,
+        grad_u_t if needs_h_t else None,
+        grad_u.sum(rows) if grad_u is not None and needs_bias else None,
+        grad_u_t.sum(rows) if grad_u_t is not None and needs_d_bias else None,
+        None,
+        None,
+    )
+
+
+gelu_jvp.register_autograd(_gelu_backward, setup_context=_gelu_setup)

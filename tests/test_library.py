@@ -1,0 +1,67 @@
+"""The torch.library ops: opcheck (schema, fake tensors, autograd registration, AOT dispatch),
+and torch.compile(fullgraph=True) of a linearized model against eager, outputs and gradients."""
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+import tangent_kernels as tk
+from tangent_kernels import ops
+
+
+def backends_for(device):
+    """(backend, device) pairs to check: C++ on the CPU, Triton where it runs."""
+    pairs = [("cpp", torch.device("cpu"))] if tk.cpp.AVAILABLE else []
+    return pairs + [("triton", device)]
+
+
+def op_samples(backend, device):
+    """One call per op, with tangents and offsets that require grad."""
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, device=device).requires_grad_(grad)
+
+    x, w, b = rand(3, 5, 8), rand(8), rand(8)
+    ln = (x, rand(3, 5, 8, grad=True), w, b, rand(8, grad=True), rand(8, grad=True), 1e-6, backend)
+    y, _, mean, rstd = ops.layer_norm_jvp(*(t.detach() if isinstance(t, torch.Tensor) else t for t in ln))
+    ln_vjp = (torch.randn_like(y), x, w, mean, rstd, True, True, backend)
+    q, k, v = rand(2, 4, 7, 16), rand(2, 2, 9, 16), rand(2, 2, 9, 16)
+    mask = torch.zeros(2, 9, dtype=torch.bool, device=device)
+    mask[1, -2:] = True
+    att = (q, k, v, rand(2, 4, 7, 16, grad=True), rand(2, 2, 9, 16, grad=True), rand(2, 2, 9, 16, grad=True),
+           mask, 0.25, True, backend)  # fmt: skip
+    o, _, lse = ops.attention_jvp(*(t.detach() if isinstance(t, torch.Tensor) else t for t in att))
+    att_vjp = (torch.randn_like(o), q, k, v, o, lse, mask, 0.25, True, True, True, backend)
+    gelu = (rand(6, 10), rand(6, 10, grad=True), rand(10), rand(10, grad=True), "tanh", backend)
+    return [(ops.layer_norm_jvp, ln), (ops.layer_norm_vjp, ln_vjp), (ops.attention_jvp, att),
+            (ops.attention_vjp, att_vjp), (ops.gelu_jvp, gelu)]  # fmt: skip
+
+
+def test_opcheck_every_op(device):
+    for backend, on in backends_for(device):
+        for op, args in op_samples(backend, on):
+            torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    if not tk.cpp.AVAILABLE:
+        pytest.skip(tk.cpp.UNAVAILABLE_REASON)
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7).eval()
+    lin = tk.linearize(model, "all", backend="cpp")
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.normal_(0.0, 0.05)
+    images = torch.randn(2, 3, 32, 32)
+
+    def run(module):
+        for p in lin.parameters():
+            p.grad = None
+        out = module(images)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in lin.parameters()]
+
+    expected, expected_grads = run(lin)
+    out, grads = run(torch.compile(lin, fullgraph=True))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
