@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test bench clean
+.PHONY: setup test bench bench-pytest clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 # The main job: benchmark + verification run (small default on the CPU, full suite on a GPU).
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run $(BENCH_ARGS)
+
+# The same suites under pytest-benchmark (JSON for pytest-benchmark compare).
+bench-pytest: $(STAMP)
+	$(BIN)/python -m pytest benchmarks/test_suites.py -p no:xdist --benchmark-json=benchmarks/results/latest-pytest-benchmark.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info tangent_kernels/*.so

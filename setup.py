@@ -8,6 +8,7 @@ backends and says why the ``cpp`` backend is unavailable when asked for it. Inst
 import glob
 import os
 import platform
+import sys
 
 from setuptools import setup
 
@@ -33,13 +34,37 @@ def extension_build():
             "`pip install -e . --no-build-isolation`), or set TANGENT_KERNELS_SKIP_EXT=1 "
             f"to skip the extension: {error}"
         ) from error
+
+    class OptionalBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """Builds the extension, or says what failed and installs the package without it."""
+
+        failed: set = set()
+
+        def build_extensions(self):
+            super().build_extensions()
+            self.extensions = [e for e in self.extensions if e.name not in self.failed]  # nothing to copy
+
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001  (any build failure leaves a working package)
+                self.failed.add(ext.name)
+                print(
+                    "\n" + "=" * 78 + "\nWARNING: tangent_kernels._C (the C++ CPU backend) failed to build: "
+                    f"{type(error).__name__}: {error}\nIt needs a C++20 compiler (g++ >= 10) with OpenMP and "
+                    "torch's headers (pip install torch first, then pip install -e . --no-build-isolation). "
+                    "The package works without it: 'auto' uses the reference backend on the CPU and says so.\n"
+                    + "=" * 78 + "\n",
+                    file=sys.stderr,
+                )
+
     extension = CppExtension(
         "tangent_kernels._C",
         sorted(glob.glob("csrc/*.cpp")),
         extra_compile_args={"cxx": ["-O3", "-fopenmp", *native_arch_flags()]},
         extra_link_args=["-fopenmp"],
     )
-    return [extension], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [extension], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = extension_build()

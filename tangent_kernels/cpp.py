@@ -24,6 +24,57 @@ else:
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _stats(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Row statistics as the C++ ops make them: fp64 for fp64 inputs, else fp32."""
+    return like.new_empty(shape, dtype=torch.float64 if like.dtype == torch.float64 else torch.float32)
+
+
+def _register_fakes() -> None:
+    """Fake (meta) implementations of the C++ ops, so torch.compile and opcheck can trace them."""
+    lib = "tangent_kernels::"
+
+    @torch.library.register_fake(lib + "layer_norm_jvp_forward")
+    def _(x, x_t, weight, bias, d_weight, d_bias, eps):
+        has_tangent = x_t is not None or d_weight is not None or d_bias is not None
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        rows = x.numel() // x.shape[-1]
+        return y, (torch.empty_like(y) if has_tangent else x.new_empty(0)), _stats(x, rows), _stats(x, rows)
+
+    @torch.library.register_fake(lib + "layer_norm_backward")
+    def _(grad, x, weight, mean, rstd, input_grad, param_grads):
+        param_dtype = x.dtype if weight is None else weight.dtype
+        param = x.new_empty(x.shape[-1], dtype=param_dtype) if param_grads else x.new_empty(0)
+        g_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if input_grad else x.new_empty(0)
+        return g_x, param, param.clone()
+
+    @torch.library.register_fake(lib + "attention_jvp_forward")
+    def _(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal):
+        batch, heads, tokens, head_dim = q.shape
+
+        def bnhd():
+            return q.new_empty((batch, tokens, heads, head_dim)).transpose(1, 2)
+
+        has_tangent = q_t is not None or k_t is not None or v_t is not None
+        return bnhd(), (bnhd() if has_tangent else q.new_empty(0)), _stats(q, batch, heads, tokens)
+
+    @torch.library.register_fake(lib + "attention_backward")
+    def _(grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_dkv):
+        def new(t, wanted):
+            return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else q.new_empty(0)
+
+        return new(q, need_dq), new(k, need_dkv), new(v, need_dkv)
+
+    @torch.library.register_fake(lib + "gelu_jvp_forward")
+    def _(h, h_t, bias, d_bias, approximate):
+        a = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+        has_tangent = h_t is not None or d_bias is not None
+        return a, (torch.empty_like(a) if has_tangent else h.new_empty(0)), torch.empty_like(a)
+
+
+if AVAILABLE:
+    _register_fakes()
+
+
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
     """Why the C++ backend cannot run on this device and dtype; empty when it can."""
     if not AVAILABLE:

@@ -65,3 +65,23 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(grads, expected_grads):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck_the_raw_cpp_ops():
+    """The C++ ops registered through their schema (no autograd of their own: the Python ops add it)."""
+    if not tk.cpp.AVAILABLE:
+        pytest.skip(tk.cpp.UNAVAILABLE_REASON)
+    raw = torch.ops.tangent_kernels
+    x, x_t, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    y, _, mean, rstd = raw.layer_norm_jvp_forward(x, x_t, w, w, w, w, 1e-6)
+    q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8)
+    o, _, lse = raw.attention_jvp_forward(q, k, k, q, k, k, None, 0.3, False)
+    checks = "test_schema", "test_faketensor", "test_aot_dispatch_dynamic"
+    for op, args in (
+        (raw.layer_norm_jvp_forward, (x, x_t, w, w, w, w, 1e-6)),
+        (raw.layer_norm_backward, (torch.randn_like(y), x, w, mean, rstd, True, True)),
+        (raw.attention_jvp_forward, (q, k, k, q, k, k, None, 0.3, False)),
+        (raw.attention_backward, (torch.randn_like(o), q, k, k, o, lse, None, 0.3, False, True, True)),
+        (raw.gelu_jvp_forward, (x, x_t, w, w, "none")),
+    ):
+        torch.library.opcheck(op, args, test_utils=checks)
