@@ -24,7 +24,7 @@ IMPLEMENTED = {
     "attention_jvp": ("triton", "cpp", "reference"),
     "gelu_jvp": ("triton", "cpp", "reference"),
     "layer_norm_jvp": ("triton", "cpp", "reference"),
-    "linear_jvp": ("reference",),
+    "linear_jvp": ("triton", "cpp", "reference"),
     "mlp_jvp": ("triton", "cpp", "reference"),
 }
 

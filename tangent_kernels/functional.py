@@ -13,6 +13,8 @@ therefore runs the reference (which has it) when a primal input requires grad.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -194,11 +196,7 @@ def attention_jvp(
 
 
 # ----------------------------------------------------------------------------------------------
-# linear, GELU, MLP (reference backend until their kernels land)
-
-
-def _reference_only(op: str, backend: str, like: Tensor) -> None:
-    backends.select(op, backend, like.device, like.dtype)
+# linear, GELU, MLP
 
 
 def _check_linear(prefix: str, in_features: int, like: Tensor, weight, bias, d_weight, d_bias) -> None:
@@ -212,6 +210,9 @@ def _check_linear(prefix: str, in_features: int, like: Tensor, weight, bias, d_w
         _check_like(name, t, like, "x", shape=(weight.shape[0],))
 
 
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+
 def linear_jvp(
     x: Tensor,
     x_t: Tensor | None,
@@ -219,14 +220,67 @@ def linear_jvp(
     bias: Tensor | None = None,
     d_weight: Tensor | None = None,
     d_bias: Tensor | None = None,
+    activation: str | None = None,
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
-    """``y = x W0ᵀ + b0``, ``y_t = x_t W0ᵀ + x dWᵀ + db``."""
+    """``h = x W0ᵀ + b0``, ``h_t = x_t W0ᵀ + x dWᵀ + db``; with ``activation`` (``"gelu"`` or
+    ``"gelu_tanh"``) it returns ``gelu(h)`` and ``gelu'(h) · h_t`` instead.
+
+    On Triton it runs the fused GEMM (``triton/linear.py``) where that was measured faster for
+    the weight's shape on this GPU, else cuBLAS GEMMs plus one fused bias/GELU kernel; on the
+    CPU, BLAS GEMMs plus the C++ bias/GELU op. ``TANGENT_KERNELS_LINEAR_PATH=fused|composite``
+    overrides the choice.
+    """
     _check_floating("x", x)
     _check_like("x_t", x_t, x, "x")
     _check_linear("", x.shape[-1], x, weight, bias, d_weight, d_bias)
-    _reference_only("linear_jvp", backend, x)
-    return reference.linear_jvp(x, x_t, weight, bias, d_weight, d_bias)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    chosen = backends.select("linear_jvp", backend, x.device, x.dtype)
+    if chosen != "reference" and backend == "auto" and _primal_requires_grad(x, weight, bias):
+        chosen = _fall_back("linear_jvp", backend, x, "")
+    if chosen == "reference" or x.numel() == 0:
+        h, h_t = reference.linear_jvp(x, x_t, weight, bias, d_weight, d_bias)
+        return (h, h_t) if activation is None else reference.gelu_jvp(h, h_t, _APPROXIMATE[activation])
+    no_tangent = x_t is None and d_weight is None and d_bias is None
+    if chosen == "triton" and _fused_linear_path(weight, x.dtype, x.device):
+        y, y_t, _ = ops.linear_jvp(x, x_t, weight, bias, d_weight, d_bias, activation or "none", chosen)
+        return y, _none_if(no_tangent, y_t)
+    return _linear_composite(x, x_t, weight, bias, d_weight, d_bias, activation, chosen)
+
+
+_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def _fused_linear_path(weight: Tensor, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the fused Triton GEMM serves this linear layer (see ``linear_jvp``)."""
+    path = os.environ.get("TANGENT_KERNELS_LINEAR_PATH", "measured")
+    if path not in ("measured", "fused", "composite"):
+        raise ValueError(f"TANGENT_KERNELS_LINEAR_PATH: expected 'fused', 'composite' or 'measured', got {path!r}")
+    if path != "measured":
+        return path == "fused"
+    from .triton.linear import fused_measured_faster
+
+    return fused_measured_faster(tuple(weight.shape), dtype, device)
+
+
+def _linear_composite(x, x_t, weight, bias, d_weight, d_bias, activation, backend):
+    """ATen GEMMs (cuBLAS / BLAS) for both streams, then the biases, or one fused bias + GELU op."""
+    features = x.shape[-1]
+    x2 = x.reshape(-1, features)
+    h = x2 @ weight.t()
+    h_t = None if x_t is None else x_t.reshape(-1, features) @ weight.t()
+    if d_weight is not None:
+        h_t = x2 @ d_weight.t() if h_t is None else torch.addmm(h_t, x2, d_weight.t())
+    shape = (*x.shape[:-1], weight.shape[0])
+    if activation is not None:
+        a, a_t, _ = ops.gelu_jvp(h, h_t, bias, d_bias, _APPROXIMATE[activation], backend)
+        return a.view(shape), _none_if(h_t is None and d_bias is None, a_t.view(shape) if a_t.numel() else a_t)
+    if bias is not None:
+        h = h + bias
+    if d_bias is not None:
+        h_t = d_bias.expand_as(h).clone() if h_t is None else h_t + d_bias
+    return h.view(shape), None if h_t is None else h_t.view(shape)
 
 
 def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: str = "auto"):
@@ -244,35 +298,6 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: 
     return y, y_t
 
 
-def _linear_no_bias_jvp(x: Tensor, x_t: Tensor | None, weight: Tensor, d_weight: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``x W0ᵀ`` and ``x_t W0ᵀ + x dWᵀ`` on 2-D inputs (GEMMs in ATen: cuBLAS / BLAS)."""
-    y = x @ weight.t()
-    y_t = None if x_t is None else x_t @ weight.t()
-    if d_weight is not None:
-        y_t = x @ d_weight.t() if y_t is None else torch.addmm(y_t, x, d_weight.t())
-    return y, y_t
-
-
-def _mlp_fused(x, x_t, w1, b1, w2, b2, dw1, db1, dw2, db2, approximate, backend):
-    """The MLP as stacked GEMMs around one fused bias + GELU primal/tangent op.
-
-    Autograd saves the input, ``gelu(u)`` and ``gelu'(u)``, as ordinary fine-tuning saves the
-    input, ``u`` and ``gelu(u)``.
-    """
-    features = x.shape[-1]
-    x2 = x.reshape(-1, features)
-    h, h_t = _linear_no_bias_jvp(x2, None if x_t is None else x_t.reshape(-1, features), w1, dw1)
-    a, a_t, _ = ops.gelu_jvp(h, h_t, b1, db1, approximate, backend)
-    a_t = _none_if(h_t is None and db1 is None, a_t)
-    y, y_t = _linear_no_bias_jvp(a, a_t, w2, dw2)
-    if b2 is not None:
-        y = y + b2
-    if db2 is not None:
-        y_t = db2.expand_as(y).clone() if y_t is None else y_t + db2
-    shape = (*x.shape[:-1], w2.shape[0])
-    return y.reshape(shape), None if y_t is None else y_t.reshape(shape)
-
-
 def mlp_jvp(
     x: Tensor,
     x_t: Tensor | None,
@@ -287,7 +312,10 @@ def mlp_jvp(
     approximate: str = "none",
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor | None]:
-    """timm's ``Mlp``: ``fc2(gelu(fc1(x)))`` and its tangent."""
+    """timm's ``Mlp``: ``fc2(gelu(fc1(x)))`` and its tangent: two ``linear_jvp`` calls, the first
+    with the GELU epilogue (fused GEMMs on Triton where measured faster, else ATen GEMMs around one
+    fused bias + GELU op). Autograd saves the input, ``gelu(u)`` and ``gelu'(u)``, as ordinary
+    fine-tuning saves the input, ``u`` and ``gelu(u)``."""
     _check_floating("x", x)
     _check_like("x_t", x_t, x, "x")
     _check_linear("fc1_", x.shape[-1], x, fc1_weight, fc1_bias, d_fc1_weight, d_fc1_bias)
@@ -301,4 +329,6 @@ def mlp_jvp(
     args = (x, x_t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias)
     if chosen == "reference" or x.numel() == 0:
         return reference.mlp_jvp(*args, approximate)
-    return _mlp_fused(*args, approximate, chosen)
+    activation = "gelu" if approximate == "none" else "gelu_tanh"
+    a, a_t = linear_jvp(x, x_t, fc1_weight, fc1_bias, d_fc1_weight, d_fc1_bias, activation, backend=chosen)
+    return linear_jvp(a, a_t, fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias, backend=chosen)

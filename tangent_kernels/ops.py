@@ -7,7 +7,8 @@ op. Optional results come back as empty tensors (custom ops return tensors only)
 ``functional`` turns them into ``None``.
 
 Ops: ``layer_norm_jvp`` / ``layer_norm_vjp``, ``attention_jvp`` / ``attention_vjp``,
-``gelu_jvp`` (bias add fused; its backward is element-wise).
+``gelu_jvp`` (bias add fused; its backward is element-wise), ``linear_jvp`` (one GEMM for both
+streams, optional GELU epilogue; Triton only, its backward is ATen matmuls).
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ NAMESPACE = "tangent_kernels"
 def _kernels(name: str, backend: str):
     """The launcher module of ``name`` for ``backend`` (Triton module or C++ adapter)."""
     if backend == "triton":
-        from .triton import attention, gelu, layer_norm
+        from .triton import attention, gelu, layer_norm, linear
 
-        return {"attention": attention, "gelu": gelu, "layer_norm": layer_norm}[name]
+        return {"attention": attention, "gelu": gelu, "layer_norm": layer_norm, "linear": linear}[name]
     if backend == "cpp":
         return getattr(cpp, name)
     raise ValueError(f"backend: expected 'triton' or 'cpp' for a fused op, got {backend!r}")
@@ -269,3 +270,68 @@ def _gelu_backward(ctx, grad_a, grad_a_t, _grad_derivative):
 
 
 gelu_jvp.register_autograd(_gelu_backward, setup_context=_gelu_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# linear (optionally with a GELU epilogue)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::linear_jvp", mutates_args=())
+def linear_jvp(
+    x: Tensor, x_t: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], d_weight: Optional[Tensor],
+    d_bias: Optional[Tensor], activation: str, backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """``(y, y_t or empty, gelu'(h) or empty)``; with ``activation`` y is ``gelu(h)``, y_t ``gelu'(h) h_t``."""
+    y, y_t, derivative = _kernels("linear", backend).forward(x, x_t, weight, bias, d_weight, d_bias, activation)
+    return y, _or_empty(y_t, x), _or_empty(derivative, x)
+
+
+@linear_jvp.register_fake
+def _(x, x_t, weight, bias, d_weight, d_bias, activation, backend):
+    y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
+    has_tangent = x_t is not None or d_weight is not None or d_bias is not None
+    return y, (torch.empty_like(y) if has_tangent else _empty(x)), (torch.empty_like(y) if activation != "none" else _empty(x))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, x_t, weight, bias, d_weight, d_bias, activation, _ = inputs
+    y, _, derivative = output
+    ctx.mark_non_differentiable(derivative)
+    if not _any_requires_grad(x, weight, bias):
+        ctx.mark_non_differentiable(y)
+    ctx.save_for_backward(x, weight, derivative if activation != "none" else None)
+    ctx.has_x_t, ctx.has_d_weight, ctx.activation = x_t is not None, d_weight is not None, activation
+    ctx.set_materialize_grads(False)
+
+
+def _linear_backward(ctx, grad_y, grad_y_t, _grad_derivative):
+    x, weight, derivative = ctx.saved_tensors
+    needs = dict(zip(("x", "x_t", "weight", "bias", "d_weight", "d_bias"), ctx.needs_input_grad[:6]))
+    grads = dict.fromkeys(needs)
+    x2 = x.reshape(-1, x.shape[-1])
+
+    def vjp(grad, names):  # names: (input, weight, bias) receiving this stream's gradient
+        g = grad.reshape(-1, grad.shape[-1])
+        if derivative is not None:
+            g = g * derivative.reshape(g.shape)
+        n_in, n_w, n_b = names
+        if needs[n_in]:
+            grads[n_in] = (g @ weight.to(g.dtype)).view(x.shape)
+        if needs[n_w]:
+            grads[n_w] = g.t() @ x2
+        if needs[n_b]:
+            grads[n_b] = g.sum(0)
+
+    if grad_y_t is not None:
+        activated = ctx.activation != "none"  # y_t = gelu'(h) h_t depends on every primal input of h
+        second_order = {"x": ctx.has_d_weight or activated, "weight": ctx.has_x_t or activated, "bias": activated}
+        for name, depends in second_order.items():
+            if needs[name] and depends:
+                raise second_order_error("linear_jvp", name)
+        vjp(grad_y_t, ("x_t", "d_weight", "d_bias"))
+    if grad_y is not None and (needs["x"] or needs["weight"] or needs["bias"]):
+        vjp(grad_y, ("x", "weight", "bias"))
+    return (*grads.values(), None, None)
+
+
+linear_jvp.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -32,8 +32,13 @@ def op_samples(backend, device):
     o, _, lse = ops.attention_jvp(*(t.detach() if isinstance(t, torch.Tensor) else t for t in att))
     att_vjp = (torch.randn_like(o), q, k, v, o, lse, mask, 0.25, True, True, True, backend)
     gelu = (rand(6, 10), rand(6, 10, grad=True), rand(10), rand(10, grad=True), "tanh", backend)
-    return [(ops.layer_norm_jvp, ln), (ops.layer_norm_vjp, ln_vjp), (ops.attention_jvp, att),
-            (ops.attention_vjp, att_vjp), (ops.gelu_jvp, gelu)]  # fmt: skip
+    samples = [(ops.layer_norm_jvp, ln), (ops.layer_norm_vjp, ln_vjp), (ops.attention_jvp, att),
+               (ops.attention_vjp, att_vjp), (ops.gelu_jvp, gelu)]  # fmt: skip
+    if backend == "triton":  # the fused GEMM is Triton's alone
+        linear = (rand(2, 5, 12), rand(2, 5, 12, grad=True), rand(7, 12), rand(7), rand(7, 12, grad=True),
+                  rand(7, grad=True), "gelu", backend)  # fmt: skip
+        samples.append((ops.linear_jvp, linear))
+    return samples
 
 
 def test_opcheck_every_op(device):

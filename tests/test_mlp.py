@@ -48,6 +48,19 @@ def make_mlp(rows, width, dtype, device, tangents, bias=True):
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("tangents", list(TANGENTS))
 def test_mlp_matches_reference(backend, dtype, rows, width, approximate, tangents, device, poisoned_outputs):
+    check_mlp(backend, dtype, rows, width, approximate, tangents, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("tangents", list(TANGENTS))
+def test_mlp_fused_gemm_path(dtype, approximate, tangents, device, monkeypatch, poisoned_outputs):
+    """Triton's fused-GEMM path (chosen where measured faster; forced here)."""
+    monkeypatch.setenv("TANGENT_KERNELS_LINEAR_PATH", "fused")
+    check_mlp("triton", dtype, 197, (33, 130), approximate, tangents, device)
+
+
+def check_mlp(backend, dtype, rows, width, approximate, tangents, device):
     x, x_t, params, offsets = make_mlp(rows, width, dtype, backend_device(backend, device), TANGENTS[tangents])
     y, y_t = F.mlp_jvp(x, x_t, *params, *offsets, approximate=approximate, backend=backend)
     assert tk.last_backend("mlp_jvp") == backend

@@ -7,6 +7,9 @@ forward + tangent with every input and offset present 12·M·C·H (six GEMMs).
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from timm.layers import Mlp
 from torch.func import functional_call, jvp
@@ -45,9 +48,14 @@ def _case(model: str, features: int, hidden: int, batch: int, dtype: torch.dtype
         return jvp(lambda x, p: functional_call(mlp, p, (x,)), (x, params), (x_t, offsets))
 
     modes = {"plain forward": lambda: mlp(x), "ours": ours, "torch.func.jvp": torch_jvp}
+    ratios = [("torch.func.jvp", "ours"), ("ours", "plain forward")]
+    if device.type == "cuda":  # both Triton paths, for benchmarks.linear_paths to record the winner
+        for mode, path in (("ours fused GEMM", "fused"), ("ours composite", "composite")):
+            modes[mode] = functools.partial(_on_linear_path, path, ours)
+        ratios.append(("ours composite", "ours fused GEMM"))
     m = batch * TOKENS
-    flops = {"plain forward": 4 * m * features * hidden, "ours": 12 * m * features * hidden,
-             "torch.func.jvp": 12 * m * features * hidden}  # fmt: skip
+    flops = {mode: 12 * m * features * hidden for mode in modes}
+    flops["plain forward"] = 4 * m * features * hidden
 
     def check():
         expected = reference.mlp_jvp(*(t.double() for t in args))
@@ -65,5 +73,18 @@ def _case(model: str, features: int, hidden: int, batch: int, dtype: torch.dtype
         flops=flops,
         check=check,
         tolerance=2e-2 if dtype != torch.float32 else 1e-4,
-        ratios=(("torch.func.jvp", "ours"), ("ours", "plain forward")),
+        ratios=tuple(ratios),
     )
+
+
+def _on_linear_path(path: str, fn):
+    """``fn()`` with linear layers forced onto the fused GEMM or the composite path."""
+    previous = os.environ.get("TANGENT_KERNELS_LINEAR_PATH")
+    os.environ["TANGENT_KERNELS_LINEAR_PATH"] = path
+    try:
+        return fn()
+    finally:
+        if previous is None:
+            del os.environ["TANGENT_KERNELS_LINEAR_PATH"]
+        else:
+            os.environ["TANGENT_KERNELS_LINEAR_PATH"] = previous
