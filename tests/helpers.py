@@ -44,6 +44,11 @@ def assert_close(actual, expected, baseline=None, *, dtype=None, name="output", 
     assert error <= bound, f"{name} ({dtype}): max error {error:.3e} > bound {bound:.3e}"
 
 
+def backend_device(backend: str, device: torch.device) -> torch.device:
+    """Where a backend's test runs: Triton on the test device (GPU or interpreter), others on the CPU."""
+    return device if backend == "triton" else torch.device("cpu")
+
+
 def float64(*tensors):
     """Detached float64 copies (``None`` stays ``None``), keeping ``requires_grad``."""
     return tuple(

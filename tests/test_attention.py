@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tangent_kernels as tk
-from helpers import assert_close, float64, grads
+from helpers import assert_close, backend_device, float64, grads
 from tangent_kernels import functional as F
 from tangent_kernels import reference
 
@@ -82,9 +82,6 @@ def check_against_reference(tensors, options, dtype, backend="triton"):
     for name, a, b, c in zip(("q", "k", "v"), ours, oracle, same):
         assert_close(a, b, c, name=f"grad {name}")
 
-
-def backend_device(backend, device):
-    return device if backend == "triton" else torch.device("cpu")
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=str)

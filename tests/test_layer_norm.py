@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import assert_close, float64, grads
+from helpers import assert_close, backend_device, float64, grads
 from tangent_kernels import functional as F
 from tangent_kernels import last_backend, reference
 
@@ -33,9 +33,6 @@ def make_inputs(rows, width, dtype, device, tangents):
     db = (0.1 * torch.randn(width, device=device)).to(dtype).requires_grad_() if has_db else None
     return x, x_t, w, b, dw, db
 
-
-def backend_device(backend, device):
-    return device if backend == "triton" else torch.device("cpu")
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES, ids=str)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tangent_kernels as tk
-from helpers import assert_close, float64, grads
+from helpers import assert_close, backend_device, float64, grads
 from tangent_kernels import functional as F
 from tangent_kernels import reference
 
@@ -22,9 +22,6 @@ WIDTHS = [(7, 19), (33, 130)]  # (features, hidden): odd widths
 TANGENTS = {"all": (True, True), "no_x_t": (False, True), "only_x_t": (True, False)}
 PARAM_NAMES = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
-
-def backend_device(backend, device):
-    return device if backend == "triton" else torch.device("cpu")
 
 
 def make_mlp(rows, width, dtype, device, tangents, bias=True):

@@ -25,6 +25,24 @@ TUNING = AVAILABLE and not INTERPRETING and os.environ.get("TANGENT_KERNELS_AUTO
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Triton's names of the dtypes the kernels ship (for signatures in compile_specs()).
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: fp32 tiles multiply in full fp32 unless torch allows TF32 for
+    matmuls, as torch itself does; 16-bit tiles ignore it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def rows_2d(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, last dim]`` with unit column stride (a copy only if needed)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
     """Why the Triton backend cannot run on this device and dtype; empty when it can."""
     if not AVAILABLE:

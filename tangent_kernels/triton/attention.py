@@ -23,13 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune
+from . import DTYPE_NAMES, autotune, dot_precision
 from .math import dot
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_ADDITIVE = 0, 1, 2
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -411,11 +410,6 @@ def head_dim_block(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs multiply in full fp32 unless torch allows TF32 for matmuls, as torch does."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def _mask_arguments(key_padding_mask, placeholder):
@@ -467,7 +461,7 @@ def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
         num_q_heads=num_q_heads, group_size=num_q_heads // num_kv_heads,
         q_len=q_len, k_len=k_len, head_dim=head_dim, scale=scale,
         HAS_Q_T=q_t is not None, HAS_K_T=k_t is not None, HAS_V_T=v_t is not None,
-        MASK_KIND=mask_kind, IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype),
+        MASK_KIND=mask_kind, IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=head_dim_block(head_dim),
     )  # fmt: skip
     return o, (o_t if has_tangent else None), lse
@@ -491,7 +485,7 @@ def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq
         stride_dob=grad_out.stride(0), stride_doh=grad_out.stride(1), stride_dom=grad_out.stride(2),
         stride_mask_b=stride_mask_b, stride_mask_n=stride_mask_n,
         group_size=num_q_heads // num_kv_heads, q_len=q_len, k_len=k_len, head_dim=head_dim, scale=scale,
-        MASK_KIND=mask_kind, IS_CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d,
+        MASK_KIND=mask_kind, IS_CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
     )  # fmt: skip
 
     delta = torch.empty((batch, num_q_heads, q_len), dtype=torch.float32, device=q.device)
@@ -533,11 +527,11 @@ def compile_specs():
         ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
         ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
     )  # fmt: skip
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in DTYPE_NAMES.items():
         for label, kernel, table, flags in kernels:
             for block_d, entries in table[dtype.itemsize].items():
                 for block_m, block_n, warps, stages in entries:
-                    constexprs = {**flags, "DOT_PRECISION": _dot_precision(dtype), "BLOCK_M": block_m,
+                    constexprs = {**flags, "DOT_PRECISION": dot_precision(dtype), "BLOCK_M": block_m,
                                   "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
                     signature = {}
                     for arg in kernel.arg_names:
@@ -553,7 +547,7 @@ def compile_specs():
                             signature[arg] = "fp32" if arg == "scale" else "i32"
                     yield (f"{label} {name} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
                            kernel, signature, constexprs, warps, stages)  # fmt: skip
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in DTYPE_NAMES.items():
         signature = {arg: ("*fp32" if arg == "DELTA" else f"*{name}") if arg.isupper() else "i32"
                      for arg in _attention_bwd_delta_kernel.arg_names if arg not in ("BLOCK_M", "BLOCK_D")}  # fmt: skip
         for block_d in _FWD_CONFIGS[dtype.itemsize]:

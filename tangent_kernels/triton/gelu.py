@@ -11,11 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
+from . import DTYPE_NAMES
 from .math import gelu_and_derivative
 
 BLOCK = 1024
 NUM_WARPS = 4
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -70,7 +70,7 @@ def forward(h, h_t, bias, d_bias, approximate):
 
 def compile_specs():
     """The kernel for every dtype and both GELU forms, with every input present."""
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in DTYPE_NAMES.items():
         ptr = f"*{name}"
         signature = {"H": ptr, "H_T": ptr, "BIAS": ptr, "D_BIAS": ptr, "A": ptr, "A_T": ptr, "DERIVATIVE": ptr,
                      "numel": "i64", "N": "i32"}  # fmt: skip

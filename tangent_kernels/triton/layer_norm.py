@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import DTYPE_NAMES, rows_2d
+
 MAX_FEATURES = 16384  # one row is held in registers; wider rows need a split-row kernel
-_TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -144,17 +145,13 @@ def num_warps(block: int) -> int:
     return min(max(block // 256, 1), 16)
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as a 2-D ``[rows, features]`` view with unit column stride (a copy only if needed)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def forward(x, x_t, weight, bias, d_weight, d_bias, eps):
     """Launch the forward kernel: returns ``(y, y_t or None, mean, rstd)``."""
     n = x.shape[-1]
-    x2 = _rows(x)
-    x_t2 = x2 if x_t is None else _rows(x_t)
+    x2 = rows_2d(x)
+    x_t2 = x2 if x_t is None else rows_2d(x_t)
     has_tangent = x_t is not None or d_weight is not None or d_bias is not None
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous, so .view(x2.shape) below
     y_t = torch.empty_like(y) if has_tangent else y
@@ -184,7 +181,7 @@ def backward(grad, x, weight, mean, rstd, input_grad, param_grads):
     Results that were not asked for are ``None``.
     """
     n = x.shape[-1]
-    x2, g2 = _rows(x), _rows(grad)
+    x2, g2 = rows_2d(x), rows_2d(grad)
     rows = x2.shape[0]
     g_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if input_grad else x2
     programs = max(1, min(rows, _parallel_programs(x.device)))
@@ -222,7 +219,7 @@ def compile_specs():
     flags_bwd = dict(HAS_W=True, INPUT_GRAD=True, PARAM_GRADS=True)
     block = 16
     while block <= MAX_FEATURES:
-        for dtype, name in _TORCH_TO_TRITON.items():
+        for dtype, name in DTYPE_NAMES.items():
             ptr = f"*{name}"
             fwd_sig = {
                 "X": ptr, "X_T": ptr, "W": ptr, "B": ptr, "D_W": ptr, "D_B": ptr,

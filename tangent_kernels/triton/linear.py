@@ -17,11 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune
+from . import DTYPE_NAMES, autotune, dot_precision, rows_2d
 from .math import dot, gelu_and_derivative
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 @triton.jit
@@ -130,20 +129,15 @@ def fused_measured_faster(weight_shape: tuple[int, int], dtype: torch.dtype, dev
     return tuple(weight_shape) in _fused_faster().get(torch.cuda.get_device_name(device), frozenset())
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def forward(x, x_t, weight, bias, d_weight, d_bias, activation):
     """Launch the kernel: ``(y, y_t or None, gelu'(h) or None)`` shaped like ``x`` with ``N`` features."""
     features_out = weight.shape[0]
-    x2 = _rows(x)
-    x_t2 = x2 if x_t is None else _rows(x_t)
+    x2 = rows_2d(x)
+    x_t2 = x2 if x_t is None else rows_2d(x_t)
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     d_w = weight if d_weight is None else (d_weight if d_weight.stride(-1) == 1 else d_weight.contiguous())
     has_tangent = x_t is not None or d_weight is not None or d_bias is not None
@@ -162,19 +156,19 @@ def forward(x, x_t, weight, bias, d_weight, d_bias, activation):
             Y=y, Y_T=y_t, DERIVATIVE=derivative, M=m, N=features_out, K=k,
             stride_xm=x2.stride(0), stride_xtm=x_t2.stride(0), stride_wn=weight.stride(0), stride_dwn=d_w.stride(0),
             HAS_X_T=x_t is not None, HAS_D_W=d_weight is not None, HAS_B=bias is not None, HAS_D_B=d_bias is not None,
-            ACTIVATION=ACTIVATIONS[activation], DOT_PRECISION=_dot_precision(x.dtype),
+            ACTIVATION=ACTIVATIONS[activation], DOT_PRECISION=dot_precision(x.dtype),
         )  # fmt: skip
     return y, (y_t if has_tangent else None), (derivative if activation != "none" else None)
 
 
 def compile_specs():
     """Every config for every dtype, with every input present and the tanh-GELU epilogue."""
-    for dtype, name in _TRITON_DTYPE.items():
+    for dtype, name in DTYPE_NAMES.items():
         ptr = f"*{name}"
         signature = {arg: ptr for arg in ("X", "X_T", "W", "D_W", "B", "D_B", "Y", "Y_T", "DERIVATIVE")}
         signature.update({arg: "i32" for arg in ("M", "N", "K", "stride_xm", "stride_xtm", "stride_wn", "stride_dwn")})
         for m, n, k, warps, stages in _CONFIGS[dtype.itemsize]:
             constexprs = dict(HAS_X_T=True, HAS_D_W=True, HAS_B=True, HAS_D_B=True, ACTIVATION=2,
-                              DOT_PRECISION=_dot_precision(dtype), BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M)  # fmt: skip
+                              DOT_PRECISION=dot_precision(dtype), BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M)  # fmt: skip
             yield (f"linear {name} M={m} N={n} K={k} w={warps} s={stages}", _linear_jvp_kernel, signature,
                    constexprs, warps, stages)  # fmt: skip
