@@ -44,11 +44,6 @@ def save_offsets(module: nn.Module, path: str | os.PathLike, metadata: dict[str,
     save_file(tensors, os.fspath(path), metadata=header)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(os.fspath(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 def read_offsets(module: nn.Module, path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The offsets saved in ``path``, after checking they were trained around ``module``'s base."""
     with safe_open(os.fspath(path), framework="pt") as f:

@@ -73,10 +73,5 @@ def autotune(configs, key, prune):
     )
 
 
-def shared_memory_fits(config_bytes: int, capability: int) -> bool:
-    """Whether a kernel's static shared memory fits one block on sm_<capability>."""
-    return config_bytes <= SHARED_MEMORY_PER_BLOCK[capability]
-
-
 # Opt-in dynamic shared memory per block (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
