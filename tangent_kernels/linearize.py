@@ -10,6 +10,7 @@ first), under the names the original model gives those weights.
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 from torch import Tensor, nn
@@ -26,8 +27,6 @@ from .modules import (
     dropout_pair,
 )
 from .reference import add_tangents
-
-POOLS = ("token", "avg", "")
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -55,6 +54,11 @@ def _reinitialized(block: nn.Module) -> nn.Module:
     return block
 
 
+# The VisionTransformer methods whose code LinearizedViT re-implements; a subclass that overrides
+# one (DeiT's distilled model: a second token and head) computes something else.
+REIMPLEMENTED = ("forward_features", "forward_head", "pool", "_pos_embed")
+
+
 def _check_supported(model: nn.Module) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -62,12 +66,16 @@ def _check_supported(model: nn.Module) -> None:
         raise UnsupportedModuleError(
             f"linearize: expected a timm VisionTransformer, got {type(model).__name__}"
         )
+    overridden = [m for m in REIMPLEMENTED if getattr(type(model), m) is not getattr(VisionTransformer, m)]
+    if overridden:
+        raise UnsupportedModuleError(
+            f"linearize: {type(model).__name__} overrides VisionTransformer.{', '.join(overridden)}; "
+            "only timm's VisionTransformer itself is supported"
+        )
     if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModuleError("linearize: attention pooling (global_pool='map') is not supported")
-    if model.global_pool not in POOLS:
-        raise UnsupportedModuleError(f"linearize: global_pool={model.global_pool!r} is not supported (use one of {POOLS})")
-    if getattr(model, "dynamic_img_size", False):
-        raise UnsupportedModuleError("linearize: dynamic_img_size=True is not supported")
+        raise UnsupportedModuleError(
+            f"linearize: attention pooling (global_pool={model.global_pool!r}) is not supported"
+        )
     if not isinstance(model.head, (nn.Linear, nn.Identity)):
         raise UnsupportedModuleError(f"linearize: head {type(model.head).__name__} is not supported (nn.Linear or Identity)")
 
@@ -90,6 +98,8 @@ class LinearizedViT(nn.Module):
     """A timm ViT linearized around its weights; see ``linearize``."""
 
     def __init__(self, model: nn.Module, blocks="all", *, backend="auto", reinit=False, fresh_cls_token=False):
+        from timm.models.vision_transformer import global_pool_nlc
+
         super().__init__()
         _check_supported(model)
         depth = len(model.blocks)
@@ -98,11 +108,17 @@ class LinearizedViT(nn.Module):
             raise ValueError(f"blocks: expected 'all' or an int from 1 to {depth} (the last k blocks), got {blocks!r}")
         first = depth - num_linearized
         self.backend, self.first_linearized = backend, first
-        self.num_prefix_tokens, self.global_pool = model.num_prefix_tokens, model.global_pool
-        self.pool_include_prefix = getattr(model, "pool_include_prefix", False)
+        self.pool = functools.partial(  # timm's own pooling; its tangent by forward AD
+            global_pool_nlc, pool_type=model.global_pool, num_prefix_tokens=model.num_prefix_tokens,
+            reduce_include_prefix=getattr(model, "pool_include_prefix", False),
+        )
         self.no_embed_class = model.no_embed_class
 
         if first == 0:
+            if getattr(model, "dynamic_img_size", False):
+                raise UnsupportedModuleError(
+                    "linearize: dynamic_img_size=True is supported only with blocks=k (the embeddings frozen)"
+                )
             if fresh_cls_token:
                 raise ValueError("fresh_cls_token: with blocks='all' the class token is already linearized")
             self.frozen = None
@@ -126,6 +142,7 @@ class LinearizedViT(nn.Module):
         self.fc_norm = _tangent_norm(model.fc_norm, backend)
         self.head_drop_p = model.head_drop.p
         self.head = TangentLinear(model.head, backend) if isinstance(model.head, nn.Linear) else TangentIdentity()
+        self.train(model.training)
 
     def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Tokens and their tangent entering the first linearized block."""
@@ -150,20 +167,13 @@ class LinearizedViT(nn.Module):
         x, x_t = dropout_pair(x, x_t, self.pos_drop_p, self.training)
         return self.norm_pre(x, x_t)
 
-    def _pool(self, x: Tensor) -> Tensor:
-        if self.global_pool == "token":
-            return x[:, 0]
-        if self.global_pool == "avg":
-            return (x if self.pool_include_prefix else x[:, self.num_prefix_tokens:]).mean(dim=1)
-        return x
-
     def forward_dual(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Both streams: ``(f(x; w0), J f(x; w0) · dw)``."""
         x, x_t = self._embed(images)
         for block in self.blocks.values():
             x, x_t = block(x, x_t)
         x, x_t = self.norm(x, x_t)
-        x, x_t = self._pool(x), None if x_t is None else self._pool(x_t)
+        x, x_t = (self.pool(x), None) if x_t is None else torch.func.jvp(self.pool, (x,), (x_t,))
         x, x_t = self.fc_norm(x, x_t)
         x, x_t = dropout_pair(x, x_t, self.head_drop_p, self.training)
         y, y_t = self.head(x, x_t)

@@ -5,12 +5,14 @@ frozen weights ``w0`` of the module it was built from as non-persistent buffers 
 ``<name>0`` (``weight0``, ``bias0``, ...), sharing their storage, and has one trainable offset
 ``dw`` per weight under the original parameter name (``weight``, ``bias``, ``gamma``, ...),
 initialised to zero. So ``parameters()`` are exactly the offsets and ``state_dict()`` keys line up
-with the original module's.
+with the original module's. Parts without a fused op (other norms, activations, gated MLPs) are
+``TangentForwardAD``: forward-mode AD of the module's own code, exact but unfused.
 
 ``backend`` names the backend for every op that has one of that name (the others run on
-``"auto"``; ``tangent_kernels.last_backend(op)`` tells what ran). Dropout and DropPath apply the same mask to both streams (the linearization of the network
-with that mask). Under ``torch.autocast`` the ops run in the dtype autocast would pick: the
-autocast dtype for linear layers and attention, float32 for layer norms.
+``"auto"``; ``tangent_kernels.last_backend(op)`` tells what ran). Dropout and DropPath apply the
+same mask to both streams (the linearization of the network with that mask). Under
+``torch.autocast`` the ops run in the dtype autocast would pick: the autocast dtype for linear
+layers and attention, float32 for layer norms.
 """
 
 from __future__ import annotations
@@ -90,6 +92,43 @@ class TangentIdentity(nn.Module):
         return x, x_t
 
 
+class TangentForwardAD(nn.Module):
+    """Any module without a fused tangent op, linearized by forward-mode AD of its own code.
+
+    Exact (it is ``torch.func.jvp`` of the module at ``w0`` along ``dw``) but unfused, and it
+    saves for backward what ``jvp`` saves. It covers the parts the fused ops do not: other norms
+    (RMSNorm), other activations (QuickGELU, SiLU), gated MLPs (SwiGLU). The module must not call
+    fused SDPA, which has no forward-AD rule. The offsets are registered under the module's own
+    parameter names; the frozen copy keeps ``w0``.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        from .linearize import frozen_copy
+
+        self.offset_names = [name for name, _ in module.named_parameters()]
+        self.frozen = frozen_copy(module)
+        for name, param in module.named_parameters():
+            *path, leaf = name.split(".")
+            owner = self
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, nn.Module())
+                owner = getattr(owner, part)
+            owner.register_parameter(leaf, _offset(param.detach()))
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        if x_t is None and not self.offset_names:
+            return self.frozen(x), None
+        w0 = {name: self.frozen.get_buffer(name) for name in self.offset_names}
+        dw = {name: self.get_parameter(name) for name in self.offset_names}
+
+        def run(x: Tensor, weights: dict[str, Tensor]) -> Tensor:
+            return torch.func.functional_call(self.frozen, weights, (x,))
+
+        return torch.func.jvp(run, (x, w0), (torch.zeros_like(x) if x_t is None else x_t, dw))
+
+
 class TangentLinear(nn.Module):
     """``nn.Linear`` linearized: ``y = x W0ᵀ + b0``, ``y_t = x_t W0ᵀ + x dWᵀ + db``."""
 
@@ -143,25 +182,43 @@ class TangentLayerScale(nn.Module):
         return x * self.gamma0, add_tangents(None if x_t is None else x_t * self.gamma0, x * self.gamma)
 
 
-def gelu_approximation(act: nn.Module) -> str:
-    """``"none"`` or ``"tanh"`` for the GELU modules of torch and timm; raises for others."""
+def gelu_approximation(act: nn.Module) -> str | None:
+    """``"none"`` or ``"tanh"`` for the GELU modules of torch and timm; ``None`` for others."""
     if isinstance(act, nn.GELU):
         return act.approximate
     name = type(act).__name__
     if name in ("GELU", "GELUTanh") and type(act).__module__.startswith("timm"):
         return "tanh" if name == "GELUTanh" else "none"
-    raise UnsupportedModuleError(f"activation {name}: only GELU (erf or tanh form) is supported")
+    return None
+
+
+def _is_layer_norm(norm: nn.Module) -> bool:
+    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
 
 
 def _tangent_norm(norm: nn.Module, backend: str) -> nn.Module:
-    """A tangent version of an optional norm slot: identity or layer norm."""
+    """A tangent version of a norm slot: identity, the fused layer norm, or forward AD of the norm."""
     if isinstance(norm, nn.Identity):
         return TangentIdentity()
-    return TangentLayerNorm(norm, backend)
+    if _is_layer_norm(norm):
+        return TangentLayerNorm(norm, backend)
+    return TangentForwardAD(norm)
+
+
+def tangent_mlp(mlp: nn.Module, backend: str = "auto") -> nn.Module:
+    """timm's ``Mlp`` on the fused ops; any other MLP (gated ones such as SwiGLU) by forward AD."""
+    is_timm_mlp = type(mlp).__name__ == "Mlp" and all(hasattr(mlp, part) for part in ("fc1", "act", "fc2"))
+    if is_timm_mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear):
+        return TangentMlp(mlp, backend)
+    return TangentForwardAD(mlp)
 
 
 class TangentMlp(nn.Module):
-    """timm ``Mlp`` linearized: ``fc1 → GELU → dropout → (norm) → fc2 → dropout``."""
+    """timm ``Mlp`` linearized: ``fc1 → activation → dropout → (norm) → fc2 → dropout``.
+
+    With GELU (erf or tanh form) and no hidden norm it is one fused ``mlp_jvp``; other
+    activations run by forward AD between the two fused linear layers.
+    """
 
     def __init__(self, mlp: nn.Module, backend: str = "auto"):
         super().__init__()
@@ -171,6 +228,7 @@ class TangentMlp(nn.Module):
         if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
             raise UnsupportedModuleError("TangentMlp: fc1 and fc2 must be nn.Linear (use_conv=True is not supported)")
         self.approximate = gelu_approximation(mlp.act)
+        self.act = None if self.approximate is not None else TangentForwardAD(mlp.act)
         self.backend = backend
         self.fc1 = TangentLinear(mlp.fc1, backend)
         self.norm = _tangent_norm(getattr(mlp, "norm", nn.Identity()), backend)
@@ -179,15 +237,18 @@ class TangentMlp(nn.Module):
         self.drop2_p = getattr(getattr(mlp, "drop2", None), "p", 0.0)
 
     def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        fused = isinstance(self.norm, TangentIdentity) and (not self.training or self.drop1_p == 0.0)
-        if fused:  # one op, so a fused MLP kernel can serve it
+        plain_gelu = self.act is None and isinstance(self.norm, TangentIdentity)
+        if plain_gelu and (not self.training or self.drop1_p == 0.0):  # one op a fused MLP kernel can serve
             fc1, fc2 = self.fc1, self.fc2
             args = _cast(_autocast_dtype(x), x, x_t, fc1.weight0, fc1.bias0, fc2.weight0, fc2.bias0,
                          fc1.weight, fc1.bias, fc2.weight, fc2.bias)  # fmt: skip
             y, y_t = F.mlp_jvp(*args, approximate=self.approximate, backend=_op_backend("mlp_jvp", self.backend))
         else:
             h, h_t = self.fc1(x, x_t)
-            h, h_t = F.gelu_jvp(h, h_t, self.approximate, backend=_op_backend("gelu_jvp", self.backend))
+            if self.act is None:
+                h, h_t = F.gelu_jvp(h, h_t, self.approximate, backend=_op_backend("gelu_jvp", self.backend))
+            else:
+                h, h_t = self.act(h, h_t)
             h, h_t = dropout_pair(h, h_t, self.drop1_p, self.training)
             h, h_t = self.norm(h, h_t)
             y, y_t = self.fc2(h, h_t)
@@ -271,11 +332,11 @@ class TangentBlock(nn.Module):
             raise UnsupportedModuleError(
                 f"TangentBlock: expected timm's vision_transformer.Block, got {type(block).__name__}"
             )
-        self.norm1 = TangentLayerNorm(block.norm1, backend)
+        self.norm1 = _tangent_norm(block.norm1, backend)
         self.attn = TangentAttention(block.attn, backend)
         self.ls1 = _tangent_layer_scale(block.ls1)
-        self.norm2 = TangentLayerNorm(block.norm2, backend)
-        self.mlp = TangentMlp(block.mlp, backend)
+        self.norm2 = _tangent_norm(block.norm2, backend)
+        self.mlp = tangent_mlp(block.mlp, backend)
         self.ls2 = _tangent_layer_scale(block.ls2)
         self.drop_path1 = TangentDropPath(block.drop_path1)
         self.drop_path2 = TangentDropPath(block.drop_path2)

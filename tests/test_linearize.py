@@ -7,6 +7,7 @@ for ``torch.func.jvp``), and differentiates ``jvp`` with ``torch.func.grad`` for
 import pytest
 import timm
 import torch
+from timm.layers import RmsNorm, SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch.func import functional_call, jvp
 
@@ -22,6 +23,14 @@ VARIANTS = {
     "avg_pool": dict(img_size=32, patch_size=8, class_token=False, global_pool="avg", fc_norm=True),
     "registers": dict(img_size=64, patch_size=16, reg_tokens=2, no_embed_class=True),
     "tanh_gelu": dict(img_size=32, patch_size=8, act_layer=lambda: torch.nn.GELU(approximate="tanh")),
+    # Parts without a fused op run by forward AD of their own code (TangentForwardAD).
+    "clip_style": dict(pre_norm=True, act_layer="quick_gelu", patch_size=16, img_size=48),
+    "rms_norm_max_pool": dict(norm_layer=RmsNorm, class_token=False, global_pool="max"),
+    "swiglu_avgmax": dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, global_pool="avgmax", reg_tokens=1),
+    "scale_norms": dict(scale_attn_norm=True, scale_mlp_norm=True, proj_bias=False, final_norm=False,
+                        global_pool="avg"),
+    "dropout_eval": dict(drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1,
+                         attn_drop_rate=0.1),
 }
 
 
@@ -127,6 +136,32 @@ def test_zero_offsets_give_the_original_output(blocks):
     torch.testing.assert_close(lin(images), model(images), rtol=1e-5, atol=1e-5)
 
 
+def test_dynamic_img_size_with_frozen_embeddings():
+    """A model built with dynamic_img_size takes other image sizes when its embeddings stay frozen."""
+    model = small_vit(dynamic_img_size=True)
+    lin = tk.linearize(model, 2, backend="reference")
+    check(model, lin, torch.randn(2, 3, 40, 24, dtype=torch.float64), 1e-9)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_keeps_the_models_training_mode(training):
+    model = small_vit(drop_rate=0.5).train(training)
+    lin = tk.linearize(model, 1)
+    assert lin.training == training and all(m.training == training for m in lin.modules())
+
+
+def test_forward_ad_fallback_keeps_the_modules_parameter_names():
+    mlp = SwiGLUPacked(in_features=6, hidden_features=10, act_layer=torch.nn.SiLU)
+    tangent = tk.modules.tangent_mlp(mlp)
+    assert isinstance(tangent, tk.modules.TangentForwardAD)
+    assert tangent.state_dict().keys() == mlp.state_dict().keys()
+    assert all(torch.count_nonzero(p) == 0 for p in tangent.parameters())
+    x = torch.randn(2, 5, 6)
+    y, y_t = tangent(x)
+    torch.testing.assert_close(y, mlp(x))
+    assert torch.count_nonzero(y_t) == 0
+
+
 def test_parameters_are_exactly_the_offsets():
     model = small_vit(**VARIANTS["layer_scale"])
     lin = tk.linearize(model, "all")
@@ -227,15 +262,28 @@ class TestUnsupported:
         with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Sequential"):
             tk.linearize(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
-    def test_map_pooling(self):
-        with pytest.raises(tk.UnsupportedModuleError, match="attention pooling"):
-            tk.linearize(small_vit(global_pool="map"))
+    @pytest.mark.parametrize("pool", ["map", "prr"])
+    def test_attention_pooling(self, pool):
+        with pytest.raises(tk.UnsupportedModuleError, match=f"attention pooling \\(global_pool='{pool}'\\)"):
+            tk.linearize(small_vit(global_pool=pool))
 
-    def test_activation(self):
-        from timm.layers import QuickGELU
+    def test_subclass_that_changes_the_forward(self):
+        from timm.models.deit import VisionTransformerDistilled
 
-        with pytest.raises(tk.UnsupportedModuleError, match="activation QuickGELU"):
-            tk.linearize(small_vit(act_layer=QuickGELU))
+        model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+        with pytest.raises(tk.UnsupportedModuleError, match="VisionTransformerDistilled overrides .*forward_head"):
+            tk.linearize(model, 1)
+
+    def test_block_type(self):
+        from timm.models.vision_transformer import ParallelScalingBlock
+
+        message = "expected timm's vision_transformer.Block, got ParallelScalingBlock"
+        with pytest.raises(tk.UnsupportedModuleError, match=message):
+            tk.linearize(small_vit(block_fn=ParallelScalingBlock), 1)
+
+    def test_dynamic_img_size_with_linearized_embeddings(self):
+        with pytest.raises(tk.UnsupportedModuleError, match="dynamic_img_size=True is supported only with"):
+            tk.linearize(small_vit(dynamic_img_size=True), "all")
 
     def test_attention_dropout_in_training(self):
         lin = tk.linearize(small_vit(attn_drop_rate=0.1), 1).train()
