@@ -127,8 +127,7 @@ class LinearizedViT(nn.Module):
                 _register_linearized(self, name, _frozen(model, name))
             self.norm_pre = _tangent_norm(model.norm_pre, backend)
             self.pos_drop_p = model.pos_drop.p
-            if getattr(model.patch_drop, "prob", 0.0) > 0.0:
-                raise UnsupportedModuleError("linearize: patch dropout (patch_drop_rate > 0) is not supported")
+            self.patch_drop = copy.deepcopy(model.patch_drop)  # no parameters
         else:
             self.frozen = _FrozenPrefix(model, first)
             if fresh_cls_token and model.cls_token is None:
@@ -165,6 +164,10 @@ class LinearizedViT(nn.Module):
         if pos is not None and not self.no_embed_class:
             x, x_t = x + pos[0], add_tangents(x_t, pos[1])
         x, x_t = dropout_pair(x, x_t, self.pos_drop_p, self.training)
+        if x_t is None:
+            x = self.patch_drop(x)
+        else:  # one random token subset for both streams: drop them side by side
+            x, x_t = self.patch_drop(torch.cat([x, x_t], dim=-1)).chunk(2, dim=-1)
         return self.norm_pre(x, x_t)
 
     def forward_dual(self, images: Tensor) -> tuple[Tensor, Tensor]:

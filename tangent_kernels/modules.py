@@ -192,6 +192,12 @@ def gelu_approximation(act: nn.Module) -> str | None:
     return None
 
 
+def computes_like(module: nn.Module, cls: type) -> bool:
+    """``module`` is a ``cls`` running ``cls``'s own forward (a subclass may change only the
+    constructor), so a tangent module written for ``cls`` linearizes it exactly."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
 def _is_layer_norm(norm: nn.Module) -> bool:
     return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
 
@@ -207,8 +213,9 @@ def _tangent_norm(norm: nn.Module, backend: str) -> nn.Module:
 
 def tangent_mlp(mlp: nn.Module, backend: str = "auto") -> nn.Module:
     """timm's ``Mlp`` on the fused ops; any other MLP (gated ones such as SwiGLU) by forward AD."""
-    is_timm_mlp = type(mlp).__name__ == "Mlp" and all(hasattr(mlp, part) for part in ("fc1", "act", "fc2"))
-    if is_timm_mlp and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear):
+    from timm.layers import Mlp
+
+    if computes_like(mlp, Mlp) and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear):
         return TangentMlp(mlp, backend)
     return TangentForwardAD(mlp)
 
@@ -256,22 +263,25 @@ class TangentMlp(nn.Module):
 
 
 class TangentAttention(nn.Module):
-    """timm ``Attention`` linearized: fused qkv (bias on/off), optional qk-norm and scale-norm, proj."""
+    """timm ``Attention`` linearized: fused qkv (bias on/off), optional qk-norm, scale-norm and
+    sigmoid output gate, proj."""
 
     def __init__(self, attn: nn.Module, backend: str = "auto"):
         super().__init__()
-        if type(attn).__name__ != "Attention" or not hasattr(attn, "qkv"):
+        from timm.layers import Attention
+
+        if not computes_like(attn, Attention):
             raise UnsupportedModuleError(
                 f"TangentAttention: expected timm.layers.Attention (fused qkv), got {type(attn).__name__}"
             )
-        if getattr(attn, "gate", None) is not None:
-            raise UnsupportedModuleError("TangentAttention: gated attention (gate=...) is not supported")
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.backend = backend
         self.qkv = TangentLinear(attn.qkv, backend)
         self.q_norm = _tangent_norm(attn.q_norm, backend)
         self.k_norm = _tangent_norm(attn.k_norm, backend)
         self.norm = _tangent_norm(getattr(attn, "norm", nn.Identity()), backend)
+        gate = getattr(attn, "gate", None)
+        self.gate = None if gate is None else TangentLinear(gate, backend)
         self.proj = TangentLinear(attn.proj, backend)
         self.attn_drop_p = attn.attn_drop.p
         self.proj_drop_p = attn.proj_drop.p
@@ -303,6 +313,11 @@ class TangentAttention(nn.Module):
         o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, scale=self.scale, causal=is_causal, backend=backend)
         o, o_t = (None if t is None else t.transpose(1, 2).reshape(batch, tokens, -1) for t in (o, o_t))
         o, o_t = self.norm(o, o_t)
+        if self.gate is not None:  # o · sigmoid(g): the tangent is o_t · s + o · s (1 - s) g_t
+            g, g_t = self.gate(x, x_t)
+            s = torch.sigmoid(g)
+            s_t = None if g_t is None else s * (1 - s) * g_t
+            o, o_t = o * s, add_tangents(None if o_t is None else o_t * s, None if s_t is None else o * s_t)
         y, y_t = self.proj(o, o_t)
         return dropout_pair(y, y_t, self.proj_drop_p, self.training)
 
@@ -328,7 +343,9 @@ class TangentBlock(nn.Module):
 
     def __init__(self, block: nn.Module, backend: str = "auto"):
         super().__init__()
-        if type(block).__name__ != "Block" or not all(hasattr(block, n) for n in ("norm1", "attn", "norm2", "mlp")):
+        from timm.models.vision_transformer import Block
+
+        if not computes_like(block, Block):
             raise UnsupportedModuleError(
                 f"TangentBlock: expected timm's vision_transformer.Block, got {type(block).__name__}"
             )

@@ -7,12 +7,19 @@ for ``torch.func.jvp``), and differentiates ``jvp`` with ``torch.func.grad`` for
 import pytest
 import timm
 import torch
-from timm.layers import RmsNorm, SwiGLUPacked
+from timm.layers import Attention, RmsNorm, SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch.func import functional_call, jvp
 
 import tangent_kernels as tk
 from helpers import max_relative_error
+
+class GatedAttention(Attention):
+    """timm's Attention with its sigmoid output gate on (a subclass that changes only the constructor)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, gated=True, **kwargs)
+
 
 # Small variants built with timm's own constructor arguments (img size 32-64, patch 8 or 16).
 VARIANTS = {
@@ -29,6 +36,7 @@ VARIANTS = {
     "swiglu_avgmax": dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, global_pool="avgmax", reg_tokens=1),
     "scale_norms": dict(scale_attn_norm=True, scale_mlp_norm=True, proj_bias=False, final_norm=False,
                         global_pool="avg"),
+    "gated_attention": dict(attn_layer=GatedAttention, qkv_bias=False),
     "dropout_eval": dict(drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1,
                          attn_drop_rate=0.1),
 }
@@ -252,6 +260,23 @@ def test_drop_path_uses_one_mask_for_both_streams():
     assert max_relative_error(y, y_ref) < 1e-12 and max_relative_error(y_t, y_t_ref) < 1e-12
 
 
+def test_patch_dropout_keeps_one_token_subset_for_both_streams():
+    """In training, patch dropout on linearized embeddings equals the jvp of timm's model under one seed."""
+    model = math_attention(small_vit(patch_drop_rate=0.5, reg_tokens=1).train())
+    lin = tk.linearize(model, "all", backend="reference")
+    randomize_offsets(lin)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = lin(images)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    offsets = {k: v.detach() for k, v in lin.named_parameters()}
+    torch.manual_seed(5)
+    y, y_t = jvp(lambda p: functional_call(model, p, (images,)), (params,), (offsets,))
+    assert max_relative_error(out, y + y_t) < 1e-12
+    torch.manual_seed(6)
+    assert max_relative_error(lin(images), out) > 1e-3, "the token subset did not change with the seed"
+
+
 def test_dropout_uses_one_mask_for_both_streams():
     y, y_t = tk.modules.dropout_pair(torch.ones(1000), torch.ones(1000), 0.5, training=True)
     assert torch.equal(y == 0, y_t == 0) and 0 < int((y == 0).sum()) < 1000
@@ -280,6 +305,14 @@ class TestUnsupported:
         message = "expected timm's vision_transformer.Block, got ParallelScalingBlock"
         with pytest.raises(tk.UnsupportedModuleError, match=message):
             tk.linearize(small_vit(block_fn=ParallelScalingBlock), 1)
+
+    def test_attention_subclass_with_its_own_forward(self):
+        class OwnForward(Attention):
+            def forward(self, x, attn_mask=None, is_causal=False):
+                return super().forward(x, attn_mask, is_causal) * 2
+
+        with pytest.raises(tk.UnsupportedModuleError, match="expected timm.layers.Attention .*got OwnForward"):
+            tk.linearize(small_vit(attn_layer=OwnForward), 1)
 
     def test_dynamic_img_size_with_linearized_embeddings(self):
         with pytest.raises(tk.UnsupportedModuleError, match="dynamic_img_size=True is supported only with"):
