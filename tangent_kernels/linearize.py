@@ -16,32 +16,15 @@ import torch
 from torch import Tensor, nn
 
 from .modules import (
-    TangentBlock,
-    TangentIdentity,
-    TangentLinear,
     TangentPatchEmbed,
     UnsupportedModuleError,
     _frozen,
     _register_linearized,
-    _tangent_norm,
     dropout_pair,
+    frozen_copy,
+    tangent_module,
 )
 from .reference import add_tangents
-
-
-def frozen_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose parameters are non-persistent buffers sharing the original storage.
-
-    The original is untouched; the copy has no parameters, so nothing in it trains or appears in
-    ``state_dict()``.
-    """
-    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-    clone = copy.deepcopy(module, memo)
-    for submodule in clone.modules():
-        for name, param in list(submodule._parameters.items()):
-            del submodule._parameters[name]
-            submodule.register_buffer(name, None if param is None else param.detach(), persistent=False)
-    return clone
 
 
 def _reinitialized(block: nn.Module) -> nn.Module:
@@ -72,12 +55,6 @@ def _check_supported(model: nn.Module) -> None:
             f"linearize: {type(model).__name__} overrides VisionTransformer.{', '.join(overridden)}; "
             "only timm's VisionTransformer itself is supported"
         )
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModuleError(
-            f"linearize: attention pooling (global_pool={model.global_pool!r}) is not supported"
-        )
-    if not isinstance(model.head, (nn.Linear, nn.Identity)):
-        raise UnsupportedModuleError(f"linearize: head {type(model.head).__name__} is not supported (nn.Linear or Identity)")
 
 
 class _FrozenPrefix(nn.Module):
@@ -108,24 +85,24 @@ class LinearizedViT(nn.Module):
             raise ValueError(f"blocks: expected 'all' or an int from 1 to {depth} (the last k blocks), got {blocks!r}")
         first = depth - num_linearized
         self.backend, self.first_linearized = backend, first
+        self.num_prefix_tokens = model.num_prefix_tokens
+        self.pool_include_prefix = getattr(model, "pool_include_prefix", False)
         self.pool = functools.partial(  # timm's own pooling; its tangent by forward AD
-            global_pool_nlc, pool_type=model.global_pool, num_prefix_tokens=model.num_prefix_tokens,
-            reduce_include_prefix=getattr(model, "pool_include_prefix", False),
+            global_pool_nlc, pool_type=model.global_pool, num_prefix_tokens=self.num_prefix_tokens,
+            reduce_include_prefix=self.pool_include_prefix,
         )
+        attn_pool = getattr(model, "attn_pool", None)
+        self.attn_pool = None if attn_pool is None else tangent_module(attn_pool, backend)
         self.no_embed_class = model.no_embed_class
 
         if first == 0:
-            if getattr(model, "dynamic_img_size", False):
-                raise UnsupportedModuleError(
-                    "linearize: dynamic_img_size=True is supported only with blocks=k (the embeddings frozen)"
-                )
             if fresh_cls_token:
                 raise ValueError("fresh_cls_token: with blocks='all' the class token is already linearized")
             self.frozen = None
             self.patch_embed = TangentPatchEmbed(model.patch_embed, backend)
             for name in ("cls_token", "reg_token", "pos_embed"):
                 _register_linearized(self, name, _frozen(model, name))
-            self.norm_pre = _tangent_norm(model.norm_pre, backend)
+            self.norm_pre = tangent_module(model.norm_pre, backend)
             self.pos_drop_p = model.pos_drop.p
             self.patch_drop = copy.deepcopy(model.patch_drop)  # no parameters
         else:
@@ -136,11 +113,11 @@ class LinearizedViT(nn.Module):
             self.register_parameter("cls_token", None if fresh is None else nn.Parameter(fresh))
 
         source = (_reinitialized(b) if reinit else b for b in list(model.blocks)[first:])
-        self.blocks = nn.ModuleDict({str(first + i): TangentBlock(b, backend) for i, b in enumerate(source)})
-        self.norm = _tangent_norm(model.norm, backend)
-        self.fc_norm = _tangent_norm(model.fc_norm, backend)
+        self.blocks = nn.ModuleDict({str(first + i): tangent_module(b, backend) for i, b in enumerate(source)})
+        self.norm = tangent_module(model.norm, backend)
+        self.fc_norm = tangent_module(model.fc_norm, backend)
         self.head_drop_p = model.head_drop.p
-        self.head = TangentLinear(model.head, backend) if isinstance(model.head, nn.Linear) else TangentIdentity()
+        self.head = tangent_module(model.head, backend)
         self.train(model.training)
 
     def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -152,10 +129,19 @@ class LinearizedViT(nn.Module):
             fresh = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
             return x, torch.cat([fresh, torch.zeros_like(x[:, 1:])], dim=1)
         x, x_t = self.patch_embed(images)
+        pos = None if self.pos_embed0 is None else (self.pos_embed0, self.pos_embed)
+        if x.dim() == 4:  # dynamic_img_size: (B, H, W, C) patches, position embedding resampled to that grid
+            batch, height, width, channels = x.shape
+            if pos is not None:  # interpolation is linear: resample w0 and dw alike
+                from timm.layers import resample_abs_pos_embed
+
+                prefix_rows = 0 if self.no_embed_class else self.num_prefix_tokens
+                pos = tuple(resample_abs_pos_embed(p, new_size=(height, width), old_size=self.patch_embed.grid_size,
+                                                   num_prefix_tokens=prefix_rows) for p in pos)  # fmt: skip
+            x, x_t = x.reshape(batch, -1, channels), None if x_t is None else x_t.reshape(batch, -1, channels)
         batch = x.shape[0]
         prefix = [(t0.expand(batch, -1, -1), dt.expand(batch, -1, -1))
                   for t0, dt in ((self.cls_token0, self.cls_token), (self.reg_token0, self.reg_token)) if t0 is not None]  # fmt: skip
-        pos = None if self.pos_embed0 is None else (self.pos_embed0, self.pos_embed)
         if pos is not None and self.no_embed_class:  # position embedding on patches only, then prepend
             x, x_t = x + pos[0], add_tangents(x_t, pos[1])
         if prefix:
@@ -164,11 +150,23 @@ class LinearizedViT(nn.Module):
         if pos is not None and not self.no_embed_class:
             x, x_t = x + pos[0], add_tangents(x_t, pos[1])
         x, x_t = dropout_pair(x, x_t, self.pos_drop_p, self.training)
-        if x_t is None:
-            x = self.patch_drop(x)
-        else:  # one random token subset for both streams: drop them side by side
-            x, x_t = self.patch_drop(torch.cat([x, x_t], dim=-1)).chunk(2, dim=-1)
+        x, x_t = self._patch_dropout(x, x_t)
         return self.norm_pre(x, x_t)
+
+    def _patch_dropout(self, x: Tensor, x_t: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """timm's patch dropout with one random token subset for both streams (run side by side)."""
+        if x_t is None or not self.training or isinstance(self.patch_drop, nn.Identity):
+            return self.patch_drop(x), x_t
+        kept, kept_t = self.patch_drop(torch.cat([x, x_t], dim=-1)).chunk(2, dim=-1)
+        return (kept if x.requires_grad else kept.detach()), kept_t  # the primal half does not depend on x_t
+
+    def _pool(self, x: Tensor, x_t: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``VisionTransformer.pool`` on both streams."""
+        if self.attn_pool is None:
+            return (self.pool(x), None) if x_t is None else torch.func.jvp(self.pool, (x,), (x_t,))
+        if not self.pool_include_prefix:
+            x, x_t = x[:, self.num_prefix_tokens:], None if x_t is None else x_t[:, self.num_prefix_tokens:]
+        return self.attn_pool(x, x_t)
 
     def forward_dual(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Both streams: ``(f(x; w0), J f(x; w0) · dw)``."""
@@ -176,7 +174,7 @@ class LinearizedViT(nn.Module):
         for block in self.blocks.values():
             x, x_t = block(x, x_t)
         x, x_t = self.norm(x, x_t)
-        x, x_t = (self.pool(x), None) if x_t is None else torch.func.jvp(self.pool, (x,), (x_t,))
+        x, x_t = self._pool(x, x_t)
         x, x_t = self.fc_norm(x, x_t)
         x, x_t = dropout_pair(x, x_t, self.head_drop_p, self.training)
         y, y_t = self.head(x, x_t)

@@ -17,6 +17,8 @@ layers and attention, float32 for layer norms.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
@@ -39,6 +41,21 @@ def _frozen(module: nn.Module, name: str) -> Tensor | None:
 
 def _offset(frozen: Tensor | None) -> nn.Parameter | None:
     return None if frozen is None else nn.Parameter(torch.zeros_like(frozen))
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose parameters are non-persistent buffers sharing the original storage.
+
+    The original is untouched; the copy has no parameters, so nothing in it trains or appears in
+    ``state_dict()``.
+    """
+    memo = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    clone = copy.deepcopy(module, memo)
+    for submodule in clone.modules():
+        for name, param in list(submodule._parameters.items()):
+            del submodule._parameters[name]
+            submodule.register_buffer(name, None if param is None else param.detach(), persistent=False)
+    return clone
 
 
 def _register_linearized(module: nn.Module, name: str, frozen: Tensor | None) -> None:
@@ -96,18 +113,23 @@ class TangentForwardAD(nn.Module):
     """Any module without a fused tangent op, linearized by forward-mode AD of its own code.
 
     Exact (it is ``torch.func.jvp`` of the module at ``w0`` along ``dw``) but unfused, and it
-    saves for backward what ``jvp`` saves. It covers the parts the fused ops do not: other norms
-    (RMSNorm), other activations (QuickGELU, SiLU), gated MLPs (SwiGLU). The module must not call
-    fused SDPA, which has no forward-AD rule. The offsets are registered under the module's own
-    parameter names; the frozen copy keeps ``w0``.
+    saves for backward what ``jvp`` saves. It covers what the fused modules do not: other norms
+    (RMSNorm), activations (QuickGELU, SiLU), gated MLPs (SwiGLU), attention pooling, other block
+    and attention types. The module's ``F.scaled_dot_product_attention`` calls run through
+    ``patch.fused_attention`` (its ``jvp`` rule is the one-pass kernel; timm's ``fused_attn``
+    flags are turned on in the frozen copy), so no N×N tensor appears where that can serve the
+    call. The offsets are registered under the module's own parameter names; the frozen copy
+    keeps ``w0``.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, backend: str = "auto"):
         super().__init__()
-        from .linearize import frozen_copy
-
+        self.backend = backend
         self.offset_names = [name for name, _ in module.named_parameters()]
         self.frozen = frozen_copy(module)
+        for submodule in self.frozen.modules():
+            if isinstance(getattr(submodule, "fused_attn", None), bool):
+                submodule.fused_attn = True
         for name, param in module.named_parameters():
             *path, leaf = name.split(".")
             owner = self
@@ -117,16 +139,19 @@ class TangentForwardAD(nn.Module):
                 owner = getattr(owner, part)
             owner.register_parameter(leaf, _offset(param.detach()))
 
-    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        if x_t is None and not self.offset_names:
-            return self.frozen(x), None
-        w0 = {name: self.frozen.get_buffer(name) for name in self.offset_names}
-        dw = {name: self.get_parameter(name) for name in self.offset_names}
+    def forward(self, x: Tensor, x_t: Tensor | None = None, **kwargs) -> Pair:
+        from .patch import routed_attention
 
-        def run(x: Tensor, weights: dict[str, Tensor]) -> Tensor:
-            return torch.func.functional_call(self.frozen, weights, (x,))
+        with routed_attention(_op_backend("attention_jvp", self.backend)):
+            if x_t is None and not self.offset_names:
+                return self.frozen(x, **kwargs), None
+            w0 = {name: self.frozen.get_buffer(name) for name in self.offset_names}
+            dw = {name: self.get_parameter(name) for name in self.offset_names}
 
-        return torch.func.jvp(run, (x, w0), (torch.zeros_like(x) if x_t is None else x_t, dw))
+            def run(x: Tensor, weights: dict[str, Tensor]) -> Tensor:
+                return torch.func.functional_call(self.frozen, weights, (x,), kwargs)
+
+            return torch.func.jvp(run, (x, w0), (torch.zeros_like(x) if x_t is None else x_t, dw))
 
 
 class TangentLinear(nn.Module):
@@ -198,28 +223,6 @@ def computes_like(module: nn.Module, cls: type) -> bool:
     return isinstance(module, cls) and type(module).forward is cls.forward
 
 
-def _is_layer_norm(norm: nn.Module) -> bool:
-    return isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
-
-
-def _tangent_norm(norm: nn.Module, backend: str) -> nn.Module:
-    """A tangent version of a norm slot: identity, the fused layer norm, or forward AD of the norm."""
-    if isinstance(norm, nn.Identity):
-        return TangentIdentity()
-    if _is_layer_norm(norm):
-        return TangentLayerNorm(norm, backend)
-    return TangentForwardAD(norm)
-
-
-def tangent_mlp(mlp: nn.Module, backend: str = "auto") -> nn.Module:
-    """timm's ``Mlp`` on the fused ops; any other MLP (gated ones such as SwiGLU) by forward AD."""
-    from timm.layers import Mlp
-
-    if computes_like(mlp, Mlp) and isinstance(mlp.fc1, nn.Linear) and isinstance(mlp.fc2, nn.Linear):
-        return TangentMlp(mlp, backend)
-    return TangentForwardAD(mlp)
-
-
 class TangentMlp(nn.Module):
     """timm ``Mlp`` linearized: ``fc1 → activation → dropout → (norm) → fc2 → dropout``.
 
@@ -235,10 +238,10 @@ class TangentMlp(nn.Module):
         if not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
             raise UnsupportedModuleError("TangentMlp: fc1 and fc2 must be nn.Linear (use_conv=True is not supported)")
         self.approximate = gelu_approximation(mlp.act)
-        self.act = None if self.approximate is not None else TangentForwardAD(mlp.act)
+        self.act = None if self.approximate is not None else TangentForwardAD(mlp.act, backend)
         self.backend = backend
         self.fc1 = TangentLinear(mlp.fc1, backend)
-        self.norm = _tangent_norm(getattr(mlp, "norm", nn.Identity()), backend)
+        self.norm = tangent_module(getattr(mlp, "norm", nn.Identity()), backend)
         self.fc2 = TangentLinear(mlp.fc2, backend)
         self.drop1_p = getattr(getattr(mlp, "drop1", None), "p", 0.0)
         self.drop2_p = getattr(getattr(mlp, "drop2", None), "p", 0.0)
@@ -277,9 +280,9 @@ class TangentAttention(nn.Module):
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.backend = backend
         self.qkv = TangentLinear(attn.qkv, backend)
-        self.q_norm = _tangent_norm(attn.q_norm, backend)
-        self.k_norm = _tangent_norm(attn.k_norm, backend)
-        self.norm = _tangent_norm(getattr(attn, "norm", nn.Identity()), backend)
+        self.q_norm = tangent_module(attn.q_norm, backend)
+        self.k_norm = tangent_module(attn.k_norm, backend)
+        self.norm = tangent_module(getattr(attn, "norm", nn.Identity()), backend)
         gate = getattr(attn, "gate", None)
         self.gate = None if gate is None else TangentLinear(gate, backend)
         self.proj = TangentLinear(attn.proj, backend)
@@ -322,10 +325,6 @@ class TangentAttention(nn.Module):
         return dropout_pair(y, y_t, self.proj_drop_p, self.training)
 
 
-def _tangent_layer_scale(module: nn.Module) -> nn.Module:
-    return TangentIdentity() if isinstance(module, nn.Identity) else TangentLayerScale(module)
-
-
 class TangentDropPath(nn.Module):
     """timm ``DropPath`` (or ``nn.Identity``) with one per-sample mask for both streams."""
 
@@ -349,18 +348,18 @@ class TangentBlock(nn.Module):
             raise UnsupportedModuleError(
                 f"TangentBlock: expected timm's vision_transformer.Block, got {type(block).__name__}"
             )
-        self.norm1 = _tangent_norm(block.norm1, backend)
-        self.attn = TangentAttention(block.attn, backend)
-        self.ls1 = _tangent_layer_scale(block.ls1)
-        self.norm2 = _tangent_norm(block.norm2, backend)
-        self.mlp = tangent_mlp(block.mlp, backend)
-        self.ls2 = _tangent_layer_scale(block.ls2)
+        self.norm1 = tangent_module(block.norm1, backend)
+        self.attn = tangent_module(block.attn, backend)
+        self.ls1 = tangent_module(block.ls1, backend)
+        self.norm2 = tangent_module(block.norm2, backend)
+        self.mlp = tangent_module(block.mlp, backend)
+        self.ls2 = tangent_module(block.ls2, backend)
         self.drop_path1 = TangentDropPath(block.drop_path1)
         self.drop_path2 = TangentDropPath(block.drop_path2)
 
     def forward(self, x: Tensor, x_t: Tensor | None = None, is_causal: bool = False) -> Pair:
         h, h_t = self.norm1(x, x_t)
-        h, h_t = self.attn(h, h_t, is_causal=is_causal)
+        h, h_t = self.attn(h, h_t, is_causal=True) if is_causal else self.attn(h, h_t)
         h, h_t = self.ls1(h, h_t)
         h, h_t = self.drop_path1(h, h_t)
         x, x_t = x + h, add_tangents(x_t, h_t)
@@ -372,29 +371,48 @@ class TangentBlock(nn.Module):
 
 
 class TangentPatchEmbed(nn.Module):
-    """timm ``PatchEmbed`` linearized: the patch convolution with weight/bias offsets, then flatten and norm."""
+    """timm ``PatchEmbed`` linearized: the patch convolution with weight/bias offsets, then its
+    output layout (flattened tokens, or NHWC patches for ``dynamic_img_size``) and norm."""
 
     def __init__(self, patch_embed: nn.Module, backend: str = "auto"):
         super().__init__()
         proj = getattr(patch_embed, "proj", None)
         if not isinstance(proj, nn.Conv2d):
             raise UnsupportedModuleError("TangentPatchEmbed: expected timm's PatchEmbed with a Conv2d projection")
-        if not getattr(patch_embed, "flatten", False) or getattr(patch_embed, "dynamic_img_pad", False):
-            raise UnsupportedModuleError(
-                "TangentPatchEmbed: only flattened (NLC) output without dynamic padding is supported "
-                "(dynamic_img_size / dynamic_img_pad are not)"
-            )
-        self.img_size = patch_embed.img_size
+        self.img_size, self.patch_size = patch_embed.img_size, patch_embed.patch_size
+        self.grid_size = getattr(patch_embed, "grid_size", None)
         self.strict_img_size = getattr(patch_embed, "strict_img_size", True)
+        self.dynamic_img_pad = getattr(patch_embed, "dynamic_img_pad", False)
+        self.flatten = getattr(patch_embed, "flatten", True)
+        self.output_fmt = getattr(patch_embed, "output_fmt", None)
         self.stride, self.padding = proj.stride, proj.padding
         self.proj = nn.Module()
         _register_linearized(self.proj, "weight", _frozen(proj, "weight"))
         _register_linearized(self.proj, "bias", _frozen(proj, "bias"))
-        self.norm = _tangent_norm(patch_embed.norm, backend)
+        self.norm = tangent_module(patch_embed.norm, backend)
+
+    def _check_size(self, x: Tensor) -> None:
+        size = tuple(x.shape[-2:])
+        if self.img_size is None:
+            return
+        if self.strict_img_size and size != tuple(self.img_size):
+            raise ValueError(f"x: expected images of size {tuple(self.img_size)}, got {size}")
+        if not self.dynamic_img_pad and any(n % p for n, p in zip(size, self.patch_size)):
+            raise ValueError(f"x: expected an image size divisible by the patch size {tuple(self.patch_size)}, got {size}")
+
+    def _layout(self, y: Tensor) -> Tensor:
+        """NCHW conv output in the module's output layout."""
+        if self.flatten:
+            return y.flatten(2).transpose(1, 2)
+        from timm.layers.format import Format, nchw_to
+
+        return y if self.output_fmt in (None, Format.NCHW) else nchw_to(y, self.output_fmt)
 
     def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        if self.img_size is not None and self.strict_img_size and tuple(x.shape[-2:]) != tuple(self.img_size):
-            raise ValueError(f"x: expected images of size {tuple(self.img_size)}, got {tuple(x.shape[-2:])}")
+        self._check_size(x)
+        if self.dynamic_img_pad:  # zero-pad to whole patches (bottom and right), both streams
+            pad = (0, (-x.shape[-1]) % self.patch_size[1], 0, (-x.shape[-2]) % self.patch_size[0])
+            x, x_t = torch_F.pad(x, pad), None if x_t is None else torch_F.pad(x_t, pad)
         p = self.proj
         x, x_t, w0, b0, dw, db = _cast(_autocast_dtype(x), x, x_t, p.weight0, p.bias0, p.weight, p.bias)
         conv = dict(stride=self.stride, padding=self.padding)
@@ -402,5 +420,29 @@ class TangentPatchEmbed(nn.Module):
         y_t = torch_F.conv2d(x, dw, db, **conv)
         if x_t is not None:
             y_t = y_t + torch_F.conv2d(x_t, w0, None, **conv)
-        y, y_t = (t.flatten(2).transpose(1, 2) for t in (y, y_t))
-        return self.norm(y, y_t)
+        return self.norm(self._layout(y), self._layout(y_t))
+
+
+def tangent_module(module: nn.Module, backend: str = "auto") -> nn.Module:
+    """The tangent version of ``module``: the fused tangent module written for its type where
+    there is one (a subclass may change only the constructor), ``TangentForwardAD`` otherwise."""
+    from timm.layers import Attention, LayerScale, Mlp
+    from timm.layers import LayerNorm as TimmLayerNorm
+    from timm.models.vision_transformer import Block
+
+    if isinstance(module, nn.Identity):
+        return TangentIdentity()
+    if computes_like(module, nn.Linear):
+        return TangentLinear(module, backend)
+    layer_norm = computes_like(module, nn.LayerNorm) or computes_like(module, TimmLayerNorm)
+    if layer_norm and len(module.normalized_shape) == 1:
+        return TangentLayerNorm(module, backend)
+    if computes_like(module, LayerScale):
+        return TangentLayerScale(module)
+    if computes_like(module, Mlp) and isinstance(module.fc1, nn.Linear) and isinstance(module.fc2, nn.Linear):
+        return TangentMlp(module, backend)
+    if computes_like(module, Attention):
+        return TangentAttention(module, backend)
+    if computes_like(module, Block):
+        return TangentBlock(module, backend)
+    return TangentForwardAD(module, backend)

@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from . import functional, ops
@@ -95,32 +96,48 @@ def _key_padding_from_sdpa_mask(attn_mask: Tensor, batch: int, k_len: int) -> Te
 
 
 class _FusedSDPAMode(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` calls it can serve to ``fused_attention``."""
+    """Routes ``F.scaled_dot_product_attention`` calls it can serve to ``fused_attention`` and
+    the others to torch's math SDPA (the fused SDPA kernels have no forward-AD rule)."""
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__()
+        self.backend = backend
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch_F.scaled_dot_product_attention:
-            fused = _sdpa_as_fused(*args, **kwargs)
+            fused = _sdpa_as_fused(*args, backend=self.backend, **kwargs)
             if fused is not None:
                 return fused
+            with sdpa_kernel(SDPBackend.MATH):
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
 
 
-def _sdpa_as_fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+def routed_attention(backend: str = "auto") -> _FusedSDPAMode:
+    """``with routed_attention(): ...`` runs the ``F.scaled_dot_product_attention`` calls inside
+    through ``fused_attention`` where it can serve them, and through torch's math SDPA otherwise."""
+    return _FusedSDPAMode(backend)
+
+
+def _sdpa_as_fused(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                   *, backend="auto"):  # fmt: skip
     """The SDPA call through ``fused_attention``, or ``None`` where it cannot serve it (dropout,
-    a general mask, or GQA without ``enable_gqa``) and torch's own SDPA must run."""
+    a general mask, GQA without ``enable_gqa``, a value head dim other than the query's)."""
     if dropout_p > 0.0 or query.dim() != 4 or (query.shape[1] != key.shape[1] and not enable_gqa):
+        return None
+    if value.shape[-1] != query.shape[-1]:
         return None
     mask = None
     if attn_mask is not None:
         mask = _key_padding_from_sdpa_mask(attn_mask, query.shape[0], key.shape[2])
         if mask is None or is_causal:
             return None
-    return fused_attention(query, key, value, scale=scale, causal=is_causal, key_padding_mask=mask)
+    return fused_attention(query, key, value, scale=scale, causal=is_causal, key_padding_mask=mask, backend=backend)
 
 
 def _timm_attention_forward(original, *args, **kwargs):
-    with _FusedSDPAMode():
+    with routed_attention():
         return original(*args, **kwargs)
 
 

@@ -8,7 +8,7 @@ import pytest
 import timm
 import torch
 from timm.layers import Attention, RmsNorm, SwiGLUPacked
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 from torch.func import functional_call, jvp
 
 import tangent_kernels as tk
@@ -19,6 +19,13 @@ class GatedAttention(Attention):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, gated=True, **kwargs)
+
+
+class ScaledAttention(Attention):
+    """A subclass with its own forward: linearized by forward AD of that forward, not as Attention."""
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        return super().forward(x, attn_mask, is_causal) * 2
 
 
 # Small variants built with timm's own constructor arguments (img size 32-64, patch 8 or 16).
@@ -37,6 +44,11 @@ VARIANTS = {
     "scale_norms": dict(scale_attn_norm=True, scale_mlp_norm=True, proj_bias=False, final_norm=False,
                         global_pool="avg"),
     "gated_attention": dict(attn_layer=GatedAttention, qkv_bias=False),
+    "map_pool": dict(class_token=False, reg_tokens=1, global_pool="map", pool_include_prefix=True),
+    "prr_pool": dict(global_pool="prr"),
+    "parallel_scaling_block": dict(block_fn=ParallelScalingBlock, qk_norm=True),
+    "res_post_block": dict(block_fn=ResPostBlock, init_values=0.1),
+    "own_forward_attention": dict(attn_layer=ScaledAttention),
     "dropout_eval": dict(drop_rate=0.1, pos_drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1,
                          attn_drop_rate=0.1),
 }
@@ -49,8 +61,10 @@ def small_vit(dtype=torch.float64, **kwargs):
 
 
 def math_attention(model):
-    for block in model.blocks:
-        block.attn.fused_attn = False
+    """timm's modules with their fused SDPA off (it has no forward-AD rule)."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
     return model
 
 
@@ -114,18 +128,37 @@ def test_vit_tiny_patch16_224_float64():
     check(model, lin, torch.randn(1, 3, 224, 224, dtype=torch.float64), 1e-9)
 
 
+# timm's registered test models (dynamic image size, register tokens, MAP pooling, RMSNorm) and
+# two with other block / attention types (parallel scaling block, differential attention).
+REGISTERED = ["test_vit", "test_vit2", "test_vit3", "test_vit4", "vit_pwee_patch16_reg1_gap_256",
+              "vit_dlittle_patch16_reg1_gap_256"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_registered_timm_models_float64(name):
+    model = timm.create_model(name, pretrained=False, depth=2, num_classes=5).double().eval()
+    lin = tk.linearize(model, "all", backend="reference")
+    check(model, lin, torch.randn(1, 3, *model.patch_embed.img_size, dtype=torch.float64), 1e-9)
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("blocks", ["all", 2])
-def test_fused_backends_float32(backend, blocks, device):
+@pytest.mark.parametrize("variant", ["qk_norm", "forward_ad_with_fused_attention"])
+def test_fused_backends_float32(backend, blocks, variant, device):
+    """The fused backends, and forward-AD parts whose SDPA calls run the fused attention."""
     if backend == "cpp" and not tk.cpp.AVAILABLE:
         pytest.skip(tk.cpp.UNAVAILABLE_REASON)
     run_on = device if backend == "triton" else torch.device("cpu")
-    model = small_vit(torch.float32, **VARIANTS["qk_norm"]).to(run_on)
+    kwargs = {**VARIANTS["qk_norm"]}
+    if variant != "qk_norm":
+        kwargs.update(block_fn=ParallelScalingBlock, class_token=False, global_pool="map")
+    model = small_vit(torch.float32, **kwargs).to(run_on)
     lin = tk.linearize(model, blocks, backend=backend)
     images = torch.randn(2, 3, 48, 48, device=run_on)
     randomize_offsets(lin)
+    tk.backends._last_backend.clear()
     out = lin(images)
-    assert tk.last_backend("layer_norm_jvp") == backend
+    assert tk.last_backend("layer_norm_jvp") == backend and tk.last_backend("attention_jvp") == backend
     grad_out = torch.randn_like(out)
     (out * grad_out).sum().backward()
     model64, images64 = model.double(), images.double()
@@ -144,11 +177,14 @@ def test_zero_offsets_give_the_original_output(blocks):
     torch.testing.assert_close(lin(images), model(images), rtol=1e-5, atol=1e-5)
 
 
-def test_dynamic_img_size_with_frozen_embeddings():
-    """A model built with dynamic_img_size takes other image sizes when its embeddings stay frozen."""
-    model = small_vit(dynamic_img_size=True)
-    lin = tk.linearize(model, 2, backend="reference")
-    check(model, lin, torch.randn(2, 3, 40, 24, dtype=torch.float64), 1e-9)
+@pytest.mark.parametrize("blocks", ["all", 2])
+@pytest.mark.parametrize("pad, size", [(False, (40, 24)), (True, (37, 29))])
+def test_dynamic_img_size(blocks, pad, size):
+    """A model built with dynamic_img_size (and dynamic_img_pad) takes other image sizes; the
+    position embedding is resampled to the patch grid on both streams."""
+    model = small_vit(dynamic_img_size=True, dynamic_img_pad=pad, reg_tokens=1)
+    lin = tk.linearize(model, blocks, backend="reference")
+    check(model, lin, torch.randn(2, 3, *size, dtype=torch.float64), 1e-9)
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -160,7 +196,7 @@ def test_keeps_the_models_training_mode(training):
 
 def test_forward_ad_fallback_keeps_the_modules_parameter_names():
     mlp = SwiGLUPacked(in_features=6, hidden_features=10, act_layer=torch.nn.SiLU)
-    tangent = tk.modules.tangent_mlp(mlp)
+    tangent = tk.modules.tangent_module(mlp)
     assert isinstance(tangent, tk.modules.TangentForwardAD)
     assert tangent.state_dict().keys() == mlp.state_dict().keys()
     assert all(torch.count_nonzero(p) == 0 for p in tangent.parameters())
@@ -287,36 +323,12 @@ class TestUnsupported:
         with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Sequential"):
             tk.linearize(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
-    @pytest.mark.parametrize("pool", ["map", "prr"])
-    def test_attention_pooling(self, pool):
-        with pytest.raises(tk.UnsupportedModuleError, match=f"attention pooling \\(global_pool='{pool}'\\)"):
-            tk.linearize(small_vit(global_pool=pool))
-
     def test_subclass_that_changes_the_forward(self):
         from timm.models.deit import VisionTransformerDistilled
 
         model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
         with pytest.raises(tk.UnsupportedModuleError, match="VisionTransformerDistilled overrides .*forward_head"):
             tk.linearize(model, 1)
-
-    def test_block_type(self):
-        from timm.models.vision_transformer import ParallelScalingBlock
-
-        message = "expected timm's vision_transformer.Block, got ParallelScalingBlock"
-        with pytest.raises(tk.UnsupportedModuleError, match=message):
-            tk.linearize(small_vit(block_fn=ParallelScalingBlock), 1)
-
-    def test_attention_subclass_with_its_own_forward(self):
-        class OwnForward(Attention):
-            def forward(self, x, attn_mask=None, is_causal=False):
-                return super().forward(x, attn_mask, is_causal) * 2
-
-        with pytest.raises(tk.UnsupportedModuleError, match="expected timm.layers.Attention .*got OwnForward"):
-            tk.linearize(small_vit(attn_layer=OwnForward), 1)
-
-    def test_dynamic_img_size_with_linearized_embeddings(self):
-        with pytest.raises(tk.UnsupportedModuleError, match="dynamic_img_size=True is supported only with"):
-            tk.linearize(small_vit(dynamic_img_size=True), "all")
 
     def test_attention_dropout_in_training(self):
         lin = tk.linearize(small_vit(attn_drop_rate=0.1), 1).train()
