@@ -3,10 +3,11 @@
 ``functional`` holds one entry per op (``layer_norm_jvp``, ``attention_jvp``, ...); ``reference``
 the same ops in plain PyTorch; ``modules`` drop-in tangent layers; ``linearize`` turns a timm
 Vision Transformer into ``f(x; w0) + J f(x; w0) · dw``; ``checkpoint`` saves only ``dw``;
-``patch(model)`` speeds up unmodified ``torch.func.jvp`` code; ``taft`` is the TAFT toolkit.
+``patch(model)`` speeds up unmodified ``torch.func.jvp`` code; ``taft`` is the TAFT toolkit;
+``verify`` checks a linearized model against ``torch.func.jvp`` of the original.
 """
 
-from . import backends, functional, memory, modules, reference
+from . import backends, functional, memory, modules, reference, verify
 from .backends import BackendUnavailableError, available_backends, last_backend
 from .checkpoint import BaseMismatchError, base_fingerprint, load_offsets, save_offsets
 from .linearize import LinearizedViT, linearize
@@ -33,5 +34,6 @@ __all__ = [
     "reference",
     "save_offsets",
     "unpatch",
+    "verify",
 ]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, V
 from torch.func import functional_call, jvp
 
 import tangent_kernels as tk
+from tangent_kernels.verify import jvp_oracle, math_attention
 from helpers import max_relative_error
 
 class GatedAttention(Attention):
@@ -60,14 +61,6 @@ def small_vit(dtype=torch.float64, **kwargs):
     return model.to(dtype).eval()
 
 
-def math_attention(model):
-    """timm's modules with their fused SDPA off (it has no forward-AD rule)."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
-    return model
-
-
 def randomize_offsets(lin, scale=0.05):
     with torch.no_grad():
         for p in lin.parameters():
@@ -76,19 +69,8 @@ def randomize_offsets(lin, scale=0.05):
 
 def oracle(model, lin, images, grad_out):
     """``(y + y_t, {offset name: gradient of <y + y_t, grad_out>})`` by torch.func.jvp/grad."""
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    offsets = {k: v.detach() for k, v in lin.named_parameters()}
-    fresh = offsets.pop("cls_token", None) if lin.frozen is not None else None
-    assert fresh is None, "the oracle does not model fresh_cls_token"
-
-    def f_lin(offsets):
-        tangents = {k: offsets.get(k, torch.zeros_like(v)) for k, v in params.items()}
-        y, y_t = jvp(lambda p: functional_call(model, p, (images,)), (params,), (tangents,))
-        return y + y_t
-
-    out = f_lin(offsets)
-    grads = torch.func.grad(lambda o: (f_lin(o) * grad_out).sum())(offsets)
-    return out, grads
+    assert lin.frozen is None or lin.cls_token is None, "the oracle does not model fresh_cls_token"
+    return jvp_oracle(model, dict(lin.named_parameters()), images, grad_out)
 
 
 def assert_grads_close(lin, expected_grads, rel_bound, vanishing=1e-6):
@@ -108,7 +90,7 @@ def check(model, lin, images, rel_bound):
     out = lin(images)
     grad_out = torch.randn_like(out)
     (out * grad_out).sum().backward()
-    expected, expected_grads = oracle(math_attention(model), lin, images, grad_out)
+    expected, expected_grads = oracle(model, lin, images, grad_out)
     assert max_relative_error(out, expected) < rel_bound
     assert_grads_close(lin, expected_grads, rel_bound)
 
@@ -120,6 +102,18 @@ def test_matches_jvp_float64(variant, blocks):
     lin = tk.linearize(model, blocks, backend="reference")
     images = torch.randn(2, 3, *model.patch_embed.img_size, dtype=torch.float64)
     check(model, lin, images, 1e-9)
+
+
+def test_linearization_error_tells_right_from_wrong():
+    model = small_vit(**VARIANTS["registers"])
+    lin = tk.linearize(model, 2, backend="reference")
+    randomize_offsets(lin)
+    images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    errors = tk.verify.linearization_error(model, lin, images)
+    assert errors["output"] < 1e-12 and errors["gradient"] < 1e-9, errors
+    lin.blocks["2"].mlp.fc2.weight0 = lin.blocks["2"].mlp.fc2.weight0 * 1.01  # a wrong w0 in one layer
+    errors = tk.verify.linearization_error(model, lin, images)
+    assert errors["output"] > 1e-4 and errors["gradient"] > 1e-4, errors
 
 
 def test_vit_tiny_patch16_224_float64():
@@ -164,7 +158,7 @@ def test_fused_backends_float32(backend, blocks, variant, device):
     model64, images64 = model.double(), images.double()
     lin64 = tk.linearize(model64, blocks, backend="reference")
     lin64.load_state_dict({k: v.double() for k, v in lin.state_dict().items()})
-    expected, expected_grads = oracle(math_attention(model64), lin64, images64, grad_out.double())
+    expected, expected_grads = oracle(model64, lin64, images64, grad_out.double())
     assert max_relative_error(out, expected) < 1e-4
     assert_grads_close(lin, expected_grads, 1e-3, vanishing=1e-3)
 
@@ -298,7 +292,7 @@ def test_drop_path_uses_one_mask_for_both_streams():
 
 def test_patch_dropout_keeps_one_token_subset_for_both_streams():
     """In training, patch dropout on linearized embeddings equals the jvp of timm's model under one seed."""
-    model = math_attention(small_vit(patch_drop_rate=0.5, reg_tokens=1).train())
+    model = small_vit(patch_drop_rate=0.5, reg_tokens=1).train()
     lin = tk.linearize(model, "all", backend="reference")
     randomize_offsets(lin)
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
@@ -307,7 +301,8 @@ def test_patch_dropout_keeps_one_token_subset_for_both_streams():
     params = {k: v.detach() for k, v in model.named_parameters()}
     offsets = {k: v.detach() for k, v in lin.named_parameters()}
     torch.manual_seed(5)
-    y, y_t = jvp(lambda p: functional_call(model, p, (images,)), (params,), (offsets,))
+    with math_attention(model):
+        y, y_t = jvp(lambda p: functional_call(model, p, (images,)), (params,), (offsets,))
     assert max_relative_error(out, y + y_t) < 1e-12
     torch.manual_seed(6)
     assert max_relative_error(lin(images), out) > 1e-3, "the token subset did not change with the seed"
