@@ -86,6 +86,10 @@ def assert_grads_close(lin, expected_grads, rel_bound, vanishing=1e-6):
 
 
 def check(model, lin, images, rel_bound):
+    """Output and offset gradients against the oracle; offsets named and shaped as the model's weights."""
+    model_state = model.state_dict()
+    for name, offset in lin.state_dict().items():
+        assert name in model_state and offset.shape == model_state[name].shape, name
     randomize_offsets(lin)
     out = lin(images)
     grad_out = torch.randn_like(out)
