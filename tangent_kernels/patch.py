@@ -172,12 +172,15 @@ def _mha_forward(mha: nn.MultiheadAttention, query, key, value, key_padding_mask
 
 
 def _is_timm_attention(module: nn.Module) -> bool:
-    return type(module).__name__ == "Attention" and hasattr(module, "qkv") and hasattr(module, "fused_attn")
+    """timm's attention modules (``Attention``, attention pooling, parallel blocks, ...) carry a
+    ``fused_attn`` flag and call ``F.scaled_dot_product_attention`` when it is on."""
+    return isinstance(getattr(module, "fused_attn", None), bool)
 
 
 def patch(model: nn.Module) -> nn.Module:
-    """Route the attention of ``model``'s timm ``Attention`` and ``nn.MultiheadAttention`` modules
-    through ``fused_attention`` (in place; returns ``model``). Raises for modules it cannot serve."""
+    """Route the attention of ``model``'s timm attention modules (those with a ``fused_attn`` flag)
+    and ``nn.MultiheadAttention`` modules through ``fused_attention`` (in place; returns
+    ``model``). Raises for modules it cannot serve."""
     if hasattr(model, _PATCHED):
         raise RuntimeError("patch: this model is already patched (call unpatch first)")
     saved = {}

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
 
@@ -42,7 +42,8 @@ def jvp_and_grads(model, images, offsets):
     return out, torch.autograd.grad(out.square().sum(), list(offsets.values()))
 
 
-@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"class_token": False, "global_pool": "avg"}])
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"class_token": False, "global_pool": "avg"},
+                                     {"block_fn": ParallelScalingBlock, "global_pool": "map"}])
 def test_jvp_through_patched_vit_matches_math_attention(variant):
     model = small_vit(**variant)
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
