@@ -18,17 +18,22 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)
 
 
-def time_call(fn, device: torch.device, min_seconds: float = 0.2, max_repeats: int = 200) -> dict:
-    """``{"median_ms", "p20_ms", "p80_ms", "repeats"}`` for calling ``fn()``."""
+def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: int = 7, max_repeats: int = 200) -> dict:
+    """``{"median_ms", "p20_ms", "p80_ms", "repeats"}`` for calling ``fn()``.
+
+    On the CPU, two warm-up calls first (lazy imports, and the allocator's first large blocks:
+    glibc raises its mmap threshold only after freeing one), then at least ``min_repeats`` calls.
+    """
     if device.type == "cuda":
         import triton.testing
 
         median, p20, p80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
         return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "repeats": None}
-    fn()  # warm-up: first-call allocations, lazy imports
+    fn()
+    fn()
     times = []
     start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_seconds and len(times) < max_repeats):
+    while len(times) < min_repeats or (time.perf_counter() - start < min_seconds and len(times) < max_repeats):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
