@@ -7,7 +7,7 @@ for ``torch.func.jvp``), and differentiates ``jvp`` with ``torch.func.grad`` for
 import pytest
 import timm
 import torch
-from timm.layers import Attention, RmsNorm, SwiGLUPacked
+from timm.layers import Attention, GluMlp, RmsNorm, SwiGLU, SwiGLUPacked
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 from torch.func import functional_call, jvp
 
@@ -44,6 +44,8 @@ VARIANTS = {
     "swiglu_avgmax": dict(mlp_layer=SwiGLUPacked, act_layer=torch.nn.SiLU, global_pool="avgmax", reg_tokens=1),
     "scale_norms": dict(scale_attn_norm=True, scale_mlp_norm=True, proj_bias=False, final_norm=False,
                         global_pool="avg"),
+    "swiglu_split": dict(mlp_layer=SwiGLU, act_layer=torch.nn.SiLU),
+    "glu_gate_last": dict(mlp_layer=GluMlp),
     "gated_attention": dict(attn_layer=GatedAttention, qkv_bias=False),
     "map_pool": dict(class_token=False, reg_tokens=1, global_pool="map", pool_include_prefix=True),
     "prr_pool": dict(global_pool="prr"),
@@ -193,14 +195,14 @@ def test_keeps_the_models_training_mode(training):
 
 
 def test_forward_ad_fallback_keeps_the_modules_parameter_names():
-    mlp = SwiGLUPacked(in_features=6, hidden_features=10, act_layer=torch.nn.SiLU)
-    tangent = tk.modules.tangent_module(mlp)
+    module = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.SiLU(), torch.nn.Linear(10, 6))
+    tangent = tk.modules.tangent_module(module)
     assert isinstance(tangent, tk.modules.TangentForwardAD)
-    assert tangent.state_dict().keys() == mlp.state_dict().keys()
+    assert tangent.state_dict().keys() == module.state_dict().keys()
     assert all(torch.count_nonzero(p) == 0 for p in tangent.parameters())
     x = torch.randn(2, 5, 6)
     y, y_t = tangent(x)
-    torch.testing.assert_close(y, mlp(x))
+    torch.testing.assert_close(y, module(x))
     assert torch.count_nonzero(y_t) == 0
 
 
