@@ -296,24 +296,39 @@ class TangentAttention(nn.Module):
         batch, tokens, _ = qkv.shape
         return qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
+    def _attention_with_dropout(self, q, k, v, q_t, k_t, v_t, is_causal: bool) -> Pair:
+        """Attention dropout in training: forward AD of torch's math SDPA, so both streams see one
+        dropout mask (the linearization of the network with that mask). It materializes the N×N
+        attention, as timm's own math path does."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def attend(q, k, v):
+            return torch_F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_p, is_causal=is_causal,
+                                                        scale=self.scale)  # fmt: skip
+
+        if q_t is None and k_t is None and v_t is None:
+            with sdpa_kernel(SDPBackend.MATH):
+                return attend(q, k, v), None
+        tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in ((q, q_t), (k, k_t), (v, v_t)))
+        with sdpa_kernel(SDPBackend.MATH):
+            return torch.func.jvp(attend, (q, k, v), tangents)
+
     def forward(
         self, x: Tensor, x_t: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
     ) -> Pair:
         if attn_mask is not None:
             raise NotImplementedError("TangentAttention: attn_mask is not supported (is_causal=True is)")
-        if self.training and self.attn_drop_p > 0.0:
-            raise NotImplementedError(
-                f"TangentAttention: attention dropout (p={self.attn_drop_p}) in training is not supported; "
-                "build the model with attn_drop_rate=0"
-            )
         batch, tokens, _ = x.shape
         qkv, qkv_t = self.qkv(x, x_t)
         (q, k, v), (q_t, k_t, v_t) = self._heads(qkv), self._heads(qkv_t)
         q, q_t = self.q_norm(q, q_t)
         k, k_t = self.k_norm(k, k_t)
         q, k, v, q_t, k_t, v_t = _cast(_autocast_dtype(x), q, k, v, q_t, k_t, v_t)
-        backend = _op_backend("attention_jvp", self.backend)
-        o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, scale=self.scale, causal=is_causal, backend=backend)
+        if self.training and self.attn_drop_p > 0.0:
+            o, o_t = self._attention_with_dropout(q, k, v, q_t, k_t, v_t, is_causal)
+        else:
+            backend = _op_backend("attention_jvp", self.backend)
+            o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, scale=self.scale, causal=is_causal, backend=backend)
         o, o_t = (None if t is None else t.transpose(1, 2).reshape(batch, tokens, -1) for t in (o, o_t))
         o, o_t = self.norm(o, o_t)
         if self.gate is not None:  # o · sigmoid(g): the tangent is o_t · s + o · s (1 - s) g_t

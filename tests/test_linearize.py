@@ -10,6 +10,7 @@ import torch
 from timm.layers import Attention, GluMlp, RmsNorm, SwiGLU, SwiGLUPacked
 from timm.models.vision_transformer import ParallelScalingBlock, ResPostBlock, VisionTransformer
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
 from tangent_kernels.verify import jvp_oracle, math_attention
@@ -314,6 +315,27 @@ def test_patch_dropout_keeps_one_token_subset_for_both_streams():
     assert max_relative_error(lin(images), out) > 1e-3, "the token subset did not change with the seed"
 
 
+def test_attention_dropout_uses_one_mask_for_both_streams():
+    """In training, attention dropout equals the jvp of timm's model (SDPA, math backend) under one seed."""
+    model = small_vit(attn_drop_rate=0.3).train()
+    lin = tk.linearize(model, 2, backend="reference")
+    randomize_offsets(lin)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(7)
+    out = lin(images)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    offsets = {k: v.detach() for k, v in lin.named_parameters()}
+    tangents = {k: offsets.get(k, torch.zeros_like(v)) for k, v in params.items()}
+    torch.manual_seed(7)
+    with sdpa_kernel(SDPBackend.MATH):  # timm's fused path, on the math kernel that has forward AD
+        y, y_t = jvp(lambda p: functional_call(model, p, (images,)), (params,), (tangents,))
+    assert max_relative_error(out, y + y_t) < 1e-12
+    out.sum().backward()
+    assert all(p.grad is not None for p in lin.parameters())
+    lin.eval()
+    assert max_relative_error(lin(images), out) > 1e-3, "dropout was not applied in training"
+
+
 def test_dropout_uses_one_mask_for_both_streams():
     y, y_t = tk.modules.dropout_pair(torch.ones(1000), torch.ones(1000), 0.5, training=True)
     assert torch.equal(y == 0, y_t == 0) and 0 < int((y == 0).sum()) < 1000
@@ -330,11 +352,6 @@ class TestUnsupported:
         model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
         with pytest.raises(tk.UnsupportedModuleError, match="VisionTransformerDistilled overrides .*forward_head"):
             tk.linearize(model, 1)
-
-    def test_attention_dropout_in_training(self):
-        lin = tk.linearize(small_vit(attn_drop_rate=0.1), 1).train()
-        with pytest.raises(NotImplementedError, match="attention dropout"):
-            lin(torch.randn(1, 3, 32, 32, dtype=torch.float64))
 
     def test_blocks_argument(self):
         with pytest.raises(ValueError, match="blocks: expected 'all' or an int from 1 to 3"):
