@@ -362,6 +362,22 @@ class TestUnsupported:
             tk.linearize(small_vit(class_token=False, global_pool="avg"), 1, fresh_cls_token=True)
 
 
+def test_any_model_by_forward_ad():
+    """The escape hatch for models linearize refuses: forward AD of the whole model, fused attention inside."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    model = model.double().eval()
+    tangent = tk.modules.TangentForwardAD(model, backend="cpp")
+    randomize_offsets(tangent)
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    tk.backends._last_backend.clear()
+    y, y_t = tangent(images)
+    assert tk.last_backend("attention_jvp") == "cpp"
+    expected, _ = jvp_oracle(model, dict(tangent.named_parameters()), images)
+    assert max_relative_error(y + y_t, expected) < 1e-12
+
+
 @pytest.mark.parametrize("backend", ["cpp", "triton"])
 @pytest.mark.parametrize("blocks", ["all", 1])
 def test_taft_saves_no_more_than_fine_tuning(backend, blocks, device):
