@@ -22,9 +22,11 @@ import copy
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import backends
 from . import functional as F
+from .patch import has_fused_attn_flag, routed_attention
 from .reference import add_tangents
 
 Pair = tuple[Tensor, "Tensor | None"]
@@ -127,9 +129,8 @@ class TangentForwardAD(nn.Module):
         self.backend = backend
         self.offset_names = [name for name, _ in module.named_parameters()]
         self.frozen = frozen_copy(module)
-        for submodule in self.frozen.modules():
-            if isinstance(getattr(submodule, "fused_attn", None), bool):
-                submodule.fused_attn = True
+        for submodule in filter(has_fused_attn_flag, self.frozen.modules()):
+            submodule.fused_attn = True
         for name, param in module.named_parameters():
             *path, leaf = name.split(".")
             owner = self
@@ -140,8 +141,6 @@ class TangentForwardAD(nn.Module):
             owner.register_parameter(leaf, _offset(param.detach()))
 
     def forward(self, x: Tensor, x_t: Tensor | None = None, **kwargs) -> Pair:
-        from .patch import routed_attention
-
         with routed_attention(_op_backend("attention_jvp", self.backend)):
             if x_t is None and not self.offset_names:
                 return self.frozen(x, **kwargs), None
@@ -300,15 +299,10 @@ class TangentAttention(nn.Module):
         """Attention dropout in training: forward AD of torch's math SDPA, so both streams see one
         dropout mask (the linearization of the network with that mask). It materializes the N×N
         attention, as timm's own math path does."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
         def attend(q, k, v):
             return torch_F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop_p, is_causal=is_causal,
                                                         scale=self.scale)  # fmt: skip
 
-        if q_t is None and k_t is None and v_t is None:
-            with sdpa_kernel(SDPBackend.MATH):
-                return attend(q, k, v), None
         tangents = tuple(torch.zeros_like(p) if t is None else t for p, t in ((q, q_t), (k, k_t), (v, v_t)))
         with sdpa_kernel(SDPBackend.MATH):
             return torch.func.jvp(attend, (q, k, v), tangents)

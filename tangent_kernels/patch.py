@@ -171,7 +171,7 @@ def _mha_forward(mha: nn.MultiheadAttention, query, key, value, key_padding_mask
     return (out.transpose(0, 1) if mha.batch_first else out), None
 
 
-def _is_timm_attention(module: nn.Module) -> bool:
+def has_fused_attn_flag(module: nn.Module) -> bool:
     """timm's attention modules (``Attention``, attention pooling, parallel blocks, ...) carry a
     ``fused_attn`` flag and call ``F.scaled_dot_product_attention`` when it is on."""
     return isinstance(getattr(module, "fused_attn", None), bool)
@@ -185,7 +185,7 @@ def patch(model: nn.Module) -> nn.Module:
         raise RuntimeError("patch: this model is already patched (call unpatch first)")
     saved = {}
     for name, module in model.named_modules():
-        if _is_timm_attention(module):
+        if has_fused_attn_flag(module):
             saved[name] = (module, module.__dict__.get("forward"), module.fused_attn)
             module.fused_attn = True  # timm then calls F.scaled_dot_product_attention, which the mode routes
             module.forward = functools.partial(_timm_attention_forward, type(module).forward.__get__(module))

@@ -13,11 +13,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from .patch import has_fused_attn_flag
+
 
 @contextlib.contextmanager
 def math_attention(model: nn.Module):
     """timm's modules with ``fused_attn`` off for the block, restored after."""
-    flags = {m: m.fused_attn for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)}
+    flags = {m: m.fused_attn for m in filter(has_fused_attn_flag, model.modules())}
     try:
         for module in flags:
             module.fused_attn = False
