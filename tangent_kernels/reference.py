@@ -11,6 +11,7 @@ come from ordinary autograd through these formulas, second-order terms included.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,6 +20,28 @@ from torch import Tensor
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _GELU_TANH_CUBIC = 0.044715
+
+
+def computes_16bit_in_float32(op):
+    """Run ``op`` on float32 copies of float16/bfloat16 tensor arguments and round ``(y, y_t)`` back,
+    as torch's own softmax, layer norm and math attention do: the reductions and the cancellations
+    in these tangent formulas (``S_t − rowsum(P ⊙ S_t)``, ``x_t − mean(x_t)``) lose most of a
+    16-bit result's digits when evaluated in 16 bits."""
+
+    @functools.wraps(op)
+    def wrapper(*args, **kwargs):
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        low = next((t.dtype for t in tensors if t.dtype in (torch.float16, torch.bfloat16)), None)
+        if low is None:
+            return op(*args, **kwargs)
+
+        def widened(a):
+            return a.float() if isinstance(a, Tensor) and a.dtype == low else a
+
+        y, y_t = op(*map(widened, args), **{name: widened(a) for name, a in kwargs.items()})
+        return y.to(low), None if y_t is None else y_t.to(low)
+
+    return wrapper
 
 
 def add_tangents(*terms: Tensor | None) -> Tensor | None:
@@ -73,6 +96,7 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none") -> tuple[
     return y, y_t
 
 
+@computes_16bit_in_float32
 def layer_norm_jvp(
     x: Tensor,
     x_t: Tensor | None,
@@ -163,6 +187,7 @@ def attention_bias(
     return bias
 
 
+@computes_16bit_in_float32
 def attention_jvp(
     q: Tensor,
     k: Tensor,

@@ -101,12 +101,13 @@ def test_masks_and_causal(case, backend, dtype, variant, device, poisoned_output
 
 
 @pytest.mark.parametrize("backend,dtype", [("triton", torch.bfloat16), ("triton", torch.float16),
-                                           ("cpp", torch.bfloat16)], ids=str)  # fmt: skip
+                                           ("cpp", torch.bfloat16), ("reference", torch.bfloat16)], ids=str)  # fmt: skip
 def test_tangent_scores_with_a_large_row_constant(backend, dtype, device, poisoned_outputs):
     """A key-bias offset shared by all keys adds ``q · db`` to every tangent score of a row. It
     cancels in ``O_t`` exactly and must not leave its 16-bit rounding behind: ``O_t`` stays within
     5 units of the dtype's rounding of its own scale (before the Triton kernel centered the tangent
-    scores: 19 units in bf16 and 7.6 in fp16 at this 20σ offset; 2.9 and 1.1 after)."""
+    scores: 19 units in bf16 and 7.6 in fp16 at this 20σ offset; 2.9 and 1.1 after; the reference,
+    evaluated in bf16 before it widened 16-bit inputs to fp32, was off by 31 units)."""
     (q, k, v, q_t, k_t, v_t), options = make_inputs((1, 2, 2, 197, 197, 64), dtype, backend_device(backend, device))
     k_t = (k_t.float() + 20 * torch.randn(1, 2, 1, 64, device=k_t.device)).to(dtype)
     o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend=backend)

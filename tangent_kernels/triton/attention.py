@@ -147,7 +147,7 @@ def _attention_jvp_fwd_kernel(
         if HAS_Q_T or HAS_K_T:
             p_s_t = p * (s_t * scale)
             r_i = r_i * alpha + tl.sum(p_s_t, axis=1)
-            c_new = tl.where(l_i == 0.0, 0.0, r_i / l_i)  # all masked so far: p = 0 and acc = 0
+            c_new = r_i / tl.where(l_i == 0.0, 1.0, l_i)  # all masked so far: r = 0, c = 0
             acc_t -= (c_new - c_i)[:, None] * acc  # re-center what is summed so far on c_new
             c_i = c_new
         v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_tile_mask, other=0.0)
