@@ -60,9 +60,12 @@ void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* 
   rstd_out = rstd;
   acc_t x_t_mean = 0, x_hat_x_t_mean = 0;
   if (x_t) {
+    // Σ x_hat is zero only up to rounding, so x_hat · x_t is summed over the centered x_t: a
+    // large mean of x_t times that rounding would swamp y_t.
     x_t_mean = at::vec::reduce_all<acc_t>(sum, x_t, n) / n;
     x_hat_x_t_mean = at::vec::map2_reduce_all<acc_t>(
-        [mean, rstd](Vec v, Vec t) { return (v - Vec(mean)) * Vec(rstd) * t; }, sum, x, x_t, n) / n;
+        [mean, rstd, x_t_mean](Vec v, Vec t) { return (v - Vec(mean)) * Vec(rstd) * (t - Vec(x_t_mean)); },
+        sum, x, x_t, n) / n;
   }
   const Vec vmean(mean), vrstd(rstd), vone(1), vzero(0), vx_t_mean(x_t_mean), vdot(x_hat_x_t_mean);
   const auto load = [](const acc_t* p, int64_t j, int64_t count, const Vec& absent) {

@@ -120,8 +120,8 @@ def layer_norm_jvp(
 
     x_hat_t = None
     if x_t is not None:
-        x_t_mean = x_t.mean(dim=-1, keepdim=True)
-        x_hat_t = (x_t - x_t_mean - x_hat * (x_hat * x_t).mean(dim=-1, keepdim=True)) * rstd
+        x_t_centered = x_t - x_t.mean(dim=-1, keepdim=True)  # Σ x̂ = 0 only up to rounding
+        x_hat_t = (x_t_centered - x_hat * (x_hat * x_t_centered).mean(dim=-1, keepdim=True)) * rstd
         if weight is not None:
             x_hat_t = x_hat_t * weight
     y_t = add_tangents(x_hat_t, None if d_weight is None else x_hat * d_weight, d_bias)

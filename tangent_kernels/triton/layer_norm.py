@@ -71,9 +71,10 @@ def _layer_norm_jvp_fwd_kernel(
         y_t = tl.zeros([BLOCK_N], dtype=tl.float32)
         if HAS_X_T:
             x_t = tl.load(X_T + row * stride_x_t + cols, mask=in_row, other=0.0).to(tl.float32)
-            x_t_mean = tl.sum(x_t, axis=0) / N
-            x_hat_x_t_mean = tl.sum(x_hat * x_t, axis=0) / N
-            y_t = (x_t - x_t_mean - x_hat * x_hat_x_t_mean) * rstd
+            x_t_centered = tl.where(in_row, x_t - tl.sum(x_t, axis=0) / N, 0.0)
+            # Σ x̂ is zero only up to rounding, so x̂ · x_t is summed over the centered x_t: a large
+            # mean of x_t times that rounding would swamp y_t
+            y_t = (x_t_centered - x_hat * (tl.sum(x_hat * x_t_centered, axis=0) / N)) * rstd
             if HAS_W:
                 y_t = y_t * w
         if HAS_D_W:
