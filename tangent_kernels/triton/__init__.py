@@ -37,6 +37,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def compiled_variants():
+    """``(dtype, dot precision)`` pairs a kernel with ``tl.dot`` can be launched with: 16-bit tiles
+    (precision unused) and fp32 tiles both ways, since ``dot_precision`` follows a runtime flag;
+    the compile checks cover every pair."""
+    return [(torch.float16, "tf32"), (torch.bfloat16, "tf32"), (torch.float32, "ieee"), (torch.float32, "tf32")]
+
+
 def rows_2d(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``[rows, last dim]`` with unit column stride (a copy only if needed)."""
     t = t.reshape(-1, t.shape[-1])

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, dot_precision
+from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision
 from .math import dot
 
 LOG2E = 1.4426950408889634
@@ -326,58 +326,92 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per element width and padded head dim; each
-# entry compiles for sm_80 and sm_90 within shared memory (tests/test_compile_targets.py). fp32
-# tiles take twice the shared memory of fp16/bf16 ones, so they get smaller tiles.
+# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class (see _tile_class) and padded
+# head dim; each entry compiles for sm_80 and sm_90 within shared memory
+# (tests/test_compile_targets.py). fp32 tiles take twice the shared memory of fp16/bf16 ones, so
+# they get smaller tiles. Exact (IEEE) fp32 products run on the FMA units, and every thread then
+# holds far more of each tile: the TF32-sized tiles compiled to 32 registers and 10-100 KB of
+# spills per thread under ptxas 12.9 for head dims >= 64, so the IEEE class lists the tiles that
+# spill least by ptxas's own count (sm_90, all features on), which is all a machine without a
+# GPU can measure; with autotuning on, the GPU picks among them.
 
 _FWD_CONFIGS = {
-    2: {
+    "16-bit": {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
         256: [(64, 32, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2)],
     },
-    4: {
+    "tf32": {
         16: [(64, 64, 4, 3), (128, 64, 4, 3)],
         32: [(64, 64, 4, 3), (128, 64, 4, 3)],
         64: [(64, 32, 4, 2), (32, 64, 4, 2)],
-        128: [(32, 32, 4, 2), (64, 32, 4, 1)],
-        256: [(32, 32, 4, 1), (16, 32, 4, 1)],
+        128: [(32, 32, 8, 2), (64, 32, 8, 1)],
+        256: [(16, 32, 8, 1), (16, 16, 8, 1)],
+    },
+    "ieee": {
+        16: [(32, 64, 8, 2), (64, 32, 8, 2)],
+        32: [(64, 16, 8, 2), (16, 32, 8, 2)],
+        64: [(64, 16, 8, 2), (32, 16, 4, 2)],
+        128: [(16, 16, 8, 2), (16, 32, 8, 1)],
+        256: [(16, 16, 8, 1)],  # (32, 16, 8, 1): 32 registers, 18 KB of spills on sm_80
     },
 }
 _DKDV_CONFIGS = {
-    2: {
+    "16-bit": {
         16: [(32, 128, 4, 3), (64, 64, 4, 3)],
         32: [(32, 128, 4, 3), (64, 64, 4, 3)],
         64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
         128: [(32, 128, 8, 2), (64, 64, 4, 2)],
         256: [(32, 64, 4, 1), (32, 32, 4, 2)],
     },
-    4: {
+    "tf32": {
         16: [(32, 128, 4, 3), (64, 64, 4, 3)],
         32: [(32, 128, 4, 3), (64, 64, 4, 3)],
         64: [(32, 128, 4, 3), (64, 64, 4, 3)],
-        128: [(64, 64, 4, 2), (32, 64, 4, 2)],
-        256: [(32, 32, 4, 2), (32, 32, 4, 1)],
+        128: [(32, 64, 8, 1), (32, 32, 4, 2)],
+        256: [(16, 32, 8, 1), (16, 16, 4, 1)],
+    },
+    "ieee": {
+        16: [(64, 64, 8, 2), (32, 64, 8, 2)],
+        32: [(32, 64, 8, 2), (64, 32, 4, 1)],
+        64: [(32, 64, 8, 1), (64, 32, 8, 1)],
+        128: [(16, 64, 8, 1), (16, 32, 4, 1)],
+        256: [(16, 32, 8, 1), (16, 16, 4, 1)],
     },
 }
 _DQ_CONFIGS = {
-    2: {
+    "16-bit": {
         16: [(128, 32, 4, 3), (64, 64, 4, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3)],
         64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
         128: [(128, 32, 8, 2), (64, 64, 4, 2)],
         256: [(64, 32, 4, 1), (32, 32, 4, 2)],
     },
-    4: {
+    "tf32": {
         16: [(128, 32, 4, 3), (64, 64, 4, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3)],
         64: [(128, 32, 4, 3), (64, 64, 4, 3)],
         128: [(64, 64, 4, 2), (64, 32, 4, 2)],
         256: [(32, 32, 4, 2), (32, 32, 4, 1)],
     },
+    "ieee": {
+        16: [(64, 64, 4, 2), (32, 64, 4, 2)],
+        32: [(64, 64, 8, 2), (32, 64, 4, 2)],
+        64: [(64, 32, 8, 2), (32, 32, 4, 2)],
+        128: [(32, 32, 4, 1), (64, 16, 8, 1)],
+        256: [(16, 32, 8, 1), (32, 16, 8, 1)],
+    },
 }
+
+
+def _tile_class(element_size: int, precision: str) -> str:
+    """Which config list serves a launch: 16-bit tiles, or fp32 tiles multiplied as TF32 on the
+    tensor cores, or exactly (IEEE) on the FMA units."""
+    if element_size == 2:
+        return "16-bit"
+    return "tf32" if precision == "tf32" else "ieee"
 
 
 def _configs(table):
@@ -398,15 +432,15 @@ def _pruner(table):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = table[args["Q"].element_size()][args["BLOCK_D"]]
+        wanted = table[_tile_class(args["Q"].element_size(), args["DOT_PRECISION"])][args["BLOCK_D"]]
         by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         return [by_key[entry] for entry in wanted]
 
     return prune
 
 
-_FWD_KEY = ["q_len", "k_len", "head_dim", "HAS_Q_T", "HAS_K_T", "HAS_V_T", "MASK_KIND", "IS_CAUSAL"]
-_BWD_KEY = ["q_len", "k_len", "head_dim", "MASK_KIND", "IS_CAUSAL"]
+_FWD_KEY = ["q_len", "k_len", "head_dim", "HAS_Q_T", "HAS_K_T", "HAS_V_T", "MASK_KIND", "IS_CAUSAL", "DOT_PRECISION"]
+_BWD_KEY = ["q_len", "k_len", "head_dim", "MASK_KIND", "IS_CAUSAL", "DOT_PRECISION"]
 _attention_jvp_fwd = autotune(_configs(_FWD_CONFIGS), _FWD_KEY, _pruner(_FWD_CONFIGS))(_attention_jvp_fwd_kernel)
 _attention_bwd_dkdv = autotune(_configs(_DKDV_CONFIGS), _BWD_KEY, _pruner(_DKDV_CONFIGS))(_attention_bwd_dkdv_kernel)
 _attention_bwd_dq = autotune(_configs(_DQ_CONFIGS), _BWD_KEY, _pruner(_DQ_CONFIGS))(_attention_bwd_dq_kernel)
@@ -538,11 +572,12 @@ def compile_specs():
         ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
         ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
     )  # fmt: skip
-    for dtype, name in DTYPE_NAMES.items():
+    for dtype, precision in compiled_variants():
+        name = DTYPE_NAMES[dtype]
         for label, kernel, table, flags in kernels:
-            for block_d, entries in table[dtype.itemsize].items():
+            for block_d, entries in table[_tile_class(dtype.itemsize, precision)].items():
                 for block_m, block_n, warps, stages in entries:
-                    constexprs = {**flags, "DOT_PRECISION": dot_precision(dtype), "BLOCK_M": block_m,
+                    constexprs = {**flags, "DOT_PRECISION": precision, "BLOCK_M": block_m,
                                   "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
                     signature = {}
                     for arg in kernel.arg_names:
@@ -556,11 +591,11 @@ def compile_specs():
                             signature[arg] = f"*{name}"
                         else:
                             signature[arg] = "fp32" if arg == "scale" else "i32"
-                    yield (f"{label} {name} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
+                    yield (f"{label} {name} {precision} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
                            kernel, signature, constexprs, warps, stages)  # fmt: skip
     for dtype, name in DTYPE_NAMES.items():
         signature = {arg: ("*fp32" if arg == "DELTA" else f"*{name}") if arg.isupper() else "i32"
                      for arg in _attention_bwd_delta_kernel.arg_names if arg not in ("BLOCK_M", "BLOCK_D")}  # fmt: skip
-        for block_d in _FWD_CONFIGS[dtype.itemsize]:
+        for block_d in _FWD_CONFIGS["16-bit"]:
             yield (f"delta {name} D={block_d}", _attention_bwd_delta_kernel, signature,
                    {"BLOCK_M": 64, "BLOCK_D": block_d}, 4)  # fmt: skip

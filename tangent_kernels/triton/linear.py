@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, dot_precision, rows_2d
+from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, rows_2d
 from .math import dot, gelu_and_derivative
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -163,12 +163,13 @@ def forward(x, x_t, weight, bias, d_weight, d_bias, activation):
 
 def compile_specs():
     """Every config for every dtype, with every input present and the tanh-GELU epilogue."""
-    for dtype, name in DTYPE_NAMES.items():
+    for dtype, precision in compiled_variants():
+        name = DTYPE_NAMES[dtype]
         ptr = f"*{name}"
         signature = {arg: ptr for arg in ("X", "X_T", "W", "D_W", "B", "D_B", "Y", "Y_T", "DERIVATIVE")}
         signature.update({arg: "i32" for arg in ("M", "N", "K", "stride_xm", "stride_xtm", "stride_wn", "stride_dwn")})
         for m, n, k, warps, stages in _CONFIGS[dtype.itemsize]:
             constexprs = dict(HAS_X_T=True, HAS_D_W=True, HAS_B=True, HAS_D_B=True, ACTIVATION=2,
-                              DOT_PRECISION=dot_precision(dtype), BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M)  # fmt: skip
-            yield (f"linear {name} M={m} N={n} K={k} w={warps} s={stages}", _linear_jvp_kernel, signature,
+                              DOT_PRECISION=precision, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M)  # fmt: skip
+            yield (f"linear {name} {precision} M={m} N={n} K={k} w={warps} s={stages}", _linear_jvp_kernel, signature,
                    constexprs, warps, stages)  # fmt: skip
