@@ -38,10 +38,11 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def compiled_variants():
-    """``(dtype, dot precision)`` pairs a kernel with ``tl.dot`` can be launched with: 16-bit tiles
-    (precision unused) and fp32 tiles both ways, since ``dot_precision`` follows a runtime flag;
-    the compile checks cover every pair."""
-    return [(torch.float16, "tf32"), (torch.bfloat16, "tf32"), (torch.float32, "ieee"), (torch.float32, "tf32")]
+    """``(dtype, dot precision, label)`` for each way a kernel with ``tl.dot`` can be launched:
+    16-bit tiles (precision unused) and fp32 tiles both ways, since ``dot_precision`` follows a
+    runtime flag; the compile checks cover every one."""
+    return [(torch.float16, "tf32", "fp16"), (torch.bfloat16, "tf32", "bf16"),
+            (torch.float32, "ieee", "fp32-ieee"), (torch.float32, "tf32", "fp32-tf32")]  # fmt: skip
 
 
 def rows_2d(t: torch.Tensor) -> torch.Tensor:

@@ -347,7 +347,7 @@ _FWD_CONFIGS = {
         16: [(64, 64, 4, 3), (128, 64, 4, 3)],
         32: [(64, 64, 4, 3), (128, 64, 4, 3)],
         64: [(64, 32, 4, 2), (32, 64, 4, 2)],
-        128: [(32, 32, 8, 2), (64, 32, 8, 1)],
+        128: [(32, 32, 8, 2), (32, 32, 4, 2)],
         256: [(16, 32, 8, 1), (16, 16, 8, 1)],
     },
     "ieee": {
@@ -572,9 +572,9 @@ def compile_specs():
         ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
         ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
     )  # fmt: skip
-    for dtype, precision in compiled_variants():
+    for dtype, precision, label in compiled_variants():
         name = DTYPE_NAMES[dtype]
-        for label, kernel, table, flags in kernels:
+        for kernel_name, kernel, table, flags in kernels:
             for block_d, entries in table[_tile_class(dtype.itemsize, precision)].items():
                 for block_m, block_n, warps, stages in entries:
                     constexprs = {**flags, "DOT_PRECISION": precision, "BLOCK_M": block_m,
@@ -591,7 +591,7 @@ def compile_specs():
                             signature[arg] = f"*{name}"
                         else:
                             signature[arg] = "fp32" if arg == "scale" else "i32"
-                    yield (f"{label} {name} {precision} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
+                    yield (f"{kernel_name} {label} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
                            kernel, signature, constexprs, warps, stages)  # fmt: skip
     for dtype, name in DTYPE_NAMES.items():
         signature = {arg: ("*fp32" if arg == "DELTA" else f"*{name}") if arg.isupper() else "i32"

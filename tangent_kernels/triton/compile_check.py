@@ -5,8 +5,9 @@ tiles that overflow shared memory), so every kernel a module ships is also compi
 sm_90 here. A kernel module lists what it can launch in ``compile_specs()``, yielding
 ``(name, kernel, signature, constexprs, num_warps[, num_stages])``.
 
-Run as ``python -m tangent_kernels.triton.compile_check MODULE [MODULE ...]``; it prints one JSON
-line per (spec, target) and exits non-zero if any fails to compile or overflows shared memory.
+Run as ``python -m tangent_kernels.triton.compile_check [--registers] MODULE [MODULE ...]``; it
+prints one JSON line per (spec, target) and exits non-zero if any fails to compile or overflows
+shared memory. ``--registers`` adds ptxas's count of registers per thread and spilled bytes.
 It must run without ``TRITON_INTERPRET=1`` (the interpreter replaces kernels by Python functions
 that cannot be compiled), which is why the tests call it in a subprocess.
 """
@@ -17,7 +18,10 @@ import importlib
 import json
 import multiprocessing
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 
 from . import SHARED_MEMORY_PER_BLOCK, INTERPRETING
@@ -26,7 +30,7 @@ TARGETS = (80, 90)
 
 
 def compile_for_target(kernel, signature, constexprs, num_warps, num_stages, capability):
-    """Compile ``kernel`` for ``sm_<capability>``: returns the bytes of shared memory it needs."""
+    """Compile ``kernel`` for ``sm_<capability>``: returns Triton's compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -34,37 +38,54 @@ def compile_for_target(kernel, signature, constexprs, num_warps, num_stages, cap
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     options = {"num_warps": num_warps, "num_stages": num_stages}
-    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
-    return compiled.metadata.shared
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def register_usage(compiled, capability: int) -> dict:
+    """Registers per thread and spilled bytes, from ``ptxas -v`` on the kernel's PTX (as Triton
+    runs ptxas, whose log it does not keep)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        log = subprocess.run([get_ptxas(capability).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
+                              ptx.name, "-o", os.devnull], capture_output=True, text=True, check=True).stderr  # fmt: skip
+    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", log).group(1))}  # fmt: skip
 
 
 def _specs(module_name: str) -> list:
     return list(importlib.import_module(module_name).compile_specs())
 
 
-def _compile_one(job: tuple[str, int, int]) -> dict:
+def _compile_one(job: tuple[str, int, int, bool]) -> dict:
     """Compile spec number ``index`` of ``module_name`` for one target (runs in a worker)."""
-    module_name, index, capability = job
+    module_name, index, capability, with_registers = job
     spec = _specs(module_name)[index]
     name, kernel, signature, constexprs, num_warps = spec[:5]
     num_stages = spec[5] if len(spec) > 5 else 3
     result = {"module": module_name, "spec": name, "target": f"sm_{capability}"}
     try:
-        shared = compile_for_target(kernel, signature, constexprs, num_warps, num_stages, capability)
+        compiled = compile_for_target(kernel, signature, constexprs, num_warps, num_stages, capability)
     except Exception as error:  # report every failure, not only the first
         result.update(ok=False, error=f"{type(error).__name__}: {error}"[:2000])
     else:
-        limit = SHARED_MEMORY_PER_BLOCK[capability]
+        shared, limit = compiled.metadata.shared, SHARED_MEMORY_PER_BLOCK[capability]
         result.update(ok=shared <= limit, shared=shared, shared_limit=limit)
+        if with_registers:
+            result.update(register_usage(compiled, capability))
     return result
 
 
-def check_module(module_name: str, workers: int | None = None):
+def check_module(module_name: str, workers: int | None = None, registers: bool = False):
     """Yield one result dict per (spec, target) of the kernel module ``module_name``.
 
-    Specs compile in parallel worker processes (one per core by default).
+    Specs compile in parallel worker processes (one per core by default); ``registers`` adds
+    ptxas's register and spill counts.
     """
-    jobs = [(module_name, i, capability) for i in range(len(_specs(module_name))) for capability in TARGETS]
+    jobs = [(module_name, i, capability, registers) for i in range(len(_specs(module_name))) for capability in TARGETS]
     workers = workers or os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
         yield from pool.map(_compile_one, jobs)
@@ -74,9 +95,10 @@ def main(argv: list[str]) -> int:
     if INTERPRETING:
         print("compile_check must run without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
+    registers = "--registers" in argv
     failed = 0
-    for module_name in argv:
-        for result in check_module(module_name):
+    for module_name in (arg for arg in argv if arg != "--registers"):
+        for result in check_module(module_name, registers=registers):
             print(json.dumps(result), flush=True)
             failed += not result["ok"]
     return 1 if failed else 0

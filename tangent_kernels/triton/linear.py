@@ -163,7 +163,7 @@ def forward(x, x_t, weight, bias, d_weight, d_bias, activation):
 
 def compile_specs():
     """Every config for every dtype, with every input present and the tanh-GELU epilogue."""
-    for dtype, precision in compiled_variants():
+    for dtype, precision, label in compiled_variants():
         name = DTYPE_NAMES[dtype]
         ptr = f"*{name}"
         signature = {arg: ptr for arg in ("X", "X_T", "W", "D_W", "B", "D_B", "Y", "Y_T", "DERIVATIVE")}
@@ -171,5 +171,5 @@ def compile_specs():
         for m, n, k, warps, stages in _CONFIGS[dtype.itemsize]:
             constexprs = dict(HAS_X_T=True, HAS_D_W=True, HAS_B=True, HAS_D_B=True, ACTIVATION=2,
                               DOT_PRECISION=precision, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M)  # fmt: skip
-            yield (f"linear {name} {precision} M={m} N={n} K={k} w={warps} s={stages}", _linear_jvp_kernel, signature,
+            yield (f"linear {label} M={m} N={n} K={k} w={warps} s={stages}", _linear_jvp_kernel, signature,
                    constexprs, warps, stages)  # fmt: skip
