@@ -63,15 +63,15 @@ def grads(output, inputs, grad_output):
     return [next(found) if t is not None and t.requires_grad else None for t in inputs]
 
 
-def compile_for_gpu_targets(module: str) -> list[dict]:
+def compile_for_gpu_targets(module: str, *options: str) -> list[dict]:
     """Compile every kernel spec of ``module`` for sm_80 and sm_90 in a subprocess.
 
     It runs without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled); returns one
-    result per (spec, target), as printed by ``tangent_kernels.triton.compile_check``.
+    result per (spec, target), as printed by ``tangent_kernels.triton.compile_check`` with ``options``.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     process = subprocess.run(
-        [sys.executable, "-m", "tangent_kernels.triton.compile_check", module],
+        [sys.executable, "-m", "tangent_kernels.triton.compile_check", *options, module],
         capture_output=True, text=True, env=env, timeout=1800,
     )  # fmt: skip
     results = [json.loads(line) for line in process.stdout.splitlines() if line.startswith("{")]

@@ -36,3 +36,11 @@ def test_compiles_for_sm80_and_sm90(module):
     failures = [r for r in results if not r["ok"]]
     assert not failures, "\n".join(str(f) for f in failures[:10])
     assert {r["target"] for r in results} == {"sm_80", "sm_90"}
+
+
+def test_register_census():
+    """``--registers`` adds ptxas's counts (how the IEEE fp32 attention tiles were chosen)."""
+    if not triton_package.AVAILABLE:
+        pytest.skip(triton_package.UNAVAILABLE_REASON)
+    results = compile_for_gpu_targets("tangent_kernels.triton.gelu", "--registers")
+    assert all(r["ok"] and 0 < r["registers"] <= 255 and r["spill_bytes"] >= 0 for r in results), results[:2]
