@@ -7,6 +7,7 @@ import torch
 
 from benchmarks.linear_paths import update
 from benchmarks.plot import plot_results
+from benchmarks.ptxas_census import summary
 from benchmarks.report import markdown_table
 from benchmarks.run import format_table, run_case
 from benchmarks.suites import Case
@@ -45,3 +46,13 @@ def test_linear_paths_follow_the_measurement():
     table = update(result(1.0), {})
     assert table == {"GPU X": [[8, 32], [32, 8]]}
     assert update(result(3.0), table) == {"GPU X": []}
+
+
+def test_ptxas_census_summary():
+    rows = [
+        {"spec": "fwd fp32-ieee D=64 M=64 N=16 w=8 s=2", "target": "sm_90", "registers": 255, "spill_bytes": 16},
+        {"spec": "fwd fp32-ieee D=64 M=32 N=16 w=4 s=2", "target": "sm_90", "registers": 32, "spill_bytes": 20000},
+    ]
+    text = summary(rows, "versions")
+    assert "| fwd | fp32-ieee | sm_90 | 2 | 20000 |" in text
+    assert "- sm_90 fwd fp32-ieee D=64 M=32 N=16 w=4 s=2: 32 registers, 20000 bytes" in text
