@@ -55,9 +55,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest-ptxas"))
     args = parser.parse_args()
     import triton
-    from triton.backends.nvidia.compiler import get_ptxas
 
-    ptxas = subprocess.run([get_ptxas(90).path, "--version"], capture_output=True, text=True).stdout
+    from tangent_kernels.triton.compile_check import ptxas_path
+
+    ptxas = subprocess.run([ptxas_path(90), "--version"], capture_output=True, text=True).stdout
     versions = f"Triton {triton.__version__}, ptxas {ptxas.strip().splitlines()[-1]}"
     rows = [row for module in args.modules for row in census(module)]
     args.out.mkdir(parents=True, exist_ok=True)

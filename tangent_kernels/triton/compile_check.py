@@ -41,17 +41,24 @@ def compile_for_target(kernel, signature, constexprs, num_warps, num_stages, cap
     return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
+def ptxas_path(capability: int) -> str:
+    """The ptxas that Triton compiles with (``get_ptxas`` returns a tool with ``.path`` since Triton
+    3.4, a ``(path, version)`` pair before)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    tool = get_ptxas(capability)
+    return tool.path if hasattr(tool, "path") else tool[0]
+
+
 def register_usage(compiled, capability: int) -> dict:
     """Registers per thread and spilled bytes, from ``ptxas -v`` on the kernel's PTX (as Triton
     runs ptxas, whose log it does not keep)."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
     arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        log = subprocess.run([get_ptxas(capability).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
-                              ptx.name, "-o", os.devnull], capture_output=True, text=True, check=True).stderr  # fmt: skip
+        log = subprocess.run([ptxas_path(capability), "-v", f"--gpu-name={arch}", ptx.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr  # fmt: skip
     return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", log).group(1))}  # fmt: skip
 
