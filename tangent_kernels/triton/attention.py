@@ -330,7 +330,7 @@ def _attention_bwd_dq_kernel(
 # head dim; each entry compiles for sm_80 and sm_90 within shared memory
 # (tests/test_compile_targets.py). fp32 tiles take twice the shared memory of fp16/bf16 ones, so
 # they get smaller tiles. Exact (IEEE) fp32 products run on the FMA units, and every thread then
-# holds far more of each tile: the TF32-sized tiles compiled to 32 registers and 10-100 KB of
+# holds far more of each tile: the TF32-sized tiles compiled to 32 registers and 10-72 KB of
 # spills per thread under ptxas 12.9 for head dims >= 64, so the IEEE class lists the tiles that
 # spill least by ptxas's own count (sm_90, all features on), which is all a machine without a
 # GPU can measure; with autotuning on, the GPU picks among them. Each list starts with a config
