@@ -27,6 +27,10 @@ from .modules import (
 from .reference import add_tangents
 
 
+# Tokens prepended to the patches, in timm's order (the distillation token exists in DeiT distilled).
+PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
+
+
 def _reinitialized(block: nn.Module) -> nn.Module:
     """A fresh copy of ``block`` with timm's ViT initialisation (the original is untouched)."""
     from timm.models.vision_transformer import init_weights_vit_timm
@@ -38,22 +42,31 @@ def _reinitialized(block: nn.Module) -> nn.Module:
 
 
 # The VisionTransformer methods whose code LinearizedViT re-implements; a subclass that overrides
-# one (DeiT's distilled model: a second token and head) computes something else.
+# one computes something else, unless it is DeiT's distilled model (a distillation token after the
+# class token, and a second head on it whose logits are averaged with the first), which is
+# re-implemented too.
 REIMPLEMENTED = ("forward_features", "forward_head", "pool", "_pos_embed")
 
 
 def _check_supported(model: nn.Module) -> None:
+    from timm.models.deit import VisionTransformerDistilled
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
         raise UnsupportedModuleError(
             f"linearize: expected a timm VisionTransformer, got {type(model).__name__}"
         )
-    overridden = [m for m in REIMPLEMENTED if getattr(type(model), m) is not getattr(VisionTransformer, m)]
+    base = VisionTransformerDistilled if isinstance(model, VisionTransformerDistilled) else VisionTransformer
+    overridden = [m for m in REIMPLEMENTED if getattr(type(model), m) is not getattr(base, m)]
     if overridden:
         raise UnsupportedModuleError(
-            f"linearize: {type(model).__name__} overrides VisionTransformer.{', '.join(overridden)}; "
-            "only timm's VisionTransformer itself is supported"
+            f"linearize: {type(model).__name__} overrides {base.__name__}.{', '.join(overridden)}; "
+            "only timm's VisionTransformer and VisionTransformerDistilled themselves are supported"
+        )
+    if getattr(model, "distilled_training", False):
+        raise UnsupportedModuleError(
+            f"linearize: {type(model).__name__} has distilled_training on, so in training it returns the "
+            "class and distillation logits apart; set_distilled_training(False) to linearize their average"
         )
 
 
@@ -100,7 +113,7 @@ class LinearizedViT(nn.Module):
                 raise ValueError("fresh_cls_token: with blocks='all' the class token is already linearized")
             self.frozen = None
             self.patch_embed = TangentPatchEmbed(model.patch_embed, backend)
-            for name in ("cls_token", "reg_token", "pos_embed"):
+            for name in (*PREFIX_TOKENS, "pos_embed"):
                 _register_linearized(self, name, _frozen(model, name))
             self.norm_pre = tangent_module(model.norm_pre, backend)
             self.pos_drop_p = model.pos_drop.p
@@ -118,6 +131,8 @@ class LinearizedViT(nn.Module):
         self.fc_norm = tangent_module(model.fc_norm, backend)
         self.head_drop_p = model.head_drop.p
         self.head = tangent_module(model.head, backend)
+        head_dist = getattr(model, "head_dist", None)  # DeiT distilled
+        self.head_dist = None if head_dist is None else tangent_module(head_dist, backend)
         self.train(model.training)
 
     def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -140,8 +155,8 @@ class LinearizedViT(nn.Module):
                                                    num_prefix_tokens=prefix_rows) for p in pos)  # fmt: skip
             x, x_t = x.reshape(batch, -1, channels), None if x_t is None else x_t.reshape(batch, -1, channels)
         batch = x.shape[0]
-        prefix = [(t0.expand(batch, -1, -1), dt.expand(batch, -1, -1))
-                  for t0, dt in ((self.cls_token0, self.cls_token), (self.reg_token0, self.reg_token)) if t0 is not None]  # fmt: skip
+        tokens = ((getattr(self, f"{name}0"), getattr(self, name)) for name in PREFIX_TOKENS)
+        prefix = [(t0.expand(batch, -1, -1), dt.expand(batch, -1, -1)) for t0, dt in tokens if t0 is not None]
         if pos is not None and self.no_embed_class:  # position embedding on patches only, then prepend
             x, x_t = x + pos[0], add_tangents(x_t, pos[1])
         if prefix:
@@ -168,16 +183,28 @@ class LinearizedViT(nn.Module):
             x, x_t = x[:, self.num_prefix_tokens:], None if x_t is None else x_t[:, self.num_prefix_tokens:]
         return self.attn_pool(x, x_t)
 
+    def _head(self, x: Tensor, x_t: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``VisionTransformer.forward_head`` (or DeiT distilled's) on both streams."""
+        if self.head_dist is None:
+            x, x_t = self._pool(x, x_t)
+            x, x_t = self.fc_norm(x, x_t)
+            x, x_t = dropout_pair(x, x_t, self.head_drop_p, self.training)
+            return self.head(x, x_t)
+        logits = []
+        for token, head in enumerate((self.head, self.head_dist)):  # class token, distillation token
+            pair = dropout_pair(x[:, token], None if x_t is None else x_t[:, token], self.head_drop_p, self.training)
+            logits.append(head(*pair))
+        (y, y_t), (y_dist, y_dist_t) = logits
+        y_t = add_tangents(y_t, y_dist_t)
+        return (y + y_dist) / 2, None if y_t is None else y_t / 2
+
     def forward_dual(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Both streams: ``(f(x; w0), J f(x; w0) · dw)``."""
         x, x_t = self._embed(images)
         for block in self.blocks.values():
             x, x_t = block(x, x_t)
         x, x_t = self.norm(x, x_t)
-        x, x_t = self._pool(x, x_t)
-        x, x_t = self.fc_norm(x, x_t)
-        x, x_t = dropout_pair(x, x_t, self.head_drop_p, self.training)
-        y, y_t = self.head(x, x_t)
+        y, y_t = self._head(x, x_t)
         return y, (torch.zeros_like(y) if y_t is None else y_t)
 
     def forward(self, images: Tensor) -> Tensor:

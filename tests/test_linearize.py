@@ -344,8 +344,20 @@ class TestUnsupported:
     def test_subclass_that_changes_the_forward(self):
         from timm.models.deit import VisionTransformerDistilled
 
+        class FirstTokenOnly(VisionTransformerDistilled):
+            def forward_head(self, x, pre_logits=False):
+                return self.head(x[:, 0])
+
+        model = FirstTokenOnly(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+        with pytest.raises(tk.UnsupportedModuleError, match="FirstTokenOnly overrides VisionTransformerDistilled.forward_head"):
+            tk.linearize(model, 1)
+
+    def test_distilled_training(self):
+        from timm.models.deit import VisionTransformerDistilled
+
         model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
-        with pytest.raises(tk.UnsupportedModuleError, match="VisionTransformerDistilled overrides .*forward_head"):
+        model.set_distilled_training(True)
+        with pytest.raises(tk.UnsupportedModuleError, match="distilled_training on"):
             tk.linearize(model, 1)
 
     def test_blocks_argument(self):
@@ -357,11 +369,25 @@ class TestUnsupported:
             tk.linearize(small_vit(class_token=False, global_pool="avg"), 1, fresh_cls_token=True)
 
 
-def test_any_model_by_forward_ad():
-    """The escape hatch for models linearize refuses: forward AD of the whole model, fused attention inside."""
+@pytest.mark.parametrize("blocks", ["all", 1])
+def test_deit_distilled_float64(blocks):
+    """DeiT's distilled model: a distillation token after the class token, and the average of two heads."""
     from timm.models.deit import VisionTransformerDistilled
 
     model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+    lin = tk.linearize(model.double().eval(), blocks, backend="reference")
+    assert {"head_dist.weight", "head_dist.bias"} <= dict(lin.named_parameters()).keys()
+    assert ("dist_token" in dict(lin.named_parameters())) == (blocks == "all")
+    check(model, lin, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-9)
+
+
+def test_any_model_by_forward_ad():
+    """The escape hatch for models linearize refuses: forward AD of the whole model, fused attention inside."""
+    from timm.models.eva import Eva
+
+    model = Eva(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5, use_rot_pos_emb=True)
+    with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Eva"):
+        tk.linearize(model)
     model = model.double().eval()
     tangent = tk.modules.TangentForwardAD(model, backend="cpp")
     randomize_offsets(tangent)
