@@ -1,13 +1,14 @@
 """Which timm Vision Transformers ``linearize`` serves, checked against ``torch.func.jvp``.
 
-    python -m benchmarks.timm_coverage [--max-params 60e6] [--out benchmarks/results/timm-coverage.md]
+    python -m benchmarks.timm_coverage [--modules vision_transformer deit] [--max-params 60e6]
+                                       [--out benchmarks/results/timm-coverage.md]
 
-Builds every model registered in ``timm.models.vision_transformer`` (random weights, depth 2,
-one per distinct architecture), linearizes it (all blocks, and the last block only) on the
-reference backend in float64 with random offsets, and records the largest relative error of
-the output and of the offsets' gradients against ``verify.jvp_oracle``, or the error a model
-is refused with; and the error of ``torch.func.jvp`` through ``patch(model)`` (fused attention,
-default backend). Writes a markdown table.
+Builds every model registered in ``timm.models.vision_transformer`` and ``timm.models.deit``
+(random weights, depth 2, one per distinct architecture), linearizes it (all blocks, and the
+last block only) on the reference backend in float64 with random offsets, and records the
+largest relative error of the output and of the offsets' gradients against
+``verify.jvp_oracle``, or the error a model is refused with; and the error of ``torch.func.jvp``
+through ``patch(model)`` (fused attention, default backend). Writes a markdown table.
 """
 
 from __future__ import annotations
@@ -57,13 +58,15 @@ def main() -> None:
     import timm
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modules", nargs="+", default=["vision_transformer", "deit"], help="timm model modules")
     parser.add_argument("--max-params", type=float, default=60e6, help="skip models larger than this at depth 2")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results" / "timm-coverage.md")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
     seen, rows = set(), []
-    for name in tqdm(timm.list_models(module="vision_transformer"), desc="timm ViTs"):
+    names = [name for module in args.modules for name in timm.list_models(module=module)]
+    for name in tqdm(names, desc="timm ViTs"):
         model = timm.create_model(name, pretrained=False, depth=2, num_classes=5)
         signature = architecture(model)
         if signature in seen or sum(p.numel() for p in model.parameters()) > args.max_params:
