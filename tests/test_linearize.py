@@ -381,6 +381,21 @@ def test_deit_distilled_float64(blocks):
     check(model, lin, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-9)
 
 
+def test_deit_distilled_head_dropout_in_training():
+    """Each head's token gets its own dropout mask, as in timm, shared by both streams."""
+    from timm.models.deit import VisionTransformerDistilled
+
+    model = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5,
+                                       drop_rate=0.5).double().train()  # fmt: skip
+    lin = tk.linearize(model, 1, backend="reference")
+    randomize_offsets(lin)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    out, expected = seeded_outputs(model, lin, images, seed=3)
+    assert max_relative_error(out, expected) < 1e-12
+    torch.manual_seed(4)
+    assert max_relative_error(lin(images), out) > 1e-3, "the dropout masks did not change with the seed"
+
+
 def test_any_model_by_forward_ad():
     """The escape hatch for models linearize refuses: forward AD of the whole model, fused attention inside."""
     from timm.models.eva import Eva
