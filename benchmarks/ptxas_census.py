@@ -2,8 +2,8 @@
 
     python -m benchmarks.ptxas_census [MODULE ...] [--out FOLDER]
 
-Runs ``tangent_kernels.triton.compile_check --registers`` on each kernel module (default: the
-attention kernels) and writes the raw JSON lines and a summary (``README.md``) to FOLDER: the
+Runs ``tangent_kernels.triton.compile_check --registers`` on each kernel module (default: all of
+them) and writes the raw JSON lines and a summary (``README.md``) to FOLDER: the
 worst spill per kernel, target and tile class, and every config that ptxas compiles into its
 32-register mode (10 KB or more of spills), which only the autotuner on a GPU would reject.
 Static counts, not timings.
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 PATHOLOGICAL_SPILL_BYTES = 10_000
+KERNEL_MODULES = [f"tangent_kernels.triton.{name}" for name in ("attention", "gelu", "layer_norm", "linear")]
 
 
 def census(module: str) -> list[dict]:
@@ -30,18 +31,18 @@ def census(module: str) -> list[dict]:
 
 
 def summary(rows: list[dict], versions: str) -> str:
-    worst = collections.defaultdict(lambda: (0, 0))  # (kernel, tile class, target) -> (configs, max spill)
+    worst = collections.defaultdict(lambda: (0, 0))  # (module, kernel, tiles, target) -> (configs, max spill)
     for row in rows:
-        kernel, tile_class = row["spec"].split()[:2]
-        count, spill = worst[kernel, tile_class, row["target"]]
-        worst[kernel, tile_class, row["target"]] = (count + 1, max(spill, row["spill_bytes"]))
+        key = (row["module"].rsplit(".", 1)[-1], *row["spec"].split()[:2], row["target"])
+        count, spill = worst[key]
+        worst[key] = (count + 1, max(spill, row["spill_bytes"]))
     lines = [
         "# ptxas register census of the Triton kernels (no GPU)", "",
         f"`python -m benchmarks.ptxas_census` ({versions}): every shipped config on both targets, raw lines in "
         "census.jsonl. Static counts only; nothing here was timed on a GPU.", "",
-        "| kernel | tiles | target | configs | max spill bytes per thread |", "|---|---|---|---:|---:|",
+        "| module | kernel | tiles | target | configs | max spill bytes per thread |", "|---|---|---|---|---:|---:|",
     ]  # fmt: skip
-    lines += [f"| {k} | {c} | {t} | {n} | {s} |" for (k, c, t), (n, s) in sorted(worst.items())]
+    lines += [f"| {' | '.join(key)} | {n} | {s} |" for key, (n, s) in sorted(worst.items())]
     lines += ["", f"Configs in ptxas's 32-register mode ({PATHOLOGICAL_SPILL_BYTES} bytes of spills or more), "
               "left for the autotuner to reject:", ""]  # fmt: skip
     lines += [f"- {r['target']} {r['spec']}: {r['registers']} registers, {r['spill_bytes']} bytes"
@@ -51,7 +52,7 @@ def summary(rows: list[dict], versions: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", default=["tangent_kernels.triton.attention"])
+    parser.add_argument("modules", nargs="*", default=KERNEL_MODULES)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest-ptxas"))
     args = parser.parse_args()
     import triton

@@ -50,9 +50,11 @@ def test_linear_paths_follow_the_measurement():
 
 def test_ptxas_census_summary():
     rows = [
-        {"spec": "fwd fp32-ieee D=64 M=64 N=16 w=8 s=2", "target": "sm_90", "registers": 255, "spill_bytes": 16},
-        {"spec": "fwd fp32-ieee D=64 M=32 N=16 w=4 s=2", "target": "sm_90", "registers": 32, "spill_bytes": 20000},
+        {"module": "tangent_kernels.triton.attention", "spec": "fwd fp32-ieee D=64 M=64 N=16 w=8 s=2",
+         "target": "sm_90", "registers": 255, "spill_bytes": 16},
+        {"module": "tangent_kernels.triton.attention", "spec": "fwd fp32-ieee D=64 M=32 N=16 w=4 s=2",
+         "target": "sm_90", "registers": 32, "spill_bytes": 20000},
     ]
     text = summary(rows, "versions")
-    assert "| fwd | fp32-ieee | sm_90 | 2 | 20000 |" in text
+    assert "| attention | fwd | fp32-ieee | sm_90 | 2 | 20000 |" in text
     assert "- sm_90 fwd fp32-ieee D=64 M=32 N=16 w=4 s=2: 32 registers, 20000 bytes" in text
