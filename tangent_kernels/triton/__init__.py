@@ -37,6 +37,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def tile_class(element_size: int, precision: str) -> str:
+    """Which config list serves a launch with ``tl.dot``: 16-bit tiles, or fp32 tiles multiplied as
+    TF32 on the tensor cores, or exactly (IEEE) on the FMA units, where every thread holds far more
+    of each tile (the sizes that suit TF32 compile into heavy register spills there)."""
+    if element_size == 2:
+        return "16-bit"
+    return "tf32" if precision == "tf32" else "ieee"
+
+
 def compiled_variants():
     """``(dtype, dot precision, label)`` for each way a kernel with ``tl.dot`` can be launched:
     16-bit tiles (precision unused) and fp32 tiles both ways, since ``dot_precision`` follows a

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision
+from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, tile_class
 from .math import dot
 
 LOG2E = 1.4426950408889634
@@ -326,7 +326,7 @@ def _attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class (see _tile_class) and padded
+# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class (see tile_class) and padded
 # head dim; each entry compiles for sm_80 and sm_90 within shared memory
 # (tests/test_compile_targets.py). fp32 tiles take twice the shared memory of fp16/bf16 ones, so
 # they get smaller tiles. Exact (IEEE) fp32 products run on the FMA units, and every thread then
@@ -408,14 +408,6 @@ _DQ_CONFIGS = {
 }
 
 
-def _tile_class(element_size: int, precision: str) -> str:
-    """Which config list serves a launch: 16-bit tiles, or fp32 tiles multiplied as TF32 on the
-    tensor cores, or exactly (IEEE) on the FMA units."""
-    if element_size == 2:
-        return "16-bit"
-    return "tf32" if precision == "tf32" else "ieee"
-
-
 def _configs(table):
     """Each distinct config of ``table`` once (the autotuner keys configs by identity)."""
     configs = {}
@@ -434,7 +426,7 @@ def _pruner(table):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = table[_tile_class(args["Q"].element_size(), args["DOT_PRECISION"])][args["BLOCK_D"]]
+        wanted = table[tile_class(args["Q"].element_size(), args["DOT_PRECISION"])][args["BLOCK_D"]]
         by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         return [by_key[entry] for entry in wanted]
 
@@ -577,7 +569,7 @@ def compile_specs():
     for dtype, precision, label in compiled_variants():
         name = DTYPE_NAMES[dtype]
         for kernel_name, kernel, table, flags in kernels:
-            for block_d, entries in table[_tile_class(dtype.itemsize, precision)].items():
+            for block_d, entries in table[tile_class(dtype.itemsize, precision)].items():
                 for block_m, block_n, warps, stages in entries:
                     constexprs = {**flags, "DOT_PRECISION": precision, "BLOCK_M": block_m,
                                   "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip

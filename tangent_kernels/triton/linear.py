@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, rows_2d
+from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, rows_2d, tile_class
 from .math import dot, gelu_and_derivative
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -84,11 +84,15 @@ def _linear_jvp_kernel(
         tl.store(Y_T + out, acc_t.to(Y_T.dtype.element_ty), mask=out_mask)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per element width; four operand tiles per
-# stage, each entry compiling for sm_80 and sm_90 within shared memory (tests/test_compile_targets.py).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per tile class (see triton.tile_class); four
+# operand tiles per stage, each entry compiling for sm_80 and sm_90 within shared memory
+# (tests/test_compile_targets.py). The IEEE fp32 tiles are the ones that spill least by ptxas's
+# count (benchmarks/ptxas_census.py): the TF32 ones compile to 32 registers and 15-17 KB of
+# spills per thread on sm_80 there.
 _CONFIGS = {
-    2: [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3)],
-    4: [(64, 64, 32, 4, 3), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)],
+    "16-bit": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3)],
+    "tf32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)],
+    "ieee": [(64, 64, 16, 8, 2), (32, 32, 32, 4, 2), (128, 64, 16, 8, 2)],
 }
 GROUP_M = 8
 
@@ -100,12 +104,12 @@ def _triton_configs():
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    wanted = _CONFIGS[args["X"].element_size()]
+    wanted = _CONFIGS[tile_class(args["X"].element_size(), args["DOT_PRECISION"])]
     keyed = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages): c for c in configs}
     return [keyed[entry] for entry in wanted]
 
 
-_KEY = ["M", "N", "K", "HAS_X_T", "HAS_D_W", "ACTIVATION"]
+_KEY = ["M", "N", "K", "HAS_X_T", "HAS_D_W", "ACTIVATION", "DOT_PRECISION"]
 _linear_jvp = autotune(_triton_configs(), _KEY, _prune)(_linear_jvp_kernel)
 
 
@@ -168,7 +172,7 @@ def compile_specs():
         ptr = f"*{name}"
         signature = {arg: ptr for arg in ("X", "X_T", "W", "D_W", "B", "D_B", "Y", "Y_T", "DERIVATIVE")}
         signature.update({arg: "i32" for arg in ("M", "N", "K", "stride_xm", "stride_xtm", "stride_wn", "stride_dwn")})
-        for m, n, k, warps, stages in _CONFIGS[dtype.itemsize]:
+        for m, n, k, warps, stages in _CONFIGS[tile_class(dtype.itemsize, precision)]:
             constexprs = dict(HAS_X_T=True, HAS_D_W=True, HAS_B=True, HAS_D_B=True, ACTIVATION=2,
                               DOT_PRECISION=precision, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=GROUP_M)  # fmt: skip
             yield (f"linear {label} M={m} N={n} K={k} w={warps} s={stages}", _linear_jvp_kernel, signature,
