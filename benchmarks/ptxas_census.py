@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tangent_kernels.triton.compile_check import kernel_modules
+
 PATHOLOGICAL_SPILL_BYTES = 10_000
-KERNEL_MODULES = [f"tangent_kernels.triton.{name}" for name in ("attention", "gelu", "layer_norm", "linear")]
 
 
 def census(module: str) -> list[dict]:
@@ -52,7 +53,7 @@ def summary(rows: list[dict], versions: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="*", default=KERNEL_MODULES)
+    parser.add_argument("modules", nargs="*", default=kernel_modules())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latest-ptxas"))
     args = parser.parse_args()
     import triton

@@ -6,18 +6,14 @@ its shared memory must fit one block of the target.
 """
 
 import importlib
-import pkgutil
 
 import pytest
 
 import tangent_kernels.triton as triton_package
 from helpers import compile_for_gpu_targets
+from tangent_kernels.triton.compile_check import kernel_modules
 
-KERNEL_MODULES = sorted(
-    f"tangent_kernels.triton.{info.name}"
-    for info in pkgutil.iter_modules(triton_package.__path__)
-    if info.name not in ("compile_check", "math")
-)
+KERNEL_MODULES = kernel_modules()
 
 
 def test_every_kernel_module_lists_its_specs():

@@ -305,16 +305,21 @@ def seeded_outputs(model, lin, images, seed):
     return out, expected
 
 
+def assert_random_masks_match_the_oracle(model, lin, images, seed):
+    """Under one seed ``lin`` equals the oracle (same random masks on both streams); another seed
+    draws other masks."""
+    out, expected = seeded_outputs(model, lin, images, seed)
+    assert max_relative_error(out, expected) < 1e-12
+    torch.manual_seed(seed + 1)
+    assert max_relative_error(lin(images), out) > 1e-3, "the random masks did not change with the seed"
+
+
 def test_patch_dropout_keeps_one_token_subset_for_both_streams():
     """In training, patch dropout on linearized embeddings equals the jvp of timm's model under one seed."""
     model = small_vit(patch_drop_rate=0.5, reg_tokens=1).train()
     lin = tk.linearize(model, "all", backend="reference")
     randomize_offsets(lin)
-    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    out, expected = seeded_outputs(model, lin, images, seed=5)
-    assert max_relative_error(out, expected) < 1e-12
-    torch.manual_seed(6)
-    assert max_relative_error(lin(images), out) > 1e-3, "the token subset did not change with the seed"
+    assert_random_masks_match_the_oracle(model, lin, torch.randn(3, 3, 32, 32, dtype=torch.float64), seed=5)
 
 
 def test_attention_dropout_uses_one_mask_for_both_streams():
@@ -389,11 +394,7 @@ def test_deit_distilled_head_dropout_in_training():
                                        drop_rate=0.5).double().train()  # fmt: skip
     lin = tk.linearize(model, 1, backend="reference")
     randomize_offsets(lin)
-    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    out, expected = seeded_outputs(model, lin, images, seed=3)
-    assert max_relative_error(out, expected) < 1e-12
-    torch.manual_seed(4)
-    assert max_relative_error(lin(images), out) > 1e-3, "the dropout masks did not change with the seed"
+    assert_random_masks_match_the_oracle(model, lin, torch.randn(3, 3, 32, 32, dtype=torch.float64), seed=3)
 
 
 def test_any_model_by_forward_ad():

@@ -18,6 +18,7 @@ import importlib
 import json
 import multiprocessing
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -61,6 +62,15 @@ def register_usage(compiled, capability: int) -> dict:
                              capture_output=True, text=True, check=True).stderr  # fmt: skip
     return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
             "spill_bytes": int(re.search(r"(\d+) bytes spill stores", log).group(1))}  # fmt: skip
+
+
+def kernel_modules() -> list[str]:
+    """The modules of ``tangent_kernels.triton`` that ship kernels (each lists ``compile_specs()``)."""
+    from .. import triton as package
+
+    helpers = ("compile_check", "math")
+    return sorted(f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)
+                  if info.name not in helpers)  # fmt: skip
 
 
 def _specs(module_name: str) -> list:

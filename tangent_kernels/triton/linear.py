@@ -87,8 +87,8 @@ def _linear_jvp_kernel(
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per tile class (see triton.tile_class); four
 # operand tiles per stage, each entry compiling for sm_80 and sm_90 within shared memory
 # (tests/test_compile_targets.py). The IEEE fp32 tiles are the ones that spill least by ptxas's
-# count (benchmarks/ptxas_census.py): the TF32 ones compile to 32 registers and 15-17 KB of
-# spills per thread on sm_80 there.
+# count (benchmarks/ptxas_census.py): in IEEE precision the TF32 tiles compiled to 32 registers
+# and 15-17 KB of spills per thread on sm_80.
 _CONFIGS = {
     "16-bit": [(128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 2), (64, 64, 64, 4, 3)],
     "tf32": [(64, 64, 32, 4, 3), (128, 64, 32, 8, 2), (64, 128, 32, 8, 2)],
