@@ -44,8 +44,15 @@ struct KeyMask {
 };
 
 // The key-padding mask as contiguous (B, Lk) bool or acc_t; undefined when absent.
-at::Tensor prepared_mask(const std::optional<at::Tensor>& mask, at::ScalarType acc_type) {
+at::Tensor prepared_mask(const std::optional<at::Tensor>& mask, const at::Tensor& q, const at::Tensor& k,
+                         at::ScalarType acc_type) {
   if (!present(mask)) return at::Tensor();
+  TORCH_CHECK(mask->scalar_type() == at::kBool || at::isFloatingType(mask->scalar_type()),
+              "key_padding_mask: expected dtype bool (true = padding) or a floating dtype (added to the scores), got ",
+              mask->scalar_type());
+  TORCH_CHECK(mask->device() == q.device(), "key_padding_mask: expected device ", q.device(), ", got ", mask->device());
+  TORCH_CHECK(mask->dim() == 2 && mask->size(0) == q.size(0) && mask->size(1) == k.size(2),
+              "key_padding_mask: expected shape (", q.size(0), ", ", k.size(2), "), got ", mask->sizes());
   return mask->scalar_type() == at::kBool ? mask->contiguous() : mask->to(acc_type).contiguous();
 }
 
@@ -311,7 +318,8 @@ void backward_impl(const at::Tensor& grad_out, const at::Tensor& q, const at::Te
 
 void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k, v: expected 4-D (B, H, N, D) tensors");
-  TORCH_CHECK(q.device().is_cpu(), "q: expected a CPU tensor, got ", q.device());
+  TORCH_CHECK(q.device().is_cpu() && k.device() == q.device() && v.device() == q.device(),
+              "q, k, v: expected CPU tensors, got ", q.device(), ", ", k.device(), ", ", v.device());
   TORCH_CHECK(k.size(0) == q.size(0) && k.size(3) == q.size(3) && v.sizes() == k.sizes(),
               "k, v: expected shape (", q.size(0), ", heads, tokens, ", q.size(3), "), got ", k.sizes(), " and ",
               v.sizes());
@@ -329,7 +337,9 @@ at::Tensor rows_of(const at::Tensor& t) {
 at::Tensor optional_rows(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* name) {
   if (!present(t)) return at::Tensor();
   TORCH_CHECK(t->sizes() == like.sizes(), name, ": expected shape ", like.sizes(), ", got ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type());
+  TORCH_CHECK(t->scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
+              t->scalar_type());
+  TORCH_CHECK(t->device() == like.device(), name, ": expected device ", like.device(), ", got ", t->device());
   return rows_of(*t);
 }
 
@@ -342,11 +352,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_jvp_forward(
   const at::Tensor q_t = optional_rows(q_t_in, q, "q_t"), k_t = optional_rows(k_t_in, k, "k_t");
   const at::Tensor v_t = optional_rows(v_t_in, v, "v_t");
   const auto acc_type = at::toOpMathType(q.scalar_type());
-  const at::Tensor mask = prepared_mask(key_padding_mask, acc_type);
-  if (mask.defined()) {
-    TORCH_CHECK(mask.dim() == 2 && mask.size(0) == q.size(0) && mask.size(1) == k.size(2),
-                "key_padding_mask: expected shape (", q.size(0), ", ", k.size(2), "), got ", mask.sizes());
-  }
+  const at::Tensor mask = prepared_mask(key_padding_mask, q, k, acc_type);
   // outputs stored as (B, N, H, D), so merging the heads afterwards is a view, not a copy
   const auto bnhd = [&q]() { return at::empty({q.size(0), q.size(2), q.size(1), q.size(3)}, q.options()).transpose(1, 2); };
   at::Tensor o = bnhd();
@@ -367,8 +373,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward(
   const at::Tensor q = rows_of(q_in), k = rows_of(k_in), v = rows_of(v_in);
   const at::Tensor o = optional_rows(o_in, q, "o"), grad_out = optional_rows(grad_out_in, q, "grad_out");
   const auto acc_type = at::toOpMathType(q.scalar_type());
+  TORCH_CHECK(lse_in.sizes() == q.sizes().slice(0, 3) && at::isFloatingType(lse_in.scalar_type()) &&
+                  lse_in.device() == q.device(),
+              "lse: expected a floating (", q.size(0), ", ", q.size(1), ", ", q.size(2),
+              ") tensor on the device of q (one value per query row), got ", lse_in.sizes(), " ",
+              lse_in.scalar_type(), " on ", lse_in.device());
   const at::Tensor lse = lse_in.to(acc_type).contiguous();
-  const at::Tensor mask = prepared_mask(key_padding_mask, acc_type);
+  const at::Tensor mask = prepared_mask(key_padding_mask, q, k, acc_type);
   at::Tensor dq = need_dq ? at::empty(q.sizes(), q.options()) : at::Tensor();
   at::Tensor dk = need_dkv ? at::empty(k.sizes(), k.options()) : at::Tensor();
   at::Tensor dv = need_dkv ? at::empty(v.sizes(), v.options()) : at::Tensor();

@@ -109,6 +109,7 @@ at::Tensor optional_like(const std::optional<at::Tensor>& t, const at::Tensor& l
   TORCH_CHECK(t->scalar_type() == like.scalar_type(), name, ": expected dtype ", like.scalar_type(), ", got ",
               t->scalar_type());
   TORCH_CHECK(t->sizes() == shape, name, ": expected shape ", shape, ", got ", t->sizes());
+  TORCH_CHECK(t->device() == like.device(), name, ": expected device ", like.device(), ", got ", t->device());
   return t->contiguous();
 }
 

@@ -52,10 +52,24 @@ void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* 
                  int64_t n, acc_t eps, acc_t* y, acc_t* y_t, acc_t& mean_out, acc_t& rstd_out) {
   using Vec = at::vec::Vectorized<acc_t>;
   const auto sum = [](Vec& p, Vec& q) { return p + q; };
-  const acc_t mean = at::vec::reduce_all<acc_t>(sum, x, n) / n;
+  acc_t mean = at::vec::reduce_all<acc_t>(sum, x, n) / n;
   const acc_t squares = at::vec::map_reduce_all<acc_t>(
       [mean](Vec v) { const Vec c = v - Vec(mean); return c * c; }, sum, x, n);
-  const acc_t rstd = acc_t(1) / std::sqrt(squares / n + eps);
+  acc_t rstd = acc_t(1) / std::sqrt(squares / n + eps);
+  if (!std::isfinite(mean) || !std::isfinite(squares)) {
+    // The sum or the sum of squares overflowed (|x| ~ 1e19 in float32): unless x itself holds
+    // inf or NaN, normalize the row divided by its largest magnitude (x_hat does not depend on it).
+    const acc_t peak = at::vec::map_reduce_all<acc_t>(
+        [](Vec v) { return v.abs(); }, [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, x, n);
+    if (std::isfinite(peak) && peak > 0) {
+      const acc_t inv = acc_t(1) / peak;
+      const acc_t mean_scaled = at::vec::map_reduce_all<acc_t>([inv](Vec v) { return v * Vec(inv); }, sum, x, n) / n;
+      const acc_t squares_scaled = at::vec::map_reduce_all<acc_t>(
+          [inv, mean_scaled](Vec v) { const Vec c = v * Vec(inv) - Vec(mean_scaled); return c * c; }, sum, x, n);
+      mean = mean_scaled * peak;
+      rstd = inv / std::sqrt(squares_scaled / n + eps * inv * inv);
+    }
+  }
   mean_out = mean;
   rstd_out = rstd;
   acc_t x_t_mean = 0, x_hat_x_t_mean = 0;

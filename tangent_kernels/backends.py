@@ -10,6 +10,7 @@ missing, such as an unbuilt extension). An explicitly requested backend that can
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -28,7 +29,7 @@ IMPLEMENTED = {
     "mlp_jvp": ("triton", "cpp", "reference"),
 }
 
-_last_backend: dict[str, str] = {}
+_last_backend = threading.local()  # per thread: concurrent calls each see their own choice
 _warned: set[tuple[str, str]] = set()
 
 
@@ -51,7 +52,9 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> s
     """Resolve ``backend`` for ``op`` on tensors of this device and dtype, and record the choice."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend == "auto" and device.type == "meta":
+        chosen = "reference"  # shapes only: no kernel runs on the meta device
+    elif backend == "auto":
         preferred = "triton" if device.type == "cuda" else "cpp"
         reason = unavailable_reason(preferred, op, device, dtype)
         chosen = "reference" if reason else preferred
@@ -63,15 +66,15 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> s
         if reason:
             raise BackendUnavailableError(f"backend {backend!r} cannot run {op} on {device.type}/{dtype}: {reason}")
         chosen = backend
-    _last_backend[op] = chosen
+    setattr(_last_backend, op, chosen)
     return chosen
 
 
 def last_backend(op: str) -> str | None:
-    """The backend that ran the latest call of ``op`` (``None`` before the first call)."""
+    """The backend that ran the latest call of ``op`` in this thread (``None`` before the first)."""
     if op not in IMPLEMENTED:
         raise ValueError(f"op: expected one of {sorted(IMPLEMENTED)}, got {op!r}")
-    return _last_backend.get(op)
+    return getattr(_last_backend, op, None)
 
 
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from . import validation
+
 try:
     from . import _C  # noqa: F401  (registers torch.ops.tangent_kernels.*)
 except ImportError as error:
@@ -35,6 +37,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "layer_norm_jvp_forward")
     def _(x, x_t, weight, bias, d_weight, d_bias, eps):
+        validation.one_device(x=x, x_t=x_t, weight=weight, bias=bias, d_weight=d_weight, d_bias=d_bias)
         has_tangent = x_t is not None or d_weight is not None or d_bias is not None
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         rows = x.numel() // x.shape[-1]
@@ -42,6 +45,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "layer_norm_backward")
     def _(grad, x, weight, mean, rstd, input_grad, param_grads):
+        validation.one_device(x=x, grad=grad, weight=weight, mean=mean, rstd=rstd)
         param_dtype = x.dtype if weight is None else weight.dtype
         param = x.new_empty(x.shape[-1], dtype=param_dtype) if param_grads else x.new_empty(0)
         g_x = torch.empty(x.shape, dtype=x.dtype, device=x.device) if input_grad else x.new_empty(0)
@@ -49,6 +53,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "attention_jvp_forward")
     def _(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal):
+        validation.one_device(q=q, k=k, v=v, q_t=q_t, k_t=k_t, v_t=v_t, key_padding_mask=key_padding_mask)
         batch, heads, tokens, head_dim = q.shape
 
         def bnhd():
@@ -59,6 +64,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "attention_backward")
     def _(grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_dkv):
+        validation.one_device(q=q, k=k, v=v, grad_out=grad_out, o=o, lse=lse, key_padding_mask=key_padding_mask)
+
         def new(t, wanted):
             return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else q.new_empty(0)
 
@@ -66,6 +73,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "gelu_jvp_forward")
     def _(h, h_t, bias, d_bias, approximate):
+        validation.one_device(h=h, h_t=h_t, bias=bias, d_bias=d_bias)
         a = torch.empty(h.shape, dtype=h.dtype, device=h.device)
         has_tangent = h_t is not None or d_bias is not None
         return a, (torch.empty_like(a) if has_tangent else h.new_empty(0)), torch.empty_like(a)

@@ -18,31 +18,10 @@ import os
 import torch
 from torch import Tensor
 
-from . import backends, ops, reference
+from . import backends, ops, reference, validation
 from .backends import last_backend  # noqa: F401  (part of the public API)
 
 __all__ = ["attention_jvp", "gelu_jvp", "last_backend", "layer_norm_jvp", "linear_jvp", "mlp_jvp"]
-
-
-def _check_floating(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
-
-
-def _check_like(name: str, t: Tensor | None, like: Tensor, like_name: str, shape=None) -> None:
-    """``t`` (if given) must be a tensor on ``like``'s device, of its dtype, and of ``shape``."""
-    if t is None:
-        return
-    _check_floating(name, t)
-    if t.device != like.device:
-        raise ValueError(f"{name}: expected device {like.device} (as {like_name}), got {t.device}")
-    if t.dtype != like.dtype:
-        raise TypeError(f"{name}: expected dtype {like.dtype} (as {like_name}), got {t.dtype}")
-    expected = like.shape if shape is None else torch.Size(shape)
-    if t.shape != expected:
-        raise ValueError(f"{name}: expected shape {tuple(expected)}, got {tuple(t.shape)}")
 
 
 def _primal_requires_grad(*tensors: Tensor | None) -> bool:
@@ -73,18 +52,7 @@ def layer_norm_jvp(
     ``weight``/``bias`` are the frozen ``g0``/``b0`` (``None`` for no affine), ``d_weight``/
     ``d_bias`` their trainable offsets. Note the default ``eps`` is timm's ViT value, 1e-6.
     """
-    _check_floating("x", x)
-    if x.dim() == 0 or x.shape[-1] == 0:
-        raise ValueError(f"x: expected at least one feature in the last dimension, got shape {tuple(x.shape)}")
-    features = (x.shape[-1],)
-    _check_like("x_t", x_t, x, "x")
-    for name, param in (("weight", weight), ("bias", bias), ("d_weight", d_weight), ("d_bias", d_bias)):
-        _check_like(name, param, x, "x", shape=features)
-    if d_weight is not None and weight is None:
-        raise ValueError("d_weight: given without a frozen weight; a layer norm without affine has no weight")
-    if d_bias is not None and bias is None:
-        raise ValueError("d_bias: given without a frozen bias; a layer norm without affine has no bias")
-
+    eps = validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps)
     chosen = backends.select("layer_norm_jvp", backend, x.device, x.dtype)
     if chosen == "triton" and x.shape[-1] > _triton_layer_norm_max_features():
         chosen = _fall_back(
@@ -96,7 +64,7 @@ def layer_norm_jvp(
         chosen = _fall_back("layer_norm_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0:
         return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps)
-    y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, float(eps), chosen)
+    y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, chosen)
     return y, _none_if(x_t is None and d_weight is None and d_bias is None, y_t)
 
 
@@ -115,38 +83,6 @@ def _triton_layer_norm_max_features() -> int:
 
 # ----------------------------------------------------------------------------------------------
 # attention
-
-
-def _check_attention(q, k, v, q_t, k_t, v_t, key_padding_mask):
-    """Shapes, dtypes and devices of attention inputs; returns the mask as ``(B, Lk)``."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_floating(name, t)
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D (batch, heads, tokens, head_dim) tensor, got shape {tuple(t.shape)}")
-    batch, num_q_heads, _, head_dim = q.shape
-    if k.shape[0] != batch or k.shape[-1] != head_dim:
-        raise ValueError(f"k: expected shape ({batch}, heads, tokens, {head_dim}) to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")  # fmt: skip
-    if k.shape[1] == 0 or num_q_heads % k.shape[1] != 0:
-        raise ValueError(f"k: its {k.shape[1]} heads must divide the {num_q_heads} heads of q (grouped-query attention)")
-    _check_like("k", k, q, "q", shape=k.shape)
-    _check_like("v", v, q, "q", shape=k.shape)
-    _check_like("q_t", q_t, q, "q")
-    _check_like("k_t", k_t, k, "k")
-    _check_like("v_t", v_t, v, "v")
-    if key_padding_mask is None:
-        return None
-    if not isinstance(key_padding_mask, Tensor):
-        raise TypeError(f"key_padding_mask: expected a tensor, got {type(key_padding_mask).__name__}")
-    if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
-        raise TypeError(f"key_padding_mask: expected dtype torch.bool (True = padding) or a floating dtype "
-                        f"(added to the scores), got {key_padding_mask.dtype}")  # fmt: skip
-    if key_padding_mask.device != q.device:
-        raise ValueError(f"key_padding_mask: expected device {q.device} (as q), got {key_padding_mask.device}")
-    if key_padding_mask.dim() != 2 or key_padding_mask.shape[1] != k.shape[2] or key_padding_mask.shape[0] not in (1, batch):
-        raise ValueError(f"key_padding_mask: expected shape ({batch}, {k.shape[2]}) (batch, key tokens), "
-                         f"got {tuple(key_padding_mask.shape)}")  # fmt: skip
-    return key_padding_mask.expand(batch, k.shape[2])
 
 
 def _unit_last_stride(t: Tensor | None) -> Tensor | None:
@@ -175,8 +111,8 @@ def attention_jvp(
     torch's SDPA; ``key_padding_mask`` is ``(B, Lk)``, boolean with True marking padding, or
     floating and added to the scores. A query row with every key masked gives zeros.
     """
-    key_padding_mask = _check_attention(q, k, v, q_t, k_t, v_t, key_padding_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    key_padding_mask = validation.attention(q, k, v, q_t, k_t, v_t, key_padding_mask)
+    scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = backends.select("attention_jvp", backend, q.device, q.dtype)
     if chosen == "triton":
         from .triton.attention import MAX_HEAD_DIM
@@ -191,7 +127,7 @@ def attention_jvp(
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        key_padding_mask=key_padding_mask)  # fmt: skip
     q, k, v, q_t, k_t, v_t = (_unit_last_stride(t) for t in (q, k, v, q_t, k_t, v_t))
-    o, o_t, _ = ops.attention_jvp(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, bool(causal), chosen)
+    o, o_t, _ = ops.attention_jvp(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal, chosen)
     return o, _none_if(q_t is None and k_t is None and v_t is None, o_t)
 
 
@@ -199,18 +135,8 @@ def attention_jvp(
 # linear, GELU, MLP
 
 
-def _check_linear(prefix: str, in_features: int, like: Tensor, weight, bias, d_weight, d_bias) -> None:
-    """A linear layer's frozen weight/bias and offsets: ``(out, in_features)`` and ``(out,)``."""
-    _check_floating(f"{prefix}weight", weight)
-    if weight.dim() != 2 or weight.shape[1] != in_features:
-        raise ValueError(f"{prefix}weight: expected shape (out_features, {in_features}), got {tuple(weight.shape)}")
-    _check_like(f"{prefix}weight", weight, like, "x", shape=weight.shape)
-    _check_like(f"d_{prefix}weight", d_weight, weight, f"{prefix}weight")
-    for name, t in ((f"{prefix}bias", bias), (f"d_{prefix}bias", d_bias)):
-        _check_like(name, t, like, "x", shape=(weight.shape[0],))
-
-
 ACTIVATIONS = (None, "gelu", "gelu_tanh")
+APPROXIMATIONS = ("none", "tanh")
 
 
 def linear_jvp(
@@ -231,11 +157,9 @@ def linear_jvp(
     CPU, BLAS GEMMs plus the C++ bias/GELU op. ``TANGENT_KERNELS_LINEAR_PATH=fused|composite``
     overrides the choice.
     """
-    _check_floating("x", x)
-    _check_like("x_t", x_t, x, "x")
-    _check_linear("", x.shape[-1], x, weight, bias, d_weight, d_bias)
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    validation.features(x, x_t)
+    validation.linear("", x, x.shape[-1], weight, bias, d_weight, d_bias)
+    validation.choice("activation", activation, ACTIVATIONS)
     chosen = backends.select("linear_jvp", backend, x.device, x.dtype)
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(x, weight, bias):
         chosen = _fall_back("linear_jvp", backend, x, "")
@@ -285,10 +209,9 @@ def _linear_composite(x, x_t, weight, bias, d_weight, d_bias, activation, backen
 
 def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: str = "auto"):
     """``y = gelu(x)``, ``y_t = gelu'(x) · x_t`` (``approximate`` is ``"none"`` (erf) or ``"tanh"``)."""
-    _check_floating("x", x)
-    _check_like("x_t", x_t, x, "x")
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    validation.tensor("x", x)
+    validation.like("x_t", x_t, x, "x")
+    validation.choice("approximate", approximate, APPROXIMATIONS)
     chosen = backends.select("gelu_jvp", backend, x.device, x.dtype)
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(x):
         chosen = _fall_back("gelu_jvp", backend, x, "")
@@ -316,12 +239,10 @@ def mlp_jvp(
     with the GELU epilogue (fused GEMMs on Triton where measured faster, else ATen GEMMs around one
     fused bias + GELU op). Autograd saves the input, ``gelu(u)`` and ``gelu'(u)``, as ordinary
     fine-tuning saves the input, ``u`` and ``gelu(u)``."""
-    _check_floating("x", x)
-    _check_like("x_t", x_t, x, "x")
-    _check_linear("fc1_", x.shape[-1], x, fc1_weight, fc1_bias, d_fc1_weight, d_fc1_bias)
-    _check_linear("fc2_", fc1_weight.shape[0], x, fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias)
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    validation.features(x, x_t)
+    validation.linear("fc1_", x, x.shape[-1], fc1_weight, fc1_bias, d_fc1_weight, d_fc1_bias)
+    validation.linear("fc2_", x, fc1_weight.shape[0], fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias)
+    validation.choice("approximate", approximate, APPROXIMATIONS)
     chosen = backends.select("mlp_jvp", backend, x.device, x.dtype)
     primal = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(*primal):

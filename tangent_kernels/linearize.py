@@ -20,6 +20,7 @@ from .modules import (
     UnsupportedModuleError,
     _frozen,
     _register_linearized,
+    checked_backend,
     dropout_pair,
     frozen_copy,
     tangent_module,
@@ -45,7 +46,7 @@ def _reinitialized(block: nn.Module) -> nn.Module:
 # one computes something else, unless it is DeiT's distilled model (a distillation token after the
 # class token, and a second head on it whose logits are averaged with the first), which is
 # re-implemented too.
-REIMPLEMENTED = ("forward_features", "forward_head", "pool", "_pos_embed")
+REIMPLEMENTED = ("forward", "forward_features", "forward_head", "pool", "_pos_embed")
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -94,10 +95,10 @@ class LinearizedViT(nn.Module):
         _check_supported(model)
         depth = len(model.blocks)
         num_linearized = depth if blocks == "all" else blocks
-        if not isinstance(num_linearized, int) or not 1 <= num_linearized <= depth:
+        if isinstance(num_linearized, bool) or not isinstance(num_linearized, int) or not 1 <= num_linearized <= depth:
             raise ValueError(f"blocks: expected 'all' or an int from 1 to {depth} (the last k blocks), got {blocks!r}")
         first = depth - num_linearized
-        self.backend, self.first_linearized = backend, first
+        self.backend, self.first_linearized = checked_backend(backend), first
         self.num_prefix_tokens = model.num_prefix_tokens
         self.pool_include_prefix = getattr(model, "pool_include_prefix", False)
         self.pool = functools.partial(  # timm's own pooling; its tangent by forward AD

@@ -24,7 +24,7 @@ import torch.nn.functional as torch_F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import backends
+from . import backends, validation
 from . import functional as F
 from .patch import has_fused_attn_flag, routed_attention
 from .reference import add_tangents
@@ -66,6 +66,12 @@ def _register_linearized(module: nn.Module, name: str, frozen: Tensor | None) ->
     module.register_parameter(name, _offset(frozen))
 
 
+def checked_backend(backend: str) -> str:
+    """A module's ``backend`` setting, checked when the module is built (not at its first call)."""
+    validation.choice("backend", backend, backends.BACKENDS)
+    return backend
+
+
 def _op_backend(op: str, backend: str) -> str:
     """A module's backend applies to every op that has it; ops without it run on ``"auto"``."""
     return backend if backend in backends.IMPLEMENTED[op] else "auto"
@@ -86,10 +92,10 @@ def _cast(dtype: torch.dtype | None, *tensors: Tensor | None) -> list[Tensor | N
 
 
 def dropout_pair(x: Tensor, x_t: Tensor | None, p: float, training: bool) -> Pair:
-    """Dropout with one mask for both streams."""
+    """Dropout with one mask for both streams (``p = 1`` multiplies by zero, as torch does)."""
     if not training or p == 0.0:
         return x, x_t
-    mask = torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
+    mask = torch.zeros_like(x) if p == 1.0 else torch.empty_like(x).bernoulli_(1.0 - p).div_(1.0 - p)
     return x * mask, None if x_t is None else x_t * mask
 
 
@@ -126,7 +132,7 @@ class TangentForwardAD(nn.Module):
 
     def __init__(self, module: nn.Module, backend: str = "auto"):
         super().__init__()
-        self.backend = backend
+        self.backend = checked_backend(backend)
         self.offset_names = [name for name, _ in module.named_parameters()]
         self.frozen = frozen_copy(module)
         for submodule in filter(has_fused_attn_flag, self.frozen.modules()):
@@ -160,7 +166,8 @@ class TangentLinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise UnsupportedModuleError(f"TangentLinear: expected an nn.Linear, got {type(linear).__name__}")
-        self.in_features, self.out_features, self.backend = linear.in_features, linear.out_features, backend
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.backend = checked_backend(backend)
         _register_linearized(self, "weight", _frozen(linear, "weight"))
         _register_linearized(self, "bias", _frozen(linear, "bias"))
 
@@ -181,7 +188,8 @@ class TangentLayerNorm(nn.Module):
             raise UnsupportedModuleError(
                 f"TangentLayerNorm: expected an nn.LayerNorm over the last dimension, got {norm!r}"
             )
-        self.normalized_shape, self.eps, self.backend = tuple(norm.normalized_shape), norm.eps, backend
+        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
+        self.backend = checked_backend(backend)
         _register_linearized(self, "weight", _frozen(norm, "weight"))
         _register_linearized(self, "bias", _frozen(norm, "bias"))
 
@@ -238,7 +246,7 @@ class TangentMlp(nn.Module):
             raise UnsupportedModuleError("TangentMlp: fc1 and fc2 must be nn.Linear (use_conv=True is not supported)")
         self.approximate = gelu_approximation(mlp.act)
         self.act = None if self.approximate is not None else TangentForwardAD(mlp.act, backend)
-        self.backend = backend
+        self.backend = checked_backend(backend)
         self.fc1 = TangentLinear(mlp.fc1, backend)
         self.norm = tangent_module(getattr(mlp, "norm", nn.Identity()), backend)
         self.fc2 = TangentLinear(mlp.fc2, backend)
@@ -277,7 +285,7 @@ class TangentAttention(nn.Module):
                 f"TangentAttention: expected timm.layers.Attention (fused qkv), got {type(attn).__name__}"
             )
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
-        self.backend = backend
+        self.backend = checked_backend(backend)
         self.qkv = TangentLinear(attn.qkv, backend)
         self.q_norm = tangent_module(attn.q_norm, backend)
         self.k_norm = tangent_module(attn.k_norm, backend)
@@ -323,7 +331,8 @@ class TangentAttention(nn.Module):
         else:
             backend = _op_backend("attention_jvp", self.backend)
             o, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, scale=self.scale, causal=is_causal, backend=backend)
-        o, o_t = (None if t is None else t.transpose(1, 2).reshape(batch, tokens, -1) for t in (o, o_t))
+        width = self.num_heads * self.head_dim  # explicit: a batch of 0 leaves -1 ambiguous
+        o, o_t = (None if t is None else t.transpose(1, 2).reshape(batch, tokens, width) for t in (o, o_t))
         o, o_t = self.norm(o, o_t)
         if self.gate is not None:  # o · sigmoid(g): the tangent is o_t · s + o · s (1 - s) g_t
             g, g_t = self.gate(x, x_t)
@@ -439,6 +448,7 @@ def tangent_module(module: nn.Module, backend: str = "auto") -> nn.Module:
     from timm.layers import LayerNorm as TimmLayerNorm
     from timm.models.vision_transformer import Block
 
+    checked_backend(backend)
     if isinstance(module, nn.Identity):
         return TangentIdentity()
     if computes_like(module, nn.Linear):

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cpp
+from . import cpp, validation
 
 NAMESPACE = "tangent_kernels"
 
@@ -69,12 +69,14 @@ def layer_norm_jvp(
     d_weight: Optional[Tensor], d_bias: Optional[Tensor], eps: float, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``(y, y_t or empty, mean, rstd)`` of a layer norm over the last dimension."""
+    validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps)
     y, y_t, mean, rstd = _kernels("layer_norm", backend).forward(x, x_t, weight, bias, d_weight, d_bias, eps)
     return y, _or_empty(y_t, x), mean, rstd
 
 
 @layer_norm_jvp.register_fake
 def _(x, x_t, weight, bias, d_weight, d_bias, eps, backend):
+    validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps)
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=_stats_dtype(x.dtype, backend))
     has_tangent = x_t is not None or d_weight is not None or d_bias is not None
@@ -88,12 +90,14 @@ def layer_norm_vjp(
     input_grad: bool, param_grads: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The layer-norm backward for one upstream stream: ``(grad input, Σ g·x̂, Σ g)`` (empty if not asked)."""
+    validation.layer_norm_backward_inputs(grad, x, weight, mean, rstd)
     g_x, g_w, g_b = _kernels("layer_norm", backend).backward(grad, x, weight, mean, rstd, input_grad, param_grads)
     return _or_empty(g_x, x), _or_empty(g_w, x), _or_empty(g_b, x)
 
 
 @layer_norm_vjp.register_fake
 def _(grad, x, weight, mean, rstd, input_grad, param_grads, backend):
+    validation.layer_norm_backward_inputs(grad, x, weight, mean, rstd)
     param_dtype = x.dtype if weight is None else weight.dtype
     param = x.new_empty(x.shape[-1], dtype=param_dtype) if param_grads else _empty(x)
     return (torch.empty(x.shape, dtype=x.dtype, device=x.device) if input_grad else _empty(x)), param, param.clone()
@@ -151,12 +155,14 @@ def attention_jvp(
     key_padding_mask: Optional[Tensor], scale: float, causal: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(o, o_t or empty, lse)``; ``lse`` is in the backend's own units (base 2 for Triton)."""
+    validation.attention_kernel_inputs(q, k, v, q_t, k_t, v_t, key_padding_mask)
     o, o_t, lse = _kernels("attention", backend).forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask)
     return o, _or_empty(o_t, q), lse
 
 
 @attention_jvp.register_fake
 def _(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal, backend):
+    validation.attention_kernel_inputs(q, k, v, q_t, k_t, v_t, key_padding_mask)
     has_tangent = q_t is not None or k_t is not None or v_t is not None
     lse = q.new_empty(q.shape[:3], dtype=_stats_dtype(q.dtype, backend))
     return _bnhd(q), (_bnhd(q) if has_tangent else _empty(q)), lse
@@ -168,6 +174,7 @@ def attention_vjp(
     scale: float, causal: bool, need_dq: bool, need_dkv: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The attention VJP at ``(q, k, v)`` for upstream ``grad_out``: ``(dq, dk, dv)`` (empty if not asked)."""
+    validation.attention_backward_inputs(grad_out, q, k, v, o, lse, key_padding_mask)
     dq, dk, dv = _kernels("attention", backend).backward(grad_out, q, k, v, o, lse, scale, causal,
                                                          key_padding_mask, need_dq, need_dkv)  # fmt: skip
     return _or_empty(dq, q), _or_empty(dk, k), _or_empty(dv, v)
@@ -175,6 +182,8 @@ def attention_vjp(
 
 @attention_vjp.register_fake
 def _(grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_dkv, backend):
+    validation.attention_backward_inputs(grad_out, q, k, v, o, lse, key_padding_mask)
+
     def new(t: Tensor, wanted: bool) -> Tensor:
         return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else _empty(t)
 
@@ -230,12 +239,14 @@ def gelu_jvp(
     h: Tensor, h_t: Optional[Tensor], bias: Optional[Tensor], d_bias: Optional[Tensor], approximate: str, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """For ``u = h + bias``, ``u_t = h_t + d_bias``: ``(gelu(u), gelu'(u) · u_t or empty, gelu'(u))``."""
+    validation.bias_activation(h, h_t, bias, d_bias, approximate)
     a, a_t, derivative = _kernels("gelu", backend).forward(h, h_t, bias, d_bias, approximate)
     return a, _or_empty(a_t, h), derivative
 
 
 @gelu_jvp.register_fake
 def _(h, h_t, bias, d_bias, approximate, backend):
+    validation.bias_activation(h, h_t, bias, d_bias, approximate)
     a = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     has_tangent = h_t is not None or d_bias is not None
     return a, (torch.empty_like(a) if has_tangent else _empty(h)), torch.empty_like(a)
@@ -282,12 +293,14 @@ def linear_jvp(
     d_bias: Optional[Tensor], activation: str, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(y, y_t or empty, gelu'(h) or empty)``; with ``activation`` y is ``gelu(h)``, y_t ``gelu'(h) h_t``."""
+    validation.linear_layer(x, x_t, weight, bias, d_weight, d_bias, activation)
     y, y_t, derivative = _kernels("linear", backend).forward(x, x_t, weight, bias, d_weight, d_bias, activation)
     return y, _or_empty(y_t, x), _or_empty(derivative, x)
 
 
 @linear_jvp.register_fake
 def _(x, x_t, weight, bias, d_weight, d_bias, activation, backend):
+    validation.linear_layer(x, x_t, weight, bias, d_weight, d_bias, activation)
     y = torch.empty((*x.shape[:-1], weight.shape[0]), dtype=x.dtype, device=x.device)
     has_tangent = x_t is not None or d_weight is not None or d_bias is not None
     return y, (torch.empty_like(y) if has_tangent else _empty(x)), (torch.empty_like(y) if activation != "none" else _empty(x))

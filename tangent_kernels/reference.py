@@ -23,22 +23,22 @@ _GELU_TANH_CUBIC = 0.044715
 
 
 def computes_16bit_in_float32(op):
-    """Run ``op`` on float32 copies of float16/bfloat16 tensor arguments and round ``(y, y_t)`` back,
-    as torch's own softmax, layer norm and math attention do: the reductions and the cancellations
-    in these tangent formulas (``S_t − rowsum(P ⊙ S_t)``, ``x_t − mean(x_t)``) lose most of a
-    16-bit result's digits when evaluated in 16 bits."""
+    """Run ``op`` in float32 when its first argument is float16/bfloat16 (the other arguments of
+    that dtype are widened too) and round ``(y, y_t)`` back, as torch's own softmax, layer norm
+    and math attention do: the reductions and the cancellations in these tangent formulas
+    (``S_t − rowsum(P ⊙ S_t)``, ``x_t − mean(x_t)``) lose most of a 16-bit result's digits when
+    evaluated in 16 bits. The result has the first argument's dtype, whatever the others'."""
 
     @functools.wraps(op)
-    def wrapper(*args, **kwargs):
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-        low = next((t.dtype for t in tensors if t.dtype in (torch.float16, torch.bfloat16)), None)
+    def wrapper(first, *args, **kwargs):
+        low = first.dtype if first.dtype in (torch.float16, torch.bfloat16) else None
         if low is None:
-            return op(*args, **kwargs)
+            return op(first, *args, **kwargs)
 
         def widened(a):
             return a.float() if isinstance(a, Tensor) and a.dtype == low else a
 
-        y, y_t = op(*map(widened, args), **{name: widened(a) for name, a in kwargs.items()})
+        y, y_t = op(first.float(), *map(widened, args), **{name: widened(a) for name, a in kwargs.items()})
         return y.to(low), None if y_t is None else y_t.to(low)
 
     return wrapper
@@ -96,6 +96,20 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none") -> tuple[
     return y, y_t
 
 
+def normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(x̂, rstd)`` over the last dimension, ``x̂ = (x − mean) · rstd``. A row whose sum or sum of
+    squares would overflow (|x| ~ 1e19 in float32) is normalized divided by its largest magnitude
+    (x̂ does not depend on it); rows holding inf or NaN give NaN."""
+    peak = x.abs().amax(dim=-1, keepdim=True)
+    safe = torch.finfo(x.dtype).max ** 0.5 / (4 * x.shape[-1])
+    scale = torch.where((peak > safe) & peak.isfinite(), peak, torch.ones_like(peak))
+    inv_scale = 1.0 / scale
+    scaled = x * inv_scale
+    centered = scaled - scaled.mean(dim=-1, keepdim=True)
+    rstd_scaled = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + eps * (inv_scale * inv_scale))
+    return centered * rstd_scaled, rstd_scaled * inv_scale
+
+
 @computes_16bit_in_float32
 def layer_norm_jvp(
     x: Tensor,
@@ -110,10 +124,7 @@ def layer_norm_jvp(
 
     ``y_t = g0 · (x_t − mean(x_t) − x̂ · mean(x̂ · x_t)) / σ + dg · x̂ + db``.
     """
-    mean = x.mean(dim=-1, keepdim=True)
-    centered = x - mean
-    rstd = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + eps)
-    x_hat = centered * rstd
+    x_hat, rstd = normalized(x, eps)
     y = x_hat if weight is None else x_hat * weight
     if bias is not None:
         y = y + bias
@@ -208,7 +219,15 @@ def attention_jvp(
     """
     num_q_heads = q.shape[1]
     k, v, k_t, v_t = (expand_kv_heads(t, num_q_heads) for t in (k, v, k_t, v_t))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if k.shape[-2] == 0:  # no keys: zeros (products over an empty dimension), as torch's SDPA gives
+        no_weights = q @ k.transpose(-2, -1)
+        out_t = add_tangents(
+            None if q_t is None else (q_t @ k.transpose(-2, -1)) @ v,
+            None if k_t is None else (q @ k_t.transpose(-2, -1)) @ v,
+            None if v_t is None else no_weights @ v_t,
+        )
+        return no_weights @ v, out_t
+    scale = (q.shape[-1] ** -0.5 if q.shape[-1] else 1.0) if scale is None else scale
 
     scores = (q @ k.transpose(-2, -1)) * scale
     bias = attention_bias(q.shape[-2], k.shape[-2], causal, key_padding_mask, scores.dtype, q.device)

@@ -341,6 +341,25 @@ def test_dropout_uses_one_mask_for_both_streams():
     assert torch.equal(y == 0, y_t == 0) and 0 < int((y == 0).sum()) < 1000
 
 
+def test_dropout_of_probability_one_gives_torchs_zeros():
+    x = torch.tensor([1.0, -2.0, float("inf")])
+    y, y_t = tk.modules.dropout_pair(x, x, 1.0, training=True)
+    expected = torch.nn.functional.dropout(x, 1.0, training=True)  # 0 · x: NaN where x is inf
+    torch.testing.assert_close((y, y_t), (expected, expected), rtol=0, atol=0, equal_nan=True)
+    model = small_vit(drop_rate=1.0).train()
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert torch.equal(tk.linearize(model)(images), model(images))  # the head sees zeros: its bias
+
+
+@pytest.mark.parametrize("blocks", ["all", 1])
+def test_no_images_give_no_logits(blocks):
+    model = small_vit()
+    lin = tk.linearize(model, blocks)
+    images = torch.randn(0, 3, 32, 32, dtype=torch.float64)
+    y, y_t = lin.forward_dual(images)
+    assert lin(images).shape == y_t.shape == model(images).shape == (0, model.num_classes)
+
+
 class TestUnsupported:
     def test_not_a_vit(self):
         with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Sequential"):
@@ -365,9 +384,25 @@ class TestUnsupported:
         with pytest.raises(tk.UnsupportedModuleError, match="distilled_training on"):
             tk.linearize(model, 1)
 
-    def test_blocks_argument(self):
+    def test_subclass_that_overrides_forward(self):
+        from timm.models.vision_transformer import VisionTransformer
+
+        class Doubled(VisionTransformer):
+            def forward(self, x):
+                return 2 * super().forward(x)
+
+        model = Doubled(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+        with pytest.raises(tk.UnsupportedModuleError, match="Doubled overrides VisionTransformer.forward"):
+            tk.linearize(model)
+
+    @pytest.mark.parametrize("blocks", [4, 0, True, 1.0, "last"])
+    def test_blocks_argument(self, blocks):
         with pytest.raises(ValueError, match="blocks: expected 'all' or an int from 1 to 3"):
-            tk.linearize(small_vit(), 4)
+            tk.linearize(small_vit(), blocks)
+
+    def test_backend_argument(self):
+        with pytest.raises(ValueError, match="backend: expected one of .*got 'refernce'"):
+            tk.linearize(small_vit(), backend="refernce")
 
     def test_fresh_cls_token_without_class_token(self):
         with pytest.raises(ValueError, match="fresh_cls_token: the model has no class token"):

@@ -19,6 +19,9 @@ import triton.language as tl
 from . import DTYPE_NAMES, rows_2d
 
 MAX_FEATURES = 16384  # one row is held in registers; wider rows need a split-row kernel
+# Rows whose largest |x| exceeds this are scaled down first: MAX_FEATURES · (2 · 2^50)² stays
+# far below fp32's largest value, so neither the sum nor the sum of squares can overflow.
+OVERFLOW_SAFE = tl.constexpr(2.0**50)
 
 
 @triton.jit
@@ -51,11 +54,18 @@ def _layer_norm_jvp_fwd_kernel(
     in_row = cols < N
 
     x = tl.load(X + row * stride_x + cols, mask=in_row, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    centered = tl.where(in_row, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
-    x_hat = centered * rstd
-    tl.store(MEAN + row, mean)
+    # A row of huge values (its squares overflow fp32 from |x| ~ 1e19) is normalized divided by its
+    # largest magnitude; x̂ does not depend on that scale, and other rows are unchanged (scale 1).
+    peak = tl.max(tl.abs(x), axis=0)
+    scale = tl.where((peak > OVERFLOW_SAFE) & (peak < float("inf")), peak, 1.0)
+    inv_scale = 1.0 / scale
+    x_scaled = x * inv_scale
+    mean_scaled = tl.sum(x_scaled, axis=0) / N
+    centered = tl.where(in_row, x_scaled - mean_scaled, 0.0)
+    rstd_scaled = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps * (inv_scale * inv_scale))
+    x_hat = centered * rstd_scaled
+    rstd = rstd_scaled * inv_scale
+    tl.store(MEAN + row, mean_scaled * scale)
     tl.store(RSTD + row, rstd)
 
     if HAS_W:
