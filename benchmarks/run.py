@@ -25,16 +25,23 @@ from .measure import environment, peak_memory, time_call
 from .plot import plot_results
 from .report import markdown_table
 
-SUITES = ("attention", "layer_norm", "mlp", "vit")
+SUITES = ("attention", "layer_norm", "mlp", "vit", "patched")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def run_case(case, device: torch.device) -> list[dict]:
     """Time and check every mode of ``case``: one row per mode."""
-    errors = case.check() if case.check else {}
+    try:
+        errors = case.check() if case.check else {}
+    except Exception as error:  # a check that cannot run is a result too: every mode's row says so
+        errors, check_error = {}, f"check failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    else:
+        check_error = None
     rows = []
     for mode, fn in case.modes.items():
         row = {"suite": case.suite, "case": case.name, "mode": mode, **case.params}
+        if check_error:
+            row["check_error"] = check_error
         try:
             row.update(time_call(fn, device))
             row["peak_memory_bytes"] = peak_memory(fn, device)
