@@ -16,7 +16,8 @@ from tangent_kernels import checkpoint
 
 def tiny_vit(seed=0, **changes):
     torch.manual_seed(seed)
-    args = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0, num_classes=5)
+    args = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
+                num_classes=5)  # fmt: skip
     return VisionTransformer(**{**args, **changes}).double().eval()
 
 
@@ -60,10 +61,12 @@ ARCHITECTURE_CHANGES = {
 def test_same_weights_under_another_architecture_are_refused(tmp_path, change, blocks):
     base, other = tiny_vit(), tiny_vit(**ARCHITECTURE_CHANGES[change])
     weights, other_weights = base.state_dict(), other.state_dict()
-    assert list(weights) == list(other_weights) and all(torch.equal(weights[k], other_weights[k]) for k in weights)
+    assert list(weights) == list(other_weights)
+    assert all(torch.equal(weights[k], other_weights[k]) for k in weights)
     images = torch.randn(3, 1, 8, 8, dtype=torch.float64)
     assert not torch.allclose(base(images), other(images))  # the change matters
-    tk.save_offsets(with_random_offsets(tk.linearize(base, blocks, backend="reference")), tmp_path / "dw.safetensors")
+    lin = with_random_offsets(tk.linearize(base, blocks, backend="reference"))
+    tk.save_offsets(lin, tmp_path / "dw.safetensors")
     with pytest.raises(tk.BaseMismatchError, match="architecture"):
         tk.load_offsets(tk.linearize(other, blocks, backend="reference"), tmp_path / "dw.safetensors")
 
@@ -135,7 +138,8 @@ def test_malformed_headers_are_refused_clearly(tmp_path, damage):
 def test_corrupted_files_are_refused(tmp_path):
     path = tmp_path / "dw.safetensors"
     tk.save_offsets(Tiny(), path)
-    save_file({"weight": torch.ones(3, dtype=torch.float64)}, str(path), metadata=header_of(path))  # other values
+    other_values = {"weight": torch.ones(3, dtype=torch.float64)}
+    save_file(other_values, str(path), metadata=header_of(path))
     with pytest.raises(ValueError, match="corrupted"):
         tk.load_offsets(Tiny(), path)
     path.write_bytes(b"not a safetensors file at all")
@@ -155,7 +159,7 @@ def test_offsets_must_match_the_parameter_dtype_and_shape(tmp_path, saved, loade
 
 def test_save_refuses_a_state_that_does_not_fit_the_module(tmp_path):
     with pytest.raises(ValueError, match="weight: expected dtype torch.float64"):
-        tk.save_offsets(Tiny(), tmp_path / "dw.safetensors", state={"weight": torch.zeros(3, dtype=torch.int64)})
+        tk.save_offsets(Tiny(), tmp_path / "dw.safetensors", state={"weight": torch.zeros(3).long()})
     with pytest.raises(ValueError, match="missing"):
         tk.save_offsets(Tiny(), tmp_path / "dw.safetensors", state={})
 

@@ -32,7 +32,7 @@ class PrivacyConfig:
     """DP-SGD settings: noise standard deviation is ``noise_multiplier · max_grad_norm``.
 
     ``noise_multiplier``: finite, >= 0 (0 clips without noise: ε = inf); ``max_grad_norm``: finite,
-    > 0; ``delta``: finite, in (0, 1).
+    > 0, with a finite product (the noise's standard deviation); ``delta``: finite, in (0, 1).
     """
 
     noise_multiplier: float
@@ -43,6 +43,10 @@ class PrivacyConfig:
         check_real("PrivacyConfig.noise_multiplier", self.noise_multiplier, at_least=0.0)
         check_real("PrivacyConfig.max_grad_norm", self.max_grad_norm, above=0.0)
         check_real("PrivacyConfig.delta", self.delta, above=0.0, below=1.0)
+        if not math.isfinite(float(self.noise_multiplier) * float(self.max_grad_norm)):
+            raise ValueError(f"PrivacyConfig.noise_multiplier: expected a finite noise standard deviation "
+                             f"noise_multiplier · max_grad_norm, "
+                             f"got {self.noise_multiplier} · {self.max_grad_norm}")  # fmt: skip
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
