@@ -161,3 +161,279 @@ def test_digits_example_runs(tmp_path):
                             timeout=600, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "composition after forgetting shard 0" in result.stdout and "DP-TAFT (ε =" in result.stdout
+
+
+# --- Hardening: settings, data and shard indices are checked; forgetting leaves nothing behind ---
+
+
+@pytest.mark.parametrize("field, value", [
+    ("noise_multiplier", math.nan), ("noise_multiplier", math.inf), ("noise_multiplier", -1.0),
+    ("noise_multiplier", True), ("noise_multiplier", "1.0"), ("max_grad_norm", math.nan),
+    ("max_grad_norm", math.inf), ("max_grad_norm", 0.0), ("max_grad_norm", -1.0), ("max_grad_norm", True),
+    ("delta", 0.0), ("delta", 1.0), ("delta", math.nan), ("delta", -1e-5), ("delta", False),
+    ("noise_multiplier", 1e300),  # finite, but its product with max_grad_norm = 1e10 is not
+])  # fmt: skip
+def test_privacy_settings_are_checked(field, value):
+    settings = {"noise_multiplier": 1.0, "max_grad_norm": 1e10, "delta": 1e-5, field: value}
+    with pytest.raises((TypeError, ValueError), match=f"PrivacyConfig.{field}: expected"):
+        taft.PrivacyConfig(**settings)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.filterwarnings("ignore:Optimal order is the")  # opacus: at extremes the best order is at an end
+def test_epsilon_is_bounded_work_for_any_valid_setting():
+    assert taft.epsilon(0.0, 0.25, 10, 1e-5) == math.inf  # no noise, no privacy
+    assert taft.epsilon(1e-160, 0.5, 10, 1e-5) == math.inf  # its square underflows: the accountant never ends
+    assert taft.epsilon(1.0, 0.25, 0, 1e-5) == 0.0
+    huge_noise = taft.epsilon(1e200, 0.3, 10, 1e-5)  # overflows the accountant: a valid bound instead
+    assert huge_noise == taft.epsilon(taft.privacy.MAX_ACCOUNTED_NOISE, 0.3, 10, 1e-5) and huge_noise < 0.2
+    many_steps = [taft.epsilon(1.0, 0.01, steps, 1e-5) for steps in (10**3, 10**9, 10**30)]
+    assert many_steps == sorted(many_steps) and all(math.isfinite(e) for e in many_steps)
+    for bad in ({"sample_rate": 0.0}, {"sample_rate": 1.5}, {"sample_rate": math.nan}, {"steps": -1},
+                {"steps": 2.0}, {"delta": 1.0}, {"noise_multiplier": math.nan}):  # fmt: skip
+        with pytest.raises((TypeError, ValueError), match=f"{next(iter(bad))}: expected"):
+            taft.epsilon(**{"noise_multiplier": 1.0, "sample_rate": 0.25, "steps": 10, "delta": 1e-5, **bad})
+
+
+def test_private_training_without_noise_reports_infinite_epsilon():
+    lin = tk.linearize(tiny_vit(), 1, backend="reference")
+    inputs, targets = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
+    privacy = taft.PrivacyConfig(noise_multiplier=0.0, max_grad_norm=1.0)
+    result = taft.train(lin, inputs, targets, taft.TrainConfig(epochs=1, batch_size=3, privacy=privacy))
+    assert result.epsilon == math.inf and all(math.isfinite(loss) for loss in result.losses)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("epochs", -1), ("epochs", 0), ("epochs", 2.0), ("epochs", True), ("batch_size", 0), ("batch_size", True),
+    ("batch_size", 8.0), ("lr", math.nan), ("lr", -1e-3), ("lr", 0.0), ("lr", math.inf), ("lr", "1e-3"),
+    ("weight_decay", -0.1), ("weight_decay", math.nan), ("optimizer", "adamw"), ("loss", "mse"),
+    ("kappa", math.nan), ("alpha", 0.0), ("seed", -1), ("seed", True), ("privacy", "dp"),
+])  # fmt: skip
+def test_train_config_is_checked(field, value):
+    with pytest.raises((TypeError, ValueError), match=f"TrainConfig.{field}: expected .*, got"):
+        taft.TrainConfig(**{field: value})
+
+
+DATA_ERRORS = {
+    "more targets than inputs": (lambda x, y: (x[:5], y), ValueError, "targets: expected 5 targets"),
+    "fewer targets than inputs": (lambda x, y: (x, y[:5]), ValueError, "targets: expected 12 targets"),
+    "no samples": (lambda x, y: (x[:0], y[:0]), ValueError, "inputs: expected at least one sample"),
+    "float targets": (lambda x, y: (x, y.double()), TypeError, "targets: expected class indices"),
+    "boolean targets": (lambda x, y: (x, y > 2), TypeError, "targets: expected class indices"),
+    "2-D targets": (lambda x, y: (x, y[:, None]), ValueError, r"targets: expected \(12,\) class indices"),
+    "a class the model lacks": (lambda x, y: (x, y.index_fill(0, torch.tensor([3]), 5)), ValueError, "0, 5"),
+    "a negative class": (lambda x, y: (x, y.index_fill(0, torch.tensor([3]), -1)), ValueError, r"\[0, 5\)"),
+    "NaN input": (lambda x, y: (x.index_fill(0, torch.tensor([2]), math.nan), y), ValueError, "inputs: exp"),
+}
+
+
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_train_checks_its_data(case):
+    lin = tk.linearize(tiny_vit(), 1, backend="reference")
+    make, error, message = DATA_ERRORS[case]
+    inputs, targets = make(torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (12,)))
+    with pytest.raises(error, match=message):
+        taft.train(lin, inputs, targets, taft.TrainConfig(epochs=1))
+    assert all(not p.any() for p in lin.parameters())  # nothing trained
+
+
+def test_cross_entropy_takes_class_probabilities_and_a_diverging_loss_raises():
+    lin = tk.linearize(tiny_vit(), 1, backend="reference")
+    inputs = torch.randn(6, 1, 8, 8, dtype=torch.float64)
+    probabilities = torch.softmax(torch.randn(6, 5, dtype=torch.float64), dim=1)
+    result = taft.train(lin, inputs, probabilities, taft.TrainConfig(epochs=1, batch_size=3, loss="ce"))
+    assert all(math.isfinite(loss) for loss in result.losses)
+    with pytest.raises(FloatingPointError, match="smaller lr"):
+        taft.train(lin, inputs, torch.randint(0, 5, (6,)), taft.TrainConfig(epochs=2, batch_size=2, lr=1e300,
+                                                                              optimizer="sgd"))  # fmt: skip
+
+
+@pytest.mark.parametrize("shards, error, message", [
+    ([[0, 1], [-1, 2]], ValueError, "non-negative"),
+    ([torch.tensor([True, False, True]), [3]], TypeError, "boolean mask"),
+    ([torch.tensor([0.0, 1.0]), [2]], TypeError, "dtype torch.float32"),
+    ([[0, True], [2]], TypeError, "True"),
+    ([[0, 1.0], [2]], TypeError, "1.0"),
+    ([[0, 1, 1], [2]], ValueError, "unique"),
+    ([[0, 1], [1, 2]], ValueError, r"disjoint shards, got sample 1 in shards \[0, 1\]"),
+    ([torch.tensor([[0, 1]]), [2]], ValueError, "1-D"),
+    ([], TypeError, "non-empty list"),
+    (torch.tensor([[0, 1], [2, 3]]), TypeError, "list"),
+])  # fmt: skip
+def test_shard_indices_are_checked(shards, error, message):
+    with pytest.raises(error, match=message):
+        taft.ShardedTAFT(tk.linearize(tiny_vit(), 1, backend="reference"), shards)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((10, 0), ValueError, "num_shards"), ((10, 11), ValueError, "num_shards"),
+    ((True, 1), TypeError, "num_samples"), ((10.0, 2), TypeError, "num_samples"),
+    ((10, 2.0), TypeError, "num_shards"), ((0, 1), ValueError, "num_samples"),
+])  # fmt: skip
+def test_split_shards_checks_its_arguments(args, error, message):
+    with pytest.raises(error, match=message):
+        taft.split_shards(*args)
+    with pytest.raises(ValueError, match=r"labels: expected shape \(10,\)"):
+        taft.split_shards(10, 2, labels=torch.arange(12) % 3)
+    with pytest.raises(TypeError, match="labels: expected integer"):
+        taft.split_shards(10, 2, labels=torch.zeros(10))
+
+
+def test_fit_checks_indices_against_the_data():
+    lin = tk.linearize(tiny_vit(), 1, backend="reference")
+    inputs, targets = torch.randn(12, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (12,))
+    config = taft.TrainConfig(epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match=r"shards\[1\]: expected sample indices below 12 .*, got 12"):
+        taft.ShardedTAFT(lin, [[0, 1], [12]], config).fit(inputs, targets, progress=False)
+    sharded = taft.ShardedTAFT(lin, [[0, 1, 2], [3, 4]], config)
+    with pytest.raises(ValueError, match="shards\\[0\\]: expected a shard index in 0..1, got -1"):
+        sharded.fit(inputs, targets, shards=[-1], progress=False)
+    with pytest.raises(TypeError, match="shards\\[0\\]: expected an int"):
+        sharded.fit(inputs, targets, shards=[True], progress=False)
+    sharded.fit(inputs, targets, progress=False)
+    with pytest.raises(ValueError, match="the 12 samples the shards were trained on, got 10"):
+        sharded.fit(inputs[:10], targets[:10], progress=False)
+    for samples, error, message in [([-1], ValueError, "non-negative"), ([12], ValueError, "below 12"),
+                                    (torch.tensor([True]), TypeError, "boolean"), ([0.0], TypeError, "0.0"),
+                                    ([3, 3], ValueError, "unique")]:  # fmt: skip
+        with pytest.raises(error, match=message):
+            sharded.forget_samples(samples, retrain=False)
+
+
+def snapshot(sharded):
+    offsets = {i: {n: t.clone() for n, t in o.items()} for i, o in sharded.offsets.items()}
+    return [s.clone() for s in sharded.shards], offsets, dict(sharded.results)
+
+
+def assert_unchanged(sharded, before):
+    shards, offsets, results = before
+    assert len(sharded.shards) == len(shards) and all(map(torch.equal, sharded.shards, shards))
+    assert sorted(sharded.offsets) == sorted(offsets) and sharded.results == results
+    assert all(torch.equal(sharded.offsets[i][n], offsets[i][n]) for i in offsets for n in offsets[i])
+
+
+@pytest.mark.parametrize("index, error", [(-1, ValueError), (3, ValueError), (True, TypeError),
+                                          (1.0, TypeError)])  # fmt: skip
+def test_forget_shard_checks_the_index_before_changing_anything(index, error):
+    sharded = sharded_with_offsets()
+    before = snapshot(sharded)
+    with pytest.raises(error, match="index"):
+        sharded.forget_shard(index)
+    assert_unchanged(sharded, before)
+
+
+def shard_files(folder):
+    return sorted(p.name for p in folder.glob("shard_[0-9]*.safetensors"))
+
+
+def test_forgetting_deletes_the_shard_from_every_folder_saved_to(tmp_path):
+    sharded = sharded_with_offsets()
+    first, second = tmp_path / "first", tmp_path / "second"
+    sharded.save(first)
+    sharded.save(second)
+    sharded.forget_shard(0)
+    for folder in (first, second):
+        assert not (folder / "shard_0.safetensors").exists()
+        restored = taft.ShardedTAFT.load(folder, tk.linearize(tiny_vit(), 1, backend="reference"))
+        assert restored.active() == [1, 2] and len(restored.shards[0]) == 0
+    sharded.save(first)  # saving again writes the same consistent set
+    assert shard_files(first) == ["shard_1.safetensors", "shard_2.safetensors"]
+    restored = taft.ShardedTAFT.load(second, tk.linearize(tiny_vit(), 1, backend="reference"))
+    restored.forget_shard(2)  # a loaded object rewrites the folder it came from
+    assert shard_files(second) == ["shard_1.safetensors"]
+
+
+def test_save_removes_stale_shard_files(tmp_path):
+    sharded = sharded_with_offsets()
+    sharded.save(tmp_path)
+    fresh = taft.ShardedTAFT(sharded.model, sharded.shards)
+    fresh.offsets = {1: sharded.offsets[1]}
+    fresh.save(tmp_path)
+    assert shard_files(tmp_path) == ["shard_1.safetensors"]
+
+
+def test_forgetting_recomposes_the_model():
+    sharded = sharded_with_offsets()
+    model = sharded.compose("uniform")
+    sharded.forget_shard(1)
+    expected = sharded.composed_offsets("uniform")
+    assert all(torch.equal(p, expected[n]) for n, p in model.named_parameters())
+    sharded.forget_samples(torch.cat([sharded.shards[0], sharded.shards[2]]), retrain=False)
+    assert sharded.active() == [] and all(not p.any() for p in model.parameters())
+
+
+def test_forget_samples_changes_nothing_when_it_cannot_finish(monkeypatch):
+    sharded = sharded_with_offsets()
+    before = snapshot(sharded)
+    victim = int(sharded.shards[1][0])
+    with pytest.raises(ValueError, match="retrain=True needs inputs and targets"):
+        sharded.forget_samples([victim])
+    assert_unchanged(sharded, before)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(taft.shards, "_train_shard", failing)
+    inputs, targets = torch.randn(30, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (30,))
+    with pytest.raises(RuntimeError, match="training failed"):
+        sharded.forget_samples([victim], inputs, targets)
+    assert_unchanged(sharded, before)
+
+
+def test_load_refuses_a_damaged_folder(tmp_path):
+    sharded = sharded_with_offsets()
+    sharded.forget_shard(0)
+    lin = tk.linearize(tiny_vit(), 1, backend="reference")
+
+    def saved(name):
+        folder = tmp_path / name
+        sharded.save(folder)
+        return folder
+
+    with pytest.raises(FileNotFoundError, match="taft.json"):
+        taft.ShardedTAFT.load(tmp_path / "nowhere", lin)
+    folder = saved("missing")
+    (folder / "shard_2.safetensors").unlink()
+    with pytest.raises(ValueError, match="a file is missing or left over"):
+        taft.ShardedTAFT.load(folder, lin)
+    folder = saved("extra")
+    (folder / "shard_0.safetensors").write_bytes((folder / "shard_1.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="a file is missing or left over"):
+        taft.ShardedTAFT.load(folder, lin)
+    folder = saved("corrupted")
+    (folder / "shard_1.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="shard_1.safetensors: not a readable safetensors file"):
+        taft.ShardedTAFT.load(folder, lin)
+    folder = saved("swapped")
+    (folder / "shard_1.safetensors").write_bytes((folder / "shard_2.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="holds the offsets of shard '2', not 1"):
+        taft.ShardedTAFT.load(folder, lin)
+    folder = saved("bad index")
+    (folder / "taft.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        taft.ShardedTAFT.load(folder, lin)
+    folder = saved("no samples")
+    (folder / "shard_samples.safetensors").unlink()
+    with pytest.raises(ValueError, match="shard_samples.safetensors: missing or unreadable"):
+        taft.ShardedTAFT.load(folder, lin)
+
+
+@pytest.mark.parametrize("weights, offsets_change, error, message", [
+    ([math.nan, 1.0], None, ValueError, r"weights\[0\]"),
+    ([math.inf, 1.0], None, ValueError, r"weights\[0\]"),
+    ([1.0, -0.5], None, ValueError, r"weights\[1\]"), ([True, 1.0], None, TypeError, r"weights\[0\]"),
+    ([0.0, 0.0], None, ValueError, "positive sum"), ([1.0], None, ValueError, "weights: expected 2"),
+    ([1e308, 1e308], None, ValueError, "finite positive sum"),
+    ([1.0, 1.0], lambda o: o.pop("head.bias"), ValueError, r"offsets\[1\].*missing \['head.bias'\]"),
+    ([1.0, 1.0], lambda o: o.update({"extra": torch.zeros(2)}), ValueError, r"unexpected \['extra'\]"),
+    ([1.0, 1.0], lambda o: o.update({"head.bias": torch.zeros(6).double()}), ValueError, r"\(6,\)"),
+    ([1.0, 1.0], lambda o: o.update({"head.bias": o["head.bias"].float()}), ValueError, "torch.float32"),
+    ([1.0, 1.0], lambda o: o.update({"head.bias": o["head.bias"].long()}), TypeError, "floating tensor"),
+])  # fmt: skip
+def test_average_offsets_checks_weights_and_offsets(weights, offsets_change, error, message):
+    sharded = sharded_with_offsets(num_shards=2)
+    offsets = [dict(sharded.offsets[0]), dict(sharded.offsets[1])]
+    if offsets_change:
+        offsets_change(offsets[1])
+    with pytest.raises(error, match=message):
+        taft.average_offsets(offsets, weights)

@@ -2,16 +2,16 @@
 
 - ``rsl_loss``: the rescaled square loss;
 - ``train`` / ``TrainConfig``: train a linearized model's offsets, optionally with DP-SGD
-  (``PrivacyConfig``; ε from opacus's accountant);
+  (``PrivacyConfig``; ε from opacus's accountant, ``epsilon``); configs and data are checked up front;
 - ``split_shards``, ``ShardedTAFT``: one ``dw`` per data shard, their composition (an average of
   offsets, equal to the average of the shard models' outputs), exact forgetting of a shard or of
-  samples, and checkpoints tied to the base model.
+  samples (in memory and in every folder saved to), and checkpoints tied to the base model.
 """
 
 from .loss import rsl_loss
-from .privacy import PrivacyConfig, add_noise, clipped_gradient_sum
+from .privacy import PrivacyConfig, add_noise, clipped_gradient_sum, epsilon
 from .shards import ShardedTAFT, average_offsets, split_shards
-from .train import TrainConfig, TrainResult, accuracy, train
+from .train import TrainConfig, TrainResult, accuracy, check_dataset, train
 
 __all__ = [
     "PrivacyConfig",
@@ -21,7 +21,9 @@ __all__ = [
     "accuracy",
     "add_noise",
     "average_offsets",
+    "check_dataset",
     "clipped_gradient_sum",
+    "epsilon",
     "rsl_loss",
     "split_shards",
     "train",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .checks import check_real
+
 
 def rsl_loss(logits: Tensor, target: Tensor, kappa: float = 15.0, alpha: float = 1.0) -> Tensor:
     """``(alpha · (f_y − kappa)² + Σ_{i≠y} f_i²) / K``, averaged over the batch.
@@ -12,10 +14,13 @@ def rsl_loss(logits: Tensor, target: Tensor, kappa: float = 15.0, alpha: float =
     ``logits``: ``(batch, K)``; ``target``: ``(batch,)`` class indices. A square loss keeps the
     linearized model's objective convex in ``dw``.
     """
+    check_real("kappa", kappa)
+    check_real("alpha", alpha, above=0.0)
     if logits.dim() != 2:
         raise ValueError(f"logits: expected (batch, classes), got shape {tuple(logits.shape)}")
     if target.shape != logits.shape[:1] or target.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"target: expected ({logits.shape[0]},) class indices, got {tuple(target.shape)} {target.dtype}")
+        raise ValueError(f"target: expected ({logits.shape[0]},) class indices, "
+                         f"got {tuple(target.shape)} {target.dtype}")  # fmt: skip
     classes = logits.shape[1]
     one_hot = torch.nn.functional.one_hot(target.long(), classes).to(logits.dtype)
     error = logits - kappa * one_hot

@@ -9,30 +9,44 @@ one shard on its remaining samples forgets single samples without touching the o
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..checkpoint import read_offsets, save_offsets
-from .train import TrainConfig, TrainResult, train
+from . import folder as on_disk
+from .checks import check_disjoint, check_indices, check_int, check_real
+from .train import TrainConfig, TrainResult, check_dataset, train
 
 
-def split_shards(num_samples: int, num_shards: int, *, seed: int = 0, labels: Tensor | None = None) -> list[Tensor]:
+def split_shards(num_samples: int, num_shards: int, *, seed: int = 0,
+                 labels: Tensor | None = None) -> list[Tensor]:  # fmt: skip
     """Sample indices of ``num_shards`` disjoint shards covering ``range(num_samples)``.
 
-    Random (seeded) by default; with ``labels``, by class: each shard gets whole classes.
+    Random (seeded) by default; with ``labels`` (one integer class label per sample), by class:
+    each shard gets whole classes.
     """
-    if not 1 <= num_shards <= num_samples:
-        raise ValueError(f"num_shards: expected 1..{num_samples}, got {num_shards}")
+    num_samples = check_int("num_samples", num_samples, minimum=1)
+    num_shards = check_int("num_shards", num_shards, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    if num_shards > num_samples:
+        raise ValueError(f"num_shards: expected 1..{num_samples} (at most one shard per sample), "
+                         f"got {num_shards}")  # fmt: skip
     if labels is None:
         order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
         return [chunk.sort().values for chunk in order.chunk(num_shards)]
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels: expected a tensor of class labels, got {type(labels).__name__}")
+    if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels: expected integer class labels, got dtype {labels.dtype}")
+    if labels.shape != (num_samples,):
+        raise ValueError(f"labels: expected shape ({num_samples},) (one per sample), "
+                         f"got {tuple(labels.shape)}")  # fmt: skip
+    labels = labels.cpu()
     classes = labels.unique()
     if len(classes) < num_shards:
         raise ValueError(f"labels: {len(classes)} classes cannot fill {num_shards} shards by class")
@@ -40,11 +54,38 @@ def split_shards(num_samples: int, num_shards: int, *, seed: int = 0, labels: Te
 
 
 def average_offsets(offsets: Sequence[dict[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
-    """``Σ w_i dw_i / Σ w_i`` for every offset tensor."""
-    if not offsets or len(offsets) != len(weights) or sum(weights) <= 0:
-        raise ValueError(f"average_offsets: expected as many positive-sum weights as offsets, got {list(weights)}")
-    total = float(sum(weights))
-    return {name: sum(w * o[name] for w, o in zip(weights, offsets)) / total for name in offsets[0]}
+    """``Σ w_i dw_i / Σ w_i`` for every offset tensor.
+
+    The dicts must hold the same names, each a floating tensor of one dtype, shape and device in
+    all of them; the weights are finite, >= 0, with a positive sum.
+    """
+    offsets, weights = list(offsets), list(weights)
+    if not offsets:
+        raise ValueError("offsets: expected at least one dict of offsets, got none")
+    if len(weights) != len(offsets):
+        raise ValueError(f"weights: expected {len(offsets)} (one per offsets dict), got {len(weights)}")
+    weights = [check_real(f"weights[{i}]", w, at_least=0.0) for i, w in enumerate(weights)]
+    total = sum(weights)
+    if not 0 < total < float("inf"):
+        raise ValueError(f"weights: expected a finite positive sum, got {total} from {weights}")
+    first = offsets[0]
+    for i, entry in enumerate(offsets):
+        if not isinstance(entry, dict):
+            raise TypeError(f"offsets[{i}]: expected a dict of tensors, got {type(entry).__name__}")
+        if set(entry) != set(first):
+            missing, unexpected = sorted(set(first) - set(entry)), sorted(set(entry) - set(first))
+            raise ValueError(f"offsets[{i}]: expected the names of offsets[0]; missing {missing}, "
+                             f"unexpected {unexpected}")  # fmt: skip
+        for name, t in entry.items():
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(f"offsets[{i}][{name!r}]: expected a floating tensor, got "
+                                f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")  # fmt: skip
+            like = first[name]
+            if (t.dtype, t.shape, t.device) != (like.dtype, like.shape, like.device):
+                raise ValueError(f"offsets[{i}][{name!r}]: expected {like.dtype} {tuple(like.shape)} on "
+                                 f"{like.device} (as offsets[0]), got {t.dtype} {tuple(t.shape)} "
+                                 f"on {t.device}")  # fmt: skip
+    return {name: sum(w * o[name] for w, o in zip(weights, offsets)) / total for name in first}
 
 
 def _train_shard(model: nn.Module, inputs: Tensor, targets: Tensor, indices: Tensor, config: TrainConfig,
@@ -67,34 +108,93 @@ def _train_shard_job(job):
 class ShardedTAFT:
     """One linearized model (``linearize(...)``), one trained ``dw`` per shard of the data.
 
-    ``shards[i]`` holds the sample indices shard ``i`` was trained on, so any sample's influence
-    can be removed later (``forget_samples``) without retraining the other shards.
+    ``shards[i]`` holds the sample indices shard ``i`` was trained on (integers, non-negative,
+    unique, and disjoint across shards: a sample's influence lives in one shard), so any sample's
+    influence can be removed later (``forget_samples``) without retraining the other shards.
+
+    Forgetting (``forget_shard``, ``forget_samples``) removes the data's influence from this
+    object (offsets, training results, shard lists), from ``model`` when it holds the
+    composition (``compose``: it is composed again from the remaining shards, or reset to zero
+    offsets), and from every folder this object saved to or was loaded from (rewritten: the
+    forgotten shards' files are deleted). Copies handed out (``shard_model``) are the caller's.
+    Every method checks all its arguments before it changes anything.
     """
 
-    def __init__(self, linearized: nn.Module, shards: Sequence[Tensor], config: TrainConfig = TrainConfig()):
+    def __init__(self, linearized: nn.Module, shards: Sequence, config: TrainConfig = TrainConfig()):
+        if not isinstance(linearized, nn.Module):
+            raise TypeError(f"linearized: expected an nn.Module, got {type(linearized).__name__}")
+        if not any(p.requires_grad for p in linearized.parameters()):
+            raise ValueError("linearized: has no trainable parameters (offsets)")
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        if isinstance(shards, (Tensor, str, bytes)) or not isinstance(shards, Sequence) or not shards:
+            raise TypeError(f"shards: expected a non-empty list of sample-index tensors or lists, "
+                            f"got {type(shards).__name__}")  # fmt: skip
         self.model, self.config = linearized, config
-        self.shards = [torch.as_tensor(s, dtype=torch.long).clone() for s in shards]
+        self.shards = list(shards)
+        self._check_shards(None)
+        self.num_samples: int | None = None  # the size of the dataset the shards index, once known
         self.offsets: dict[int, dict[str, Tensor]] = {}
         self.results: dict[int, TrainResult] = {}
+        self._folders: set[str] = set()  # saved to or loaded from: rewritten when data is forgotten
+        self._composed: str | None = None  # the weighting of the composition ``model`` holds
 
-    def fit(self, inputs: Tensor, targets: Tensor, shards: Sequence[int] | None = None, workers: int = 1,
-            progress: bool = True) -> dict[int, TrainResult]:  # fmt: skip
-        """Train the given shards (all by default), in ``workers`` processes when more than one."""
+    def _check_shard_index(self, name: str, index) -> int:
+        index = check_int(name, index)
+        if not 0 <= index < len(self.shards):
+            raise ValueError(f"{name}: expected a shard index in 0..{len(self.shards) - 1}, got {index}")
+        return index
+
+    def _check_data(self, inputs: Tensor, targets: Tensor) -> int:
+        """The dataset the shards index: checked against the model, the shards and, once known,
+        the number of samples the offsets were trained with."""
+        targets = check_dataset(self.model, inputs, targets, self.config)
+        if self.num_samples is not None and len(inputs) != self.num_samples:
+            raise ValueError(f"inputs: expected the {self.num_samples} samples the shards were trained on, "
+                             f"got {len(inputs)}")  # fmt: skip
+        self._check_shards(len(inputs))
+        return len(inputs)
+
+    def _check_shards(self, num_samples: int | None) -> None:
+        """The shard lists (a public attribute) are still valid indices of ``num_samples`` samples."""
+        self.shards = [check_indices(f"shards[{i}]", s, num_samples) for i, s in enumerate(self.shards)]
+        check_disjoint("shards", self.shards)
+
+    def _train(self, inputs: Tensor, targets: Tensor, shards: dict[int, Tensor], workers: int,
+               progress: bool) -> dict[int, tuple[dict[str, Tensor], TrainResult]]:  # fmt: skip
+        """Train one fresh offset per entry of ``shards`` (index -> samples); nothing is stored."""
         from tqdm.auto import tqdm
 
-        todo = [i for i in (range(len(self.shards)) if shards is None else shards) if len(self.shards[i])]
-        seeds = [TrainConfig(**{**self.config.__dict__, "seed": self.config.seed + i}) for i in todo]
-        jobs = [(self.model, inputs, targets, self.shards[i], cfg) for i, cfg in zip(todo, seeds)]
+        configs = {i: dataclasses.replace(self.config, seed=self.config.seed + i) for i in shards}
+        jobs = [(self.model, inputs, targets, samples, configs[i]) for i, samples in shards.items()]
+        bar = dict(desc="shards", unit="shard", disable=not progress)
         if workers > 1 and len(jobs) > 1:
             threads = max(1, torch.get_num_threads() // workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                outcomes = list(tqdm(pool.map(_train_shard_job, [(*j, threads) for j in jobs]), total=len(jobs),
-                                     desc="shards", unit="shard", disable=not progress))  # fmt: skip
+                running = pool.map(_train_shard_job, [(*j, threads) for j in jobs])
+                outcomes = list(tqdm(running, total=len(jobs), **bar))
         else:
-            outcomes = [_train_shard(*job) for job in tqdm(jobs, desc="shards", unit="shard", disable=not progress)]
-        for i, (offsets, result) in zip(todo, outcomes):
+            outcomes = [_train_shard(*job) for job in tqdm(jobs, **bar)]
+        return dict(zip(shards, outcomes))
+
+    def fit(self, inputs: Tensor, targets: Tensor, shards: Sequence[int] | None = None, workers: int = 1,
+            progress: bool = True) -> dict[int, TrainResult]:  # fmt: skip
+        """Train the given shards (all by default; empty ones are skipped), in ``workers`` processes
+        when more than one. ``inputs``/``targets`` are the whole dataset the shards index."""
+        todo = range(len(self.shards)) if shards is None else shards
+        if isinstance(todo, (Tensor, str, bytes)) or not isinstance(todo, Sequence):
+            raise TypeError(f"shards: expected a sequence of shard indices, got {type(shards).__name__}")
+        todo = [self._check_shard_index(f"shards[{k}]", i) for k, i in enumerate(todo)]
+        if len(set(todo)) != len(todo):
+            raise ValueError(f"shards: expected unique shard indices, got {todo}")
+        workers = check_int("workers", workers, minimum=1)
+        num_samples = self._check_data(inputs, targets)
+        nonempty = {i: self.shards[i] for i in todo if len(self.shards[i])}
+        outcomes = self._train(inputs, targets, nonempty, workers, bool(progress))
+        self.num_samples = num_samples
+        for i, (offsets, result) in outcomes.items():
             self.offsets[i], self.results[i] = offsets, result
-        return {i: self.results[i] for i in todo}
+        return {i: self.results[i] for i in outcomes}
 
     def active(self) -> list[int]:
         """The shards in the composition: trained and not forgotten."""
@@ -111,55 +211,100 @@ class ShardedTAFT:
         return average_offsets([self.offsets[i] for i in active], weights)
 
     def compose(self, weighting: str = "size") -> nn.Module:
-        """Load the composition into the linearized model and return it (one model's cost)."""
+        """Load the composition into the linearized model and return it (one model's cost). After
+        a forgetting, the model is composed again the same way."""
         self.model.load_state_dict(self.composed_offsets(weighting))
+        self._composed = weighting
         return self.model
 
     def shard_model(self, index: int) -> nn.Module:
         """A copy of the linearized model carrying shard ``index``'s offsets alone."""
+        index = self._check_shard_index("index", index)
+        if index not in self.active():
+            raise ValueError(f"index: shard {index} is not trained (trained: {self.active()})")
         model = copy.deepcopy(self.model)
         model.load_state_dict(self.offsets[index])
         return model
 
+    def _after_forgetting(self) -> None:
+        """Carry a forgetting over to the composed model and to every folder holding this object."""
+        if self._composed is not None:
+            if self.active():
+                self.model.load_state_dict(self.composed_offsets(self._composed))
+            else:
+                with torch.no_grad():
+                    for p in self.model.parameters():
+                        p.zero_()
+        for folder in sorted(self._folders):
+            if os.path.isdir(folder):
+                self._write(folder)
+            else:
+                self._folders.discard(folder)
+
     def forget_shard(self, index: int) -> None:
-        """Remove shard ``index`` and its data from the composition, exactly."""
+        """Remove shard ``index`` and its data from the composition, exactly (see the class doc)."""
+        index = self._check_shard_index("index", index)
         self.offsets.pop(index, None)
         self.results.pop(index, None)
         self.shards[index] = self.shards[index][:0]
+        self._after_forgetting()
 
-    def forget_samples(self, samples: Sequence[int], inputs: Tensor | None = None, targets: Tensor | None = None,
-                       retrain: bool = True) -> list[int]:  # fmt: skip
-        """Remove ``samples`` from every shard that saw them; retrain those shards on what remains
-        (``inputs``/``targets`` needed), or drop them from the composition. Returns the shards touched."""
-        samples = torch.as_tensor(samples, dtype=torch.long)
-        touched = [i for i, s in enumerate(self.shards) if torch.isin(s, samples).any()]
+    def forget_samples(self, samples: Sequence[int] | Tensor, inputs: Tensor | None = None,
+                       targets: Tensor | None = None, retrain: bool = True) -> list[int]:  # fmt: skip
+        """Remove ``samples`` from every shard that saw them; retrain the trained ones among those
+        shards on what remains (``inputs``/``targets``, the whole dataset, needed), or drop them
+        from the composition. Returns the shards touched. All checks and the retraining come
+        before any change: if one fails, the object is as it was."""
+        if not isinstance(retrain, bool):
+            raise TypeError(f"retrain: expected a bool, got {type(retrain).__name__}")
+        if (inputs is None) != (targets is None):
+            raise ValueError("forget_samples: expected both inputs and targets, or neither")
+        samples = check_indices("samples", samples, limit=self.num_samples)
+        if inputs is not None:
+            samples = check_indices("samples", samples, limit=self._check_data(inputs, targets))
+        touched = [i for i, s in enumerate(self.shards) if bool(torch.isin(s, samples).any())]
+        remaining = {i: self.shards[i][~torch.isin(self.shards[i], samples)] for i in touched}
+        todo = {i: remaining[i] for i in touched if retrain and i in self.offsets and len(remaining[i])}
+        if todo and inputs is None:
+            raise ValueError(f"forget_samples: retrain=True needs inputs and targets to retrain shards "
+                             f"{sorted(todo)} (or retrain=False to drop them from the composition)")
+        retrained = self._train(inputs, targets, todo, workers=1, progress=False) if todo else {}
         for i in touched:
-            self.shards[i] = self.shards[i][~torch.isin(self.shards[i], samples)]
+            self.shards[i] = remaining[i]
             self.offsets.pop(i, None)
-        if retrain and touched:
-            if inputs is None or targets is None:
-                raise ValueError("forget_samples: retrain=True needs inputs and targets")
-            self.fit(inputs, targets, shards=touched, progress=False)
+            self.results.pop(i, None)
+            if i in retrained:
+                self.offsets[i], self.results[i] = retrained[i]
+        if touched:
+            self._after_forgetting()
         return touched
 
+    def _write(self, folder: str) -> None:
+        self._check_shards(self.num_samples)
+        active = self.active()
+        on_disk.write(folder, self.model, self.shards, {i: self.offsets[i] for i in active}, self.num_samples,
+                      repr(self.config))  # fmt: skip
+
     def save(self, folder: str | os.PathLike) -> None:
-        """One safetensors file of offsets per trained shard (with the base fingerprint), and the
-        sample indices of every shard, so a composition can be rebuilt or a shard removed later."""
+        """One safetensors file of offsets per active shard (with the base fingerprint), and the
+        sample indices of every shard, so a composition can be rebuilt or a shard removed later
+        (layout: ``taft.folder``). The folder then holds exactly this state (stale
+        ``shard_<i>.safetensors`` files are deleted), and it is rewritten whenever this object
+        forgets data."""
+        folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
-        for i, offsets in self.offsets.items():
-            save_offsets(self.model, os.path.join(folder, f"shard_{i}.safetensors"), {"shard": str(i)}, state=offsets)
-        save_file({f"shard_{i}": s.contiguous() for i, s in enumerate(self.shards)},
-                  os.path.join(folder, "shard_samples.safetensors"))  # fmt: skip
-        with open(os.path.join(folder, "taft.json"), "w") as f:
-            json.dump({"num_shards": len(self.shards), "trained": sorted(self.offsets), "config": repr(self.config)}, f)
+        self._write(folder)
+        self._folders.add(os.path.realpath(folder))
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, linearized: nn.Module, config: TrainConfig = TrainConfig()) -> ShardedTAFT:
-        """Shards saved by ``save``, onto the same linearized base model (refused otherwise)."""
-        with open(os.path.join(folder, "taft.json")) as f:
-            header = json.load(f)
-        samples = load_file(os.path.join(folder, "shard_samples.safetensors"))
-        sharded = cls(linearized, [samples[f"shard_{i}"] for i in range(header["num_shards"])], config)
-        for i in header["trained"]:
-            sharded.offsets[i] = read_offsets(linearized, os.path.join(folder, f"shard_{i}.safetensors"))
+    def load(cls, folder: str | os.PathLike, linearized: nn.Module,
+             config: TrainConfig = TrainConfig()) -> ShardedTAFT:  # fmt: skip
+        """Shards saved by ``save``, onto the same linearized base model (refused otherwise). A
+        folder with missing, extra or corrupted files is refused with the file named. The loaded
+        object rewrites ``folder`` when it forgets data."""
+        folder = os.fspath(folder)
+        shards, offsets, num_samples = on_disk.read(folder, linearized)
+        sharded = cls(linearized, shards, config)
+        sharded.offsets, sharded.num_samples = offsets, num_samples
+        sharded._folders.add(os.path.realpath(folder))
         return sharded
