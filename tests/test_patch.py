@@ -13,7 +13,7 @@ from torch.func import functional_call, jvp
 
 import tangent_kernels as tk
 from helpers import max_relative_error
-from tangent_kernels.patch import fused_attention, patch, patched, unpatch
+from tangent_kernels.patching import fused_attention, patch, patched, unpatch
 
 
 def small_vit(**kwargs):
