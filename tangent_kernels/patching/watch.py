@@ -67,7 +67,12 @@ def attention_pass():
                                    f"kernel ({found}); it ran unfused, with N×N scores and tangents")  # fmt: skip
 
 
+fused_calls = 0  # attention calls with tangents served by the fused kernel in this process
+
+
 def served_fused() -> None:
+    global fused_calls
+    fused_calls += 1
     if (this := current()) is not None:
         this.fused += 1
 
