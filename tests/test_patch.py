@@ -10,13 +10,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, max_relative_error
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
-from helpers import assert_close, max_relative_error
 from tangent_kernels.patching import fused_attention, fused_sdpa, list_swaps, patch, patched, unpatch, watch
 from tangent_kernels.patching.mode import is_routed
 
@@ -102,8 +102,15 @@ def jvp_and_grads(model, images, offsets):
     return out, torch.autograd.grad(out.square().sum(), list(offsets.values()))
 
 
-@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"class_token": False, "global_pool": "avg"},
-                                     {"block_fn": ParallelScalingBlock, "global_pool": "map"}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"qk_norm": True},
+        {"class_token": False, "global_pool": "avg"},
+        {"block_fn": ParallelScalingBlock, "global_pool": "map"},
+    ],
+)
 def test_jvp_through_patched_vit_matches_math_attention(variant):
     model = small_vit(**variant)
     images = torch.randn(2, 3, 32, 32, dtype=F64)
@@ -171,7 +178,9 @@ def sdpa_jvp_and_grads(q, k, v, **kwargs):
     """(o, o_t) by jvp of SDPA, and the gradients of a loss on both w.r.t. the tangents."""
     tangents = [torch.randn_like(t).requires_grad_() for t in (q, k, v)]
     weights = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
-    o, o_t = jvp(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs), (q, k, v), tuple(tangents))
+    o, o_t = jvp(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs), (q, k, v), tuple(tangents)
+    )
     return o, o_t, *torch.autograd.grad((o_t * weights).sum() + o.square().sum(), tangents)
 
 
@@ -196,17 +205,23 @@ FUSED_FORMS = {
     "scale": ({}, {"scale": 0.3}),
     "bool key padding (B, 1, 1, S)": ({}, {"attn_mask": padding[:, None, None, :]}),
     "bool key padding (S,)": ({}, {"attn_mask": padding[0]}),
-    "bool key padding expanded (B, 1, L, S)": ({}, {"attn_mask": padding[:, None, None, :].expand(B, 1, L, S)}),
+    "bool key padding expanded (B, 1, L, S)": (
+        {},
+        {"attn_mask": padding[:, None, None, :].expand(B, 1, L, S)},
+    ),
     "float key padding": ({}, {"attn_mask": torch.randn(B, 1, 1, S, dtype=F64)}),
     "float32 key padding": ({}, {"attn_mask": torch.randn(B, 1, 1, S)}),
     "causal mask as bool attn_mask": ({}, {"attn_mask": causal_mask}),
-    "causal mask as float attn_mask": ({}, {"attn_mask": torch.zeros(L, S, dtype=F64).masked_fill(~causal_mask, -torch.inf)}),
+    "causal mask as float attn_mask": (
+        {},
+        {"attn_mask": torch.zeros(L, S, dtype=F64).masked_fill(~causal_mask, -torch.inf)},
+    ),
     "causal and key padding (B, 1, L, S)": ({}, {"attn_mask": causal_mask & padding[:, None, None, :]}),
     "3-D inputs": ({"q_shape": (H, L, D), "k_shape": (H, S, D)}, {}),
     "2-D inputs": ({"q_shape": (L, D), "k_shape": (S, D)}, {"is_causal": True}),
     "5-D inputs": ({"q_shape": (2, B, H, L, D), "k_shape": (2, B, H, S, D)}, {}),
     "enable_gqa": ({"k_shape": (B, 2, S, D)}, {"enable_gqa": True, "attn_mask": padding[:, None, None, :]}),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("form", list(FUSED_FORMS))
@@ -231,7 +246,11 @@ def test_sdpa_forms_the_kernel_cannot_serve_run_math_sdpa_and_say_so_once(form):
     inputs = sdpa_inputs(**shapes)
     messages, calls = compare_with_math_sdpa(inputs, **kwargs)
     assert calls.count == 0
-    assert len(messages) == 2 and "math path" in messages[0] and "without reaching the fused kernel" in messages[1]
+    assert (
+        len(messages) == 2
+        and "math path" in messages[0]
+        and "without reaching the fused kernel" in messages[1]
+    )
     assert compare_with_math_sdpa(inputs, **kwargs)[0] == []  # said once
 
 
@@ -252,8 +271,11 @@ def test_sdpa_mask_with_a_tangent_runs_math_sdpa():
 @pytest.mark.parametrize("case", ["is_causal with attn_mask", "int64 mask", "heads without enable_gqa"])
 def test_sdpa_forms_torch_refuses_raise_as_torch(case):
     q, k, v = sdpa_inputs(k_shape=(B, 2, S, D) if "heads" in case else (B, H, S, D))
-    kwargs = {"is_causal with attn_mask": {"is_causal": True, "attn_mask": padding[:, None, None, :]},
-              "int64 mask": {"attn_mask": padding[:, None, None, :].long()}, "heads without enable_gqa": {}}[case]  # fmt: skip
+    kwargs = {
+        "is_causal with attn_mask": {"is_causal": True, "attn_mask": padding[:, None, None, :]},
+        "int64 mask": {"attn_mask": padding[:, None, None, :].long()},
+        "heads without enable_gqa": {},
+    }[case]
     with pytest.raises(RuntimeError) as torch_error:
         F.scaled_dot_product_attention(q, k, v, **kwargs)
     with fused_sdpa(), pytest.raises(RuntimeError) as ours:
@@ -308,8 +330,10 @@ def test_sdpa_under_autocast_casts_as_torch():
 # fused_attention validates what the kernels will be given
 
 
-@pytest.mark.parametrize("case", ["int64 mask", "v with fewer keys", "head dims", "batch", "heads do not divide",
-                                  "dtypes", "meta k"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case",
+    ["int64 mask", "v with fewer keys", "head dims", "batch", "heads do not divide", "dtypes", "meta k"],
+)
 def test_fused_attention_validates_its_inputs(case):
     q, k, v = sdpa_inputs(k_shape=(B, H, L, D))
     kwargs = {}
@@ -374,17 +398,25 @@ def bsl(batch_first, length=L, width=E):
     return x if batch_first else x.transpose(0, 1).contiguous()
 
 
-float_causal = torch.zeros(L, L, dtype=F64).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), -torch.inf)
+float_causal = torch.zeros(L, L, dtype=F64).masked_fill(
+    ~torch.ones(L, L, dtype=torch.bool).tril(), -torch.inf
+)
 key_padding = torch.zeros(B, L, dtype=torch.bool)
 key_padding[:, -2:] = True  # nn.MultiheadAttention's bool: True = padding
 MHA_FORMS = {
     "self-attention": ({}, {}),
     "eval mode": ({"train": False}, {}),
     "bool key_padding_mask": ({}, {"key_padding_mask": key_padding}),
-    "float key_padding_mask": ({}, {"key_padding_mask": torch.zeros(B, L, dtype=F64).masked_fill(key_padding, -1e9)}),
+    "float key_padding_mask": (
+        {},
+        {"key_padding_mask": torch.zeros(B, L, dtype=F64).masked_fill(key_padding, -1e9)},
+    ),
     "causal 2-D attn_mask (CLIP text)": ({}, {"attn_mask": float_causal}),
     "causal attn_mask with is_causal": ({}, {"attn_mask": float_causal, "is_causal": True}),
-    "causal bool attn_mask and key padding": ({}, {"attn_mask": float_causal != 0, "key_padding_mask": key_padding}),
+    "causal bool attn_mask and key padding": (
+        {},
+        {"attn_mask": float_causal != 0, "key_padding_mask": key_padding},
+    ),
     "cross-attention, key is value": ({"kv": "same"}, {}),
     "cross-attention": ({"kv": "different"}, {}),
     "kdim and vdim": ({"kv": "different", "kdim": 10, "vdim": 6}, {}),
@@ -393,7 +425,10 @@ MHA_FORMS = {
 }
 MHA_MATH_FORMS = {
     "3-D bool attn_mask": ({}, {"attn_mask": torch.rand(B * 4, L, L) > 0.7}),
-    "add_zero_attn with a 2-D attn_mask": ({"add_zero_attn": True}, {"attn_mask": float_causal + torch.randn(L, L)}),
+    "add_zero_attn with a 2-D attn_mask": (
+        {"add_zero_attn": True},
+        {"attn_mask": float_causal + torch.randn(L, L)},
+    ),
     "dropout in training": ({"dropout": 0.3}, {}),
     "need_weights=True": ({}, {"need_weights": True, "average_attn_weights": False}),
 }
@@ -440,7 +475,9 @@ def test_patched_multihead_attention_unbatched(math_oracle):
 
 
 def test_patched_multihead_attention_refuses_is_causal_without_a_mask_as_torch():
-    model = CallMHA(torch.nn.MultiheadAttention(E, 4, batch_first=True).double(), need_weights=False, is_causal=True)
+    model = CallMHA(
+        torch.nn.MultiheadAttention(E, 4, batch_first=True).double(), need_weights=False, is_causal=True
+    )
     x = bsl(True)
     with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint") as torch_error:
         model(x, x, x)
@@ -504,15 +541,29 @@ class Mixed(torch.nn.Module):
 
 def state_of(model):
     """What patch() may touch: instance forwards, timm flags, HF configs' attention."""
-    return [(name, m.__dict__.get("forward"), getattr(m, "fused_attn", None),
-             getattr(getattr(m, "config", None), "_attn_implementation", None)) for name, m in model.named_modules()]  # fmt: skip
+    return [
+        (
+            name,
+            m.__dict__.get("forward"),
+            getattr(m, "fused_attn", None),
+            getattr(getattr(m, "config", None), "_attn_implementation", None),
+        )
+        for name, m in model.named_modules()
+    ]
 
 
 def test_patch_that_refuses_a_module_leaves_the_model_untouched():
     transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPVisionConfig(hidden_size=E, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-                                           image_size=16, patch_size=8, attn_implementation="eager",
-                                           output_attentions=True)  # fmt: skip
+    config = transformers.CLIPVisionConfig(
+        hidden_size=E,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+        attn_implementation="eager",
+        output_attentions=True,
+    )
     model = Mixed(refused=transformers.CLIPVisionModel(config))
     before = state_of(model)
     with pytest.raises(tk.UnsupportedModuleError, match="output_attentions"):
@@ -572,7 +623,9 @@ def test_a_copy_made_before_patch_says_so_under_forward_ad():
         _, messages = caught(lambda: jvp(linearized.attn, (x,), (x,)))
         assert any("was the model copied before patch()" in m for m in messages)
         with FusedCalls() as calls:  # the context manager serves the copy
-            _, messages = caught(lambda: jvp(lambda x: linearized.mha(x, x, x, need_weights=False)[0], (x,), (x,)), True)
+            _, messages = caught(
+                lambda: jvp(lambda x: linearized.mha(x, x, x, need_weights=False)[0], (x,), (x,)), True
+            )
         assert messages == [] and calls.on_cpp
 
 
@@ -597,4 +650,3 @@ def test_fused_attention_jvp_on_triton(device):
     expected = tk.reference.attention_jvp(*(t.double() for t in (q, k, v, q_t, k_t, v_t)))[1]
     _, out_t = jvp(lambda q, k, v: fused_attention(q, k, v, backend="triton"), (q, k, v), (q_t, k_t, v_t))
     assert max_relative_error(out_t, expected) < 1e-5
-

@@ -13,12 +13,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import max_error
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
-from helpers import max_error
 from tangent_kernels.patching import fused_sdpa, patched, watch
 
 F64 = torch.float64
@@ -106,8 +106,15 @@ class Output(nn.Module):
 def test_transformers_vision_models(name):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                 patch_size=8, attn_implementation="sdpa")  # fmt: skip
+    sizes = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 16,
+        "patch_size": 8,
+        "attn_implementation": "sdpa",
+    }
     config = getattr(transformers, f"{name}Config")(**sizes)
     model = Output(getattr(transformers, f"{name}Model")(config)).double()
     images = torch.randn(2, 3, 16, 16, dtype=F64)
@@ -119,10 +126,13 @@ def test_transformers_clip_both_towers_with_padding():
     """Text with padding: transformers hands SDPA its causal mask intersected with the padding."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = transformers.CLIPConfig(text_config=dict(tower, vocab_size=64, max_position_embeddings=12),
-                                     vision_config=dict(tower, image_size=16, patch_size=8), projection_dim=16,
-                                     attn_implementation="sdpa")  # fmt: skip
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = transformers.CLIPConfig(
+        text_config=dict(tower, vocab_size=64, max_position_embeddings=12),
+        vision_config=dict(tower, image_size=16, patch_size=8),
+        projection_dim=16,
+        attn_implementation="sdpa",
+    )
     clip = transformers.CLIPModel(config).double()
     tokens = torch.randint(0, 64, (2, 9))
     padding = torch.ones(2, 9, dtype=torch.long)
@@ -139,8 +149,8 @@ def test_transformers_clip_both_towers_with_padding():
 def tiny_open_clip():
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
-    vision = dict(layers=2, width=32, head_width=8, patch_size=8, image_size=16, mlp_ratio=2)
-    text = dict(context_length=8, vocab_size=64, width=32, heads=4, layers=2)
+    vision = {"layers": 2, "width": 32, "head_width": 8, "patch_size": 8, "image_size": 16, "mlp_ratio": 2}
+    text = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 4, "layers": 2}
     return open_clip.model.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).double()
 
 
@@ -152,7 +162,10 @@ class Logits(nn.Module):
         self.clip, self.text = clip, text
 
     def forward(self, images):
-        return self.clip.encode_image(images, normalize=True) @ self.clip.encode_text(self.text, normalize=True).T
+        return (
+            self.clip.encode_image(images, normalize=True)
+            @ self.clip.encode_text(self.text, normalize=True).T
+        )
 
 
 def test_open_clip_both_towers():
@@ -192,10 +205,20 @@ def test_open_clip_copied_before_patch_is_served_by_fused_sdpa():
 def test_diffusers_dit():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    dit = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                          num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-                                          norm_num_groups=1).double()  # fmt: skip
-    model = Output(dit, "sample", "hidden_states", timestep=torch.tensor([3, 7]), class_labels=torch.tensor([1, 2]))
+    dit = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=10,
+        norm_num_groups=1,
+    ).double()
+    model = Output(
+        dit, "sample", "hidden_states", timestep=torch.tensor([3, 7]), class_labels=torch.tensor([1, 2])
+    )
     latents = torch.randn(2, 4, 8, 8, dtype=F64)
     check_patched(model, (latents,), (torch.randn_like(latents),))
 
@@ -283,8 +306,11 @@ def test_meanflow_dit_from_timm_parts():
     check_patched(model, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
 
 
-@pytest.mark.xfail(raises=NotImplementedError, strict=False,
-                   reason="the second-order attention gradient (backward of attention_vjp) is another session's work")
+@pytest.mark.xfail(
+    raises=NotImplementedError,
+    strict=False,
+    reason="the second-order attention gradient (backward of attention_vjp) is another session's work",
+)
 def test_meanflow_dit_second_order():
     """A loss on ``du/dt`` itself needs the gradient of the tangent w.r.t. the primal activations."""
     torch.manual_seed(0)

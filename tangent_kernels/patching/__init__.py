@@ -16,10 +16,19 @@ rule runs the one-pass kernel. Warnings say (once) when a call runs torch's math
 why, and when a forward-AD pass reaches no fused call at all (``watch.py``).
 """
 
-from . import diffusers_attention, hf_attention, timm_attention, torch_attention  # noqa: F401  (register planners)
+# importing the planners registers them with patch()
+from . import diffusers_attention, hf_attention, timm_attention, torch_attention  # noqa: F401
 from .attention import fused_attention
 from .mode import fused_sdpa
 from .swaps import list_swaps, patch, patched, unpatch
 from .timm_attention import has_fused_attn_flag
 
-__all__ = ["fused_attention", "fused_sdpa", "has_fused_attn_flag", "list_swaps", "patch", "patched", "unpatch"]
+__all__ = [
+    "fused_attention",
+    "fused_sdpa",
+    "has_fused_attn_flag",
+    "list_swaps",
+    "patch",
+    "patched",
+    "unpatch",
+]

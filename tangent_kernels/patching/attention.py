@@ -36,15 +36,45 @@ class _FusedAttention(torch.autograd.Function):
     def backward(ctx, grad_o, _grad_lse):
         q, k, v, o, lse, mask = ctx.saved_tensors
         needs_q, needs_k, needs_v = ctx.needs_input_grad[:3]
-        dq, dk, dv = ops.attention_vjp(grad_o.contiguous(), q, k, v, o, lse, mask, ctx.scale, ctx.causal, needs_q,
-                                       needs_k or needs_v, ctx.backend)  # fmt: skip
-        return (dq if needs_q else None, dk if needs_k else None, dv if needs_v else None, None, None, None, None)
+        dq, dk, dv = ops.attention_vjp(
+            grad_o.contiguous(),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            mask,
+            ctx.scale,
+            ctx.causal,
+            needs_q,
+            needs_k or needs_v,
+            ctx.backend,
+        )
+        return (
+            dq if needs_q else None,
+            dk if needs_k else None,
+            dv if needs_v else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     @staticmethod
     def jvp(ctx, q_t, k_t, v_t, _mask_t, *_):
         q, k, v, mask = ctx.saved_tensors
-        _, o_t = functional.attention_jvp(q, k, v, q_t, k_t, v_t, scale=ctx.scale, causal=ctx.causal,
-                                          key_padding_mask=mask, backend=ctx.backend)  # fmt: skip
+        _, o_t = functional.attention_jvp(
+            q,
+            k,
+            v,
+            q_t,
+            k_t,
+            v_t,
+            scale=ctx.scale,
+            causal=ctx.causal,
+            key_padding_mask=mask,
+            backend=ctx.backend,
+        )
         return (torch.zeros_like(q) if o_t is None else o_t), None
 
 
@@ -55,8 +85,10 @@ def autocast_inputs(*tensors: Tensor | None) -> list[Tensor | None]:
     if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return list(tensors)
     dtype = torch.get_autocast_dtype(device)
-    return [t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-            for t in tensors]  # fmt: skip
+    return [
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    ]
 
 
 def _kernel_backend(q: Tensor, backend: str) -> str:
@@ -75,8 +107,16 @@ def _kernel_backend(q: Tensor, backend: str) -> str:
 
 
 @torch.compiler.disable
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, causal: bool = False,
-                    key_padding_mask: Tensor | None = None, backend: str = "auto") -> Tensor:  # fmt: skip
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
     """Attention on ``(B, H, N, D)`` tensors through the fused kernels, with a forward-mode rule.
 
     ``torch.func.jvp`` and ``torch.autograd.forward_ad`` through it compute the tangent with the
@@ -94,13 +134,17 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = No
     key_padding_mask = functional._check_attention(q, k, v, None, None, None, key_padding_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     chosen = _kernel_backend(q, backend)
-    if key_padding_mask is not None and (key_padding_mask.requires_grad or watch.has_tangent(key_padding_mask)):
+    if key_padding_mask is not None and (
+        key_padding_mask.requires_grad or watch.has_tangent(key_padding_mask)
+    ):
         if chosen != "reference" and backend != "auto":
             raise backends.BackendUnavailableError(
-                f"backend {backend!r}: a key_padding_mask with a tangent or requiring grad runs on the reference only"
+                f"backend {backend!r}: a key_padding_mask with a tangent or requiring grad runs on the "
+                "reference backend only"
             )
         chosen = "reference"
     if chosen == "reference" or q.numel() == 0 or k.shape[2] == 0:
-        return functional.attention_jvp(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                        backend="reference")[0]  # fmt: skip
+        return functional.attention_jvp(
+            q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, backend="reference"
+        )[0]
     return _FusedAttention.apply(q, k, v, key_padding_mask, scale, bool(causal), chosen)[0]

@@ -29,11 +29,25 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
         return []
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    planned = [swaps.Swap(where, module, "forward", lambda forward: RoutedForward(module, forward),
-                          f"{type(module).__name__}.forward runs in the routing mode")]  # fmt: skip
+    planned = [
+        swaps.Swap(
+            where,
+            module,
+            "forward",
+            lambda forward: RoutedForward(module, forward),
+            f"{type(module).__name__}.forward runs in the routing mode",
+        )
+    ]
     if type(getattr(module, "processor", None)) is AttnProcessor:
-        planned.append(swaps.Swap(where, module, "processor", lambda _: AttnProcessor2_0(),
-                                  "processor AttnProcessor -> AttnProcessor2_0"))  # fmt: skip
+        planned.append(
+            swaps.Swap(
+                where,
+                module,
+                "processor",
+                lambda _: AttnProcessor2_0(),
+                "processor AttnProcessor -> AttnProcessor2_0",
+            )
+        )
     return planned
 
 

@@ -29,7 +29,9 @@ def _register() -> None:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(IMPLEMENTATION, attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # without a mask function, masks would be dropped
+    AttentionMaskInterface.register(
+        IMPLEMENTATION, sdpa_mask
+    )  # without a mask function, masks would be dropped
 
 
 def _check(where: str, model: nn.Module) -> None:
@@ -37,14 +39,20 @@ def _check(where: str, model: nn.Module) -> None:
 
     name = type(model).__name__
     if not type(model)._can_set_attn_implementation():
-        raise UnsupportedModuleError(f"patch: {where}: {name} does not select its attention through transformers' "
-                                     "AttentionInterface, so patch() cannot route it")  # fmt: skip
+        raise UnsupportedModuleError(
+            f"patch: {where}: {name} does not select its attention through transformers' "
+            "AttentionInterface, so patch() cannot route it"
+        )
     if not model._supports_sdpa:
-        raise UnsupportedModuleError(f"patch: {where}: {name} does not support SDPA attention, which the "
-                                     f"{IMPLEMENTATION!r} attention is")  # fmt: skip
+        raise UnsupportedModuleError(
+            f"patch: {where}: {name} does not support SDPA attention, which the "
+            f"{IMPLEMENTATION!r} attention is"
+        )
     if getattr(model.config, "output_attentions", False):
-        raise UnsupportedModuleError(f"patch: {where}: {name} has config.output_attentions=True, which needs "
-                                     "transformers' eager attention")  # fmt: skip
+        raise UnsupportedModuleError(
+            f"patch: {where}: {name} has config.output_attentions=True, which needs "
+            "transformers' eager attention"
+        )
 
 
 def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
@@ -56,14 +64,24 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
         _check(where, module)
     _register()
     before = config._attn_implementation
-    return [swaps.Swap(where, config, "_attn_implementation_internal", lambda _: IMPLEMENTATION,
-                       f"config._attn_implementation {before!r} -> {IMPLEMENTATION!r}")]  # fmt: skip
+    return [
+        swaps.Swap(
+            where,
+            config,
+            "_attn_implementation_internal",
+            lambda _: IMPLEMENTATION,
+            f"config._attn_implementation {before!r} -> {IMPLEMENTATION!r}",
+        )
+    ]
 
 
 def _unrouted(module: nn.Module) -> bool:
     transformers = sys.modules.get("transformers")
-    return (transformers is not None and isinstance(module, transformers.PreTrainedModel)
-            and module.config._attn_implementation != IMPLEMENTATION)  # fmt: skip
+    return (
+        transformers is not None
+        and isinstance(module, transformers.PreTrainedModel)
+        and module.config._attn_implementation != IMPLEMENTATION
+    )
 
 
 swaps.planners.append(plan)

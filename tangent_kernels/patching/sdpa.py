@@ -25,12 +25,21 @@ from . import watch
 from .attention import autocast_inputs, fused_attention
 
 
-def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None,
-                                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                                 enable_gqa: bool = False, *, backend: str = "auto") -> Tensor:  # fmt: skip
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str = "auto",
+) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``, its tangent by the fused kernel where
     it serves the call (see the module docstring), by torch's math SDPA otherwise."""
-    call = dict(dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    call = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
     if not any(watch.has_tangent(t) for t in (query, key, value, attn_mask)):
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
     q, k, v, mask = autocast_inputs(query, key, value, attn_mask)
@@ -41,24 +50,40 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         watch.served_by_math(form)  # after the call: a form torch refuses raises, without a warning first
         return out
     key_padding_mask, causal = form
-    out = fused_attention(_as_4d(q), _as_4d(k), _as_4d(v), scale=scale, causal=causal,
-                          key_padding_mask=key_padding_mask, backend=backend)  # fmt: skip
+    out = fused_attention(
+        _as_4d(q),
+        _as_4d(k),
+        _as_4d(v),
+        scale=scale,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        backend=backend,
+    )
     watch.served_fused()
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 
-def fused_form(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool,
-               enable_gqa: bool) -> tuple[Tensor | None, bool] | str:  # fmt: skip
+def fused_form(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool, enable_gqa: bool
+) -> tuple[Tensor | None, bool] | str:
     """The call (inputs after autocast) as the kernel's ``(key_padding_mask (B, Lk), causal)``, or
     why the kernel cannot serve it."""
     if dropout_p > 0.0:
         return "SDPA with dropout_p > 0"
-    if not (q.dim() == k.dim() == v.dim() >= 2) or q.shape[:-3] != k.shape[:-3] or k.shape[:-3] != v.shape[:-3]:
+    if (
+        not (q.dim() == k.dim() == v.dim() >= 2)
+        or q.shape[:-3] != k.shape[:-3]
+        or k.shape[:-3] != v.shape[:-3]
+    ):
         return "SDPA with batch dims that differ between query, key and value (broadcast)"
     if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device and q.is_floating_point()):
         return "SDPA with query, key and value of different dtypes or devices"
     heads = (q.shape[-3], k.shape[-3], v.shape[-3]) if q.dim() > 2 else (1, 1, 1)
-    if heads[1] != heads[2] or heads[1] == 0 or (heads[0] != heads[1] and not (enable_gqa and heads[0] % heads[1] == 0)):
+    if (
+        heads[1] != heads[2]
+        or heads[1] == 0
+        or (heads[0] != heads[1] and not (enable_gqa and heads[0] % heads[1] == 0))
+    ):
         return "SDPA with query heads that key/value heads do not serve"
     if k.shape[-2] != v.shape[-2] or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
         return "SDPA with a value head dim other than the query's"
@@ -100,7 +125,7 @@ def _mask_form(mask: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor | None, bool]
         found = causal_with_key_padding(own) if own.shape[0] in (1, math.prod(full.shape[:-3])) else False
         if found is not False:
             return found, True
-    return "SDPA with an attn_mask that varies over heads or queries (only key padding and causal masks run fused)"
+    return "SDPA with an attn_mask that varies over heads or queries (key padding and causal masks run fused)"
 
 
 _seen: OrderedDict[int, tuple[Tensor, tuple, Tensor | None | bool]] = OrderedDict()
@@ -121,7 +146,9 @@ def causal_with_key_padding(mask: Tensor) -> Tensor | None | bool:
     valid = mask.dtype == torch.bool or bool(((mask == 0) | (mask == -math.inf)).all())
     causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
     length, keys = mask.shape[-2], mask.shape[-1]
-    last_row = attend[:, -1, :] | (torch.arange(keys, device=mask.device) >= length)  # keys past L: masked anyway
+    last_row = attend[:, -1, :] | (
+        torch.arange(keys, device=mask.device) >= length
+    )  # keys past L: masked anyway
     answer: Tensor | None | bool = False
     if valid and torch.equal(attend, causal & last_row[:, None, :]):
         answer = None if bool(last_row.all()) else ~last_row

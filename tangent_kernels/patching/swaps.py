@@ -129,9 +129,12 @@ def patch(model: nn.Module) -> nn.Module:
         raise RuntimeError("patch: this model is already patched (call unpatch first)")
     planned = plan(model)
     if not planned:
-        watch.warn_once(f"nothing-to-patch-{type(model).__qualname__}",
-                        f"tangent_kernels.patch: found no attention module to route in {type(model).__name__}; "
-                        "for code that calls F.scaled_dot_product_attention itself use `with tangent_kernels.fused_sdpa():`")  # fmt: skip
+        watch.warn_once(
+            f"nothing-to-patch-{type(model).__qualname__}",
+            f"tangent_kernels.patch: found no attention module to route in {type(model).__name__}; "
+            "for code that calls F.scaled_dot_product_attention itself, use "
+            "`with tangent_kernels.fused_sdpa():`",
+        )
     record = _Record()
     try:
         for swap in planned:

@@ -20,9 +20,14 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
         return []
     return [
         swaps.Swap(where, module, "fused_attn", lambda _: True, f"fused_attn {module.fused_attn} -> True"),
-        swaps.Swap(where, module, "forward", lambda forward: RoutedForward(module, forward),
-                   f"{type(module).__name__}.forward runs in the routing mode"),
-    ]  # fmt: skip
+        swaps.Swap(
+            where,
+            module,
+            "forward",
+            lambda forward: RoutedForward(module, forward),
+            f"{type(module).__name__}.forward runs in the routing mode",
+        ),
+    ]
 
 
 swaps.planners.append(plan)

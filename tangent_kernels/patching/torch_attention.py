@@ -13,8 +13,15 @@ from .mode import RoutedForward, is_routed
 def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
     if not isinstance(module, nn.MultiheadAttention):
         return []
-    return [swaps.Swap(where, module, "forward", lambda forward: RoutedForward(module, forward, skip_without_tangents=True),
-                       "MultiheadAttention.forward runs in the routing mode under forward AD")]  # fmt: skip
+    return [
+        swaps.Swap(
+            where,
+            module,
+            "forward",
+            lambda forward: RoutedForward(module, forward, skip_without_tangents=True),
+            "MultiheadAttention.forward runs in the routing mode under forward AD",
+        )
+    ]
 
 
 swaps.planners.append(plan)

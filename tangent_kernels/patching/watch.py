@@ -63,8 +63,11 @@ def attention_pass():
         _local.current = None
     if this.unfused and not this.fused:
         found = "; ".join(f"{count}× {kind}" for kind, count in sorted(this.unfused.items()))
-        warn_once("no-fused-call", "tangent_kernels: a forward-AD pass ran attention without reaching the fused "
-                                   f"kernel ({found}); it ran unfused, with N×N scores and tangents")  # fmt: skip
+        warn_once(
+            "no-fused-call",
+            "tangent_kernels: a forward-AD pass ran attention without reaching the fused "
+            f"kernel ({found}); it ran unfused, with N×N scores and tangents",
+        )
 
 
 fused_calls = 0  # attention calls with tangents served by the fused kernel in this process
@@ -79,7 +82,10 @@ def served_fused() -> None:
 
 def served_by_math(reason: str) -> None:
     """A call with tangents handed to torch's math attention; ``reason`` is said once."""
-    warn_once(reason, f"tangent_kernels: {reason}: this attention runs torch's math path (N×N), not the fused kernel")
+    warn_once(
+        reason,
+        f"tangent_kernels: {reason}: this attention runs torch's math path (N×N), not the fused kernel",
+    )
     if (this := current()) is not None:
         this.unfused["math attention calls"] += 1
 
@@ -93,7 +99,9 @@ def saw_handwritten_attention() -> None:
 # ----------------------------------------------------------------------------------------------
 # unrouted attention modules while a model is patched
 
-recognizers: list[Callable[[nn.Module], bool]] = []  # each: "module is attention patch() routes, unrouted now"
+recognizers: list[
+    Callable[[nn.Module], bool]
+] = []  # each: "module is attention patch() routes, unrouted now"
 _live_patches = 0
 _hook = None
 
@@ -102,9 +110,12 @@ def _pre_hook(module: nn.Module, args) -> None:
     if current() is not None or not any(unrouted(module) for unrouted in recognizers):
         return
     if any(has_tangent(a) for a in args) or any(has_tangent(p) for p in module.parameters()):
-        warn_once("unrouted-module", f"tangent_kernels: an unpatched {type(module).__name__} ran under forward AD "
-                  "while patch() is active: was the model copied before patch() (a LinearizedModel deep-copies "
-                  "it)? Patch the model that runs, or run the code inside `with tangent_kernels.fused_sdpa():`")  # fmt: skip
+        warn_once(
+            "unrouted-module",
+            f"tangent_kernels: an unpatched {type(module).__name__} ran under forward AD "
+            "while patch() is active: was the model copied before patch() (a LinearizedModel deep-copies "
+            "it)? Patch the model that runs, or run the code inside `with tangent_kernels.fused_sdpa():`",
+        )
 
 
 def patches_changed(delta: int) -> None:
