@@ -14,13 +14,18 @@ from . import swaps, watch
 from .mode import RoutedForward, is_routed
 
 
-def _attention_types() -> tuple[type, ...]:
-    if "diffusers" not in sys.modules:
-        return ()
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention
+_types: tuple[type, ...] = ()
 
-    return (Attention, AttentionModuleMixin)
+
+def _attention_types() -> tuple[type, ...]:
+    """diffusers' attention module types, once diffusers is imported (no model has them before)."""
+    global _types
+    if not _types and "diffusers" in sys.modules:
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention
+
+        _types = (Attention, AttentionModuleMixin)
+    return _types
 
 
 def plan(where: str, module: nn.Module) -> list[swaps.Swap]:

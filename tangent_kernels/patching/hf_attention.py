@@ -76,10 +76,10 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
 
 
 def _unrouted(module: nn.Module) -> bool:
-    transformers = sys.modules.get("transformers")
+    modeling = sys.modules.get("transformers.modeling_utils")  # imported before any model exists
     return (
-        transformers is not None
-        and isinstance(module, transformers.PreTrainedModel)
+        modeling is not None
+        and isinstance(module, modeling.PreTrainedModel)
         and module.config._attn_implementation != IMPLEMENTATION
     )
 

@@ -218,7 +218,7 @@ def _rows(x: Tensor) -> Tensor:
 
 
 def _heads(y: Tensor, like: Tensor, parts: int, num_heads: int) -> list[Tensor]:
-    """The projection ``(tokens, parts·E)`` of ``like`` ``(L, B, E_in)`` as ``parts`` views ``(B, H, L, D)``."""
+    """The projection ``(tokens, parts·E)`` of ``like`` ``(L, B, E_in)``, as ``parts`` (B, H, L, D) views."""
     length, batch = like.shape[:2]
     if _batch_major(like):
         return list(y.view(batch, length, parts, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))

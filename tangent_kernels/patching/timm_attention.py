@@ -12,7 +12,7 @@ from .mode import RoutedForward, is_routed
 
 
 def has_fused_attn_flag(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "fused_attn", None), bool)
+    return isinstance(vars(module).get("fused_attn"), bool)  # timm sets it in __init__
 
 
 def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
