@@ -1,4 +1,4 @@
-"""patching: unmodified forward-AD code through the fused attention (``patch``, ``fused_sdpa``).
+"""patching: unmodified forward-AD code through the fused attention (``patch``, ``fused_jvp``).
 
 The oracle is the same code through torch's math attention (SDPA's math backend, the MHA slow
 path), in float64: forward AD there is exact, so results must agree to rounding.
@@ -17,7 +17,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
-from tangent_kernels.patching import fused_attention, fused_sdpa, list_swaps, patch, patched, unpatch, watch
+from tangent_kernels.patching import fused_attention, fused_jvp, list_swaps, patch, patched, unpatch, watch
 from tangent_kernels.patching.mode import is_routed
 
 F64 = torch.float64
@@ -40,11 +40,11 @@ def math_oracle():
 
 
 def caught(fn, routed=False):
-    """``fn()`` (inside ``fused_sdpa()`` if ``routed``) and the messages of the warnings it raised."""
+    """``fn()`` (inside ``fused_jvp()`` if ``routed``) and the messages of the warnings it raised."""
     with warnings.catch_warnings(record=True) as found:
         warnings.simplefilter("always")
         if routed:
-            with fused_sdpa():
+            with fused_jvp():
                 result = fn()
         else:
             result = fn()
@@ -164,7 +164,7 @@ def test_compiled_jvp_keeps_the_fused_tangent(fullgraph):
 
 
 # ----------------------------------------------------------------------------------------------
-# F.scaled_dot_product_attention under fused_sdpa(): every call form
+# F.scaled_dot_product_attention under fused_jvp(): every call form
 
 B, H, L, S, D = 2, 4, 7, 9, 16  # odd lengths, Lq != Lk
 
@@ -278,14 +278,14 @@ def test_sdpa_forms_torch_refuses_raise_as_torch(case):
     }[case]
     with pytest.raises(RuntimeError) as torch_error:
         F.scaled_dot_product_attention(q, k, v, **kwargs)
-    with fused_sdpa(), pytest.raises(RuntimeError) as ours:
+    with fused_jvp(), pytest.raises(RuntimeError) as ours:
         jvp(lambda q: F.scaled_dot_product_attention(q, k, v, **kwargs), (q,), (q,))
     assert str(ours.value) == str(torch_error.value)
 
 
 def test_sdpa_without_tangents_is_torch_sdpa():
     q, k, v = sdpa_inputs()
-    with fused_sdpa(), FusedCalls() as calls:
+    with fused_jvp(), FusedCalls() as calls:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
     assert calls.count == 0
@@ -302,7 +302,7 @@ def test_float_mask_without_a_tangent_under_func_jvp():
     tangents = tuple(torch.randn_like(t) for t in (q, k, v))
     with sdpa_kernel(SDPBackend.MATH):
         expected = jvp(attend, (q, k, v), tangents)
-    with fused_sdpa():
+    with fused_jvp():
         close(jvp(attend, (q, k, v), tangents), expected)
 
 
@@ -319,7 +319,7 @@ def test_sdpa_under_autocast_casts_as_torch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with sdpa_kernel(SDPBackend.MATH):
             baseline = jvp(attend, (q, k, v), tangents)
-        with fused_sdpa():
+        with fused_jvp():
             out = jvp(attend, (q, k, v), tangents)
     for name, actual, base, exact in zip(("o", "o_t"), out, baseline, expected):
         assert actual.dtype == base.dtype == torch.bfloat16
@@ -381,13 +381,13 @@ class CallMHA(torch.nn.Module):
         return out if weights is None else (out, weights)
 
 
-def mha_linearized(model, query, key, value):
+def linearized_and_grads(model, *inputs):
     """The LinearizedModel pattern, and the gradients of a loss on both outputs."""
     params = {n: p.detach() for n, p in model.named_parameters()}
     torch.manual_seed(5)
     offsets = {n: (0.05 * torch.randn_like(p)).requires_grad_() for n, p in params.items()}
     torch.manual_seed(6)  # one dropout draw for the oracle and the patched model
-    out, out_t = jvp(lambda p: functional_call(model, p, (query, key, value)), (params,), (offsets,))
+    out, out_t = jvp(lambda p: functional_call(model, p, inputs), (params,), (offsets,))
     out, out_t = (out, out_t) if isinstance(out, tuple) else ((out,), (out_t,))
     loss = sum((y + y_t).square().sum() for y, y_t in zip(out, out_t))
     return *out, *out_t, *torch.autograd.grad(loss, list(offsets.values()))
@@ -443,9 +443,9 @@ def compare_patched_mha(batch_first, setup, call, math_oracle):
     query = bsl(batch_first)
     key = bsl(batch_first, S, setup.get("kdim", E)) if kv else query
     value = key if kv in (None, "same") else bsl(batch_first, S, setup.get("vdim", E))
-    expected = mha_linearized(model, query, key, value)  # under math_oracle
+    expected = linearized_and_grads(model, query, key, value)  # under math_oracle
     with patched(model), FusedCalls() as calls:
-        out, messages = caught(lambda: mha_linearized(model, query, key, value))
+        out, messages = caught(lambda: linearized_and_grads(model, query, key, value))
     close(out, expected)
     return messages, calls
 
@@ -469,9 +469,9 @@ def test_patched_multihead_attention_unbatched(math_oracle):
     torch.manual_seed(0)
     model = CallMHA(torch.nn.MultiheadAttention(E, 4).double(), need_weights=False)
     x = torch.randn(L, E, dtype=F64)
-    expected = mha_linearized(model, x, x, x)
+    expected = linearized_and_grads(model, x, x, x)
     with patched(model):
-        close(mha_linearized(model, x, x, x), expected)
+        close(linearized_and_grads(model, x, x, x), expected)
 
 
 def test_patched_multihead_attention_refuses_is_causal_without_a_mask_as_torch():
@@ -519,6 +519,60 @@ def test_patched_multihead_attention_projects_on_2d_views(batch_first):
     with patched(mha), spy:
         jvp(lambda x: mha(x, x, x, need_weights=False)[0], (x,), (x,))
     assert spy.dims == [2, 2]  # in-projection, out-projection
+
+
+# ----------------------------------------------------------------------------------------------
+# layer norms: torch's forward-AD rule is ~100x the fused kernel on the CPU
+
+
+@pytest.fixture
+def layer_norm_kernel_calls(monkeypatch):
+    """Counts the calls of ``functional.layer_norm_jvp`` (the fused layer-norm tangent)."""
+    calls = []
+    original = tk.functional.layer_norm_jvp
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tk.functional, "layer_norm_jvp", counted)
+    return calls
+
+
+def norm_model(**norm):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 24), torch.nn.LayerNorm(24, **norm), torch.nn.Linear(24, 5)
+    ).double()
+
+
+@pytest.mark.parametrize("norm", [{}, {"bias": False}, {"elementwise_affine": False}])
+def test_layer_norm_jvp_runs_the_fused_kernel(norm, layer_norm_kernel_calls):
+    model = norm_model(**norm)
+    x = torch.randn(3, 7, 8, dtype=F64)
+    expected = linearized_and_grads(model, x)
+    with pytest.warns(UserWarning, match="found no attention module"), patched(model):
+        close(linearized_and_grads(model, x), expected)
+    assert layer_norm_kernel_calls
+    layer_norm_kernel_calls.clear()
+    expected = jvp(model, (x,), (torch.ones_like(x),))
+    with fused_jvp():
+        close(jvp(model, (x,), (torch.ones_like(x),)), expected)
+    assert layer_norm_kernel_calls
+
+
+@pytest.mark.parametrize("case", ["normalized over two dims", "autocast", "no tangent"])
+def test_layer_norm_forms_the_kernel_does_not_serve_run_torch(case, layer_norm_kernel_calls):
+    x = torch.randn(3, 7, 8)
+
+    def norm(x):
+        shape = (7, 8) if case == "normalized over two dims" else (8,)
+        return F.layer_norm(x, shape, torch.ones(shape), torch.zeros(shape))
+
+    with fused_jvp(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        out = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
+    expected = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
+    assert torch.equal(out, expected) and layer_norm_kernel_calls == []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -636,7 +690,7 @@ def test_patch_on_a_model_without_attention_says_so():
     assert list_swaps(unpatch(model) and patch(model)) == [] and unpatch(model)
 
 
-def test_hand_written_attention_under_fused_sdpa_says_so_once():
+def test_hand_written_attention_under_fused_jvp_says_so_once():
     model = Mixed().double()  # timm attention with fused_attn off, not patched
     x = bsl(True)
     _, messages = caught(lambda: jvp(model.attn, (x,), (x,)), routed=True)

@@ -1,4 +1,4 @@
-"""patch() and fused_sdpa() on real third-party model code, built small with random weights.
+"""patch() and fused_jvp() on real third-party model code, built small with random weights.
 
 Hugging Face transformers (CLIP, ViT), open_clip (CLIP: both towers, the text tower's causal
 mask), diffusers (DiT) and a MeanFlow-style DiT from timm parts. Each is differentiated as the
@@ -19,7 +19,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
-from tangent_kernels.patching import fused_sdpa, patched, watch
+from tangent_kernels.patching import fused_jvp, patched, watch
 
 F64 = torch.float64
 TOLERANCE = 1e-11
@@ -184,8 +184,8 @@ def test_open_clip_visual_through_tangent_forward_ad():
     assert watch.fused_calls > before and tk.last_backend("attention_jvp") == "cpp"
 
 
-def test_open_clip_copied_before_patch_is_served_by_fused_sdpa():
-    """A LinearizedModel deep-copies the model; patching the original misses the copy, fused_sdpa does not."""
+def test_open_clip_copied_before_patch_is_served_by_fused_jvp():
+    """A LinearizedModel deep-copies the model; patching the original misses the copy, fused_jvp does not."""
     clip = tiny_open_clip()
     linearized = copy.deepcopy(clip.visual)
     images = torch.randn(2, 3, 16, 16, dtype=F64)
@@ -193,7 +193,7 @@ def test_open_clip_copied_before_patch_is_served_by_fused_sdpa():
     with patched(clip), pytest.warns(UserWarning, match="was the model copied before patch"):
         jvp(linearized, (images,), (images,))
     before = watch.fused_calls
-    with fused_sdpa():
+    with fused_jvp():
         assert_all_close(jvp(linearized, (images,), (images,)), expected)
     assert watch.fused_calls > before and tk.last_backend("attention_jvp") == "cpp"
 

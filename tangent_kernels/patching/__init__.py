@@ -8,7 +8,7 @@ in, one mechanism (the routing mode of ``mode.py``):
 - ``patch(model)`` / ``unpatch(model)`` / ``patched(model)``: swap, reversibly and all or nothing,
   what makes the model's attention modules (timm, ``nn.MultiheadAttention``, Hugging Face
   transformers, diffusers) run in the routing mode; ``list_swaps(model)`` lists them.
-- ``fused_sdpa()``: a context manager for any code that calls ``F.scaled_dot_product_attention``
+- ``fused_jvp()``: a context manager for any code that calls ``F.scaled_dot_product_attention``
   or ``nn.MultiheadAttention`` itself (and for copies of a model made before ``patch``).
 
 ``fused_attention`` is the op underneath: attention as an ``autograd.Function`` whose ``jvp``
@@ -17,15 +17,15 @@ why, and when a forward-AD pass reaches no fused call at all (``watch.py``).
 """
 
 # importing the planners registers them with patch()
-from . import diffusers_attention, hf_attention, timm_attention, torch_attention  # noqa: F401
+from . import diffusers_attention, hf_attention, timm_attention, torch_modules  # noqa: F401
 from .attention import fused_attention
-from .mode import fused_sdpa
+from .mode import fused_jvp
 from .swaps import list_swaps, patch, patched, unpatch
 from .timm_attention import has_fused_attn_flag
 
 __all__ = [
     "fused_attention",
-    "fused_sdpa",
+    "fused_jvp",
     "has_fused_attn_flag",
     "list_swaps",
     "patch",

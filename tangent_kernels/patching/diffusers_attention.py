@@ -13,7 +13,6 @@ from torch import nn
 from . import swaps, watch
 from .mode import RoutedForward, is_routed
 
-
 _types: tuple[type, ...] = ()
 
 

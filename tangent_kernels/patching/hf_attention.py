@@ -11,16 +11,16 @@ import sys
 from torch import nn
 
 from . import swaps, watch
-from .mode import fused_sdpa
+from .mode import fused_jvp
 
 IMPLEMENTATION = "tangent_kernels"
 
 
 def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """transformers' ``sdpa_attention_forward`` with its SDPA call routed (``fused_sdpa``)."""
+    """transformers' ``sdpa_attention_forward`` with its SDPA call routed (``fused_jvp``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    with fused_sdpa():
+    with fused_jvp():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -1,12 +1,13 @@
-"""``fused_sdpa()``: the routing mode for code that calls torch's attention functions itself.
+"""``fused_jvp()``: the routing mode, for code that calls torch's attention and layer norm itself.
 
-A ``TorchFunctionMode`` serves exactly three kinds of call made inside it, and passes every
-other one through untouched:
+A ``TorchFunctionMode`` serves exactly four kinds of call made inside it, and passes every other
+one through untouched:
 
 - ``F.scaled_dot_product_attention`` -> ``sdpa.scaled_dot_product_attention``;
 - ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention`` calls) ->
   ``mha.multi_head_attention_forward``, which calls the SDPA above itself (a mode's handler runs
   with the mode switched off, so nothing inside a passed-through call would be routed);
+- ``F.layer_norm`` -> ``layer_norm.layer_norm``;
 - ``softmax`` on a tensor of 3+ dims with a tangent is counted as hand-written attention (``watch``).
 
 Calls without tangents run torch's own functions, so the mode costs nothing but the dispatch
@@ -23,6 +24,7 @@ import torch.nn.functional as torch_F
 from torch.overrides import TorchFunctionMode
 
 from . import watch
+from .layer_norm import layer_norm
 from .mha import multi_head_attention_forward
 from .sdpa import scaled_dot_product_attention
 
@@ -47,6 +49,8 @@ class _RoutingMode(TorchFunctionMode):
             return scaled_dot_product_attention(*args, **kwargs, backend=self.backend)
         if func is torch_F.multi_head_attention_forward:
             return multi_head_attention_forward(*args, **kwargs, backend=self.backend)
+        if func is torch_F.layer_norm:
+            return layer_norm(*args, **kwargs, backend=self.backend)
         if func in _SOFTMAX:
             return _count_softmax(func, args, kwargs)
         return func(*args, **kwargs)
@@ -56,21 +60,23 @@ _SOFTMAX = frozenset({torch_F.softmax, torch.softmax, torch.Tensor.softmax})
 
 
 def routing_active() -> bool:
-    """The routing mode is on in this thread (an enclosing ``fused_sdpa()`` or patched module)."""
+    """The routing mode is on in this thread (an enclosing ``fused_jvp()`` or patched module)."""
     return getattr(_local, "active", False)
 
 
 @contextlib.contextmanager
-def fused_sdpa(backend: str = "auto"):
-    """``with fused_sdpa(): ...``: attention calls inside with forward-AD tangents run the fused kernel.
+def fused_jvp(backend: str = "auto"):
+    """``with fused_jvp(): ...``: attention and layer norms inside run their fused JVP kernels
+    under forward AD (``torch.func.jvp``, ``torch.autograd.forward_ad``).
 
     It serves ``F.scaled_dot_product_attention`` calls (every form: a form the kernel cannot serve,
     e.g. a general ``attn_mask`` or dropout, runs torch's math SDPA, exact under forward AD, and a
-    warning says so once per reason) and ``nn.MultiheadAttention`` (``F.multi_head_attention_forward``).
-    Calls without tangents run torch's own code. If a forward-AD pass inside reaches no fused call
-    (e.g. attention written by hand: ``softmax`` on tensors with tangents), a warning says so once.
+    warning says so once per reason), ``nn.MultiheadAttention`` (``F.multi_head_attention_forward``)
+    and ``F.layer_norm`` over the last dimension. Calls without tangents run torch's own code. If
+    a forward-AD pass inside reaches no fused attention call (e.g. attention written by hand:
+    ``softmax`` on tensors with tangents), a warning says so once.
     ``backend`` picks the fused kernels' backend (``"auto"``, ``"triton"``, ``"cpp"``,
-    ``"reference"``); a nested ``fused_sdpa`` keeps the enclosing one's.
+    ``"reference"``); a nested ``fused_jvp`` keeps the enclosing one's.
     """
     if routing_active():
         yield
@@ -84,7 +90,7 @@ def fused_sdpa(backend: str = "auto"):
 
 
 class RoutedForward:
-    """A module's forward run inside ``fused_sdpa()`` (what ``patch()`` installs as ``module.forward``).
+    """A module's forward run inside ``fused_jvp()`` (what ``patch()`` installs as ``module.forward``).
 
     ``skip_without_tangents``: run the original forward outside the mode when no argument and no
     parameter of the module carries a tangent, so it is exactly the unpatched module (for
@@ -97,7 +103,7 @@ class RoutedForward:
     def __call__(self, *args, **kwargs):
         if self.skip_without_tangents and not self._tangents(args, kwargs):
             return self.forward(*args, **kwargs)
-        with fused_sdpa():
+        with fused_jvp():
             return self.forward(*args, **kwargs)
 
     def _tangents(self, args, kwargs) -> bool:

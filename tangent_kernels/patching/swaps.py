@@ -43,6 +43,7 @@ class Swap:
     attribute: str
     make: Callable[[object], object]
     what: str
+    attention: bool = True  # False for the other layers routed (layer norms)
 
 
 class Hold:
@@ -114,8 +115,8 @@ def patch(model: nn.Module) -> nn.Module:
     """Route ``model``'s attention through the fused kernels under forward AD (in place; returns ``model``).
 
     It recognizes timm attention modules (those with a ``fused_attn`` flag: the flag is set on and
-    their forward runs in the routing mode), ``nn.MultiheadAttention`` (its forward runs in the
-    routing mode when a tangent is present), Hugging Face transformers models that use its
+    their forward runs in the routing mode), ``nn.MultiheadAttention`` and ``nn.LayerNorm`` (their
+    forward runs in the routing mode when a tangent is present), Hugging Face transformers models that use its
     ``AttentionInterface`` (their configs select the ``"tangent_kernels"`` attention, HF's SDPA
     attention in the routing mode) and diffusers attention modules (their forward runs in the
     routing mode; the plain ``AttnProcessor`` becomes ``AttnProcessor2_0``). ``list_swaps(model)``
@@ -128,12 +129,12 @@ def patch(model: nn.Module) -> nn.Module:
     if _RECORD in vars(model):
         raise RuntimeError("patch: this model is already patched (call unpatch first)")
     planned = plan(model)
-    if not planned:
+    if not any(swap.attention for swap in planned):
         watch.warn_once(
             f"nothing-to-patch-{type(model).__qualname__}",
             f"tangent_kernels.patch: found no attention module to route in {type(model).__name__}; "
             "for code that calls F.scaled_dot_product_attention itself, use "
-            "`with tangent_kernels.fused_sdpa():`",
+            "`with tangent_kernels.fused_jvp():`",
         )
     record = _Record()
     try:

@@ -1,6 +1,6 @@
 """What a forward-AD pass did with its attention, and the one-time messages about it.
 
-A *pass* is the outermost activation of the routing mode (``fused_sdpa()`` or a patched
+A *pass* is the outermost activation of the routing mode (``fused_jvp()`` or a patched
 module's forward) in a thread. It counts the attention calls with tangents that the fused kernel
 served and the ones it did not: calls it handed to torch's math attention (each reason is said
 once, when first seen) and ``softmax`` on tensors with tangents (hand-written attention). A pass
@@ -114,7 +114,7 @@ def _pre_hook(module: nn.Module, args) -> None:
             "unrouted-module",
             f"tangent_kernels: an unpatched {type(module).__name__} ran under forward AD "
             "while patch() is active: was the model copied before patch() (a LinearizedModel deep-copies "
-            "it)? Patch the model that runs, or run the code inside `with tangent_kernels.fused_sdpa():`",
+            "it)? Patch the model that runs, or run the code inside `with tangent_kernels.fused_jvp():`",
         )
 
 
