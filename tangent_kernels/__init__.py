@@ -3,7 +3,7 @@
 ``functional`` holds one entry per op (``layer_norm_jvp``, ``attention_jvp``, ...); ``reference``
 the same ops in plain PyTorch; ``modules`` drop-in tangent layers; ``linearize`` turns a timm
 Vision Transformer into ``f(x; w0) + J f(x; w0) · dw``; ``checkpoint`` saves only ``dw``;
-``patch(model)`` and ``fused_sdpa()`` speed up unmodified ``torch.func.jvp`` code (``patching``); ``taft`` is the TAFT toolkit;
+``patch(model)`` and ``fused_jvp()`` speed up unmodified ``torch.func.jvp`` code (``patching``); ``taft`` is the TAFT toolkit;
 ``verify`` checks a linearized model against ``torch.func.jvp`` of the original.
 """
 
@@ -12,7 +12,7 @@ from .backends import BackendUnavailableError, available_backends, last_backend
 from .checkpoint import BaseMismatchError, base_fingerprint, load_offsets, save_offsets
 from .linearize import LinearizedViT, linearize
 from .modules import UnsupportedModuleError
-from .patching import fused_attention, fused_sdpa, patch, patched, unpatch
+from .patching import fused_attention, fused_jvp, patch, patched, unpatch
 
 __all__ = [
     "BackendUnavailableError",
@@ -21,7 +21,7 @@ __all__ = [
     "UnsupportedModuleError",
     "available_backends",
     "fused_attention",
-    "fused_sdpa",
+    "fused_jvp",
     "backends",
     "base_fingerprint",
     "functional",
