@@ -3,8 +3,9 @@
 ``functional`` holds one entry per op (``layer_norm_jvp``, ``attention_jvp``, ...); ``reference``
 the same ops in plain PyTorch; ``modules`` drop-in tangent layers; ``linearize`` turns a timm
 Vision Transformer into ``f(x; w0) + J f(x; w0) · dw``; ``checkpoint`` saves only ``dw``;
-``patch(model)`` and ``fused_jvp()`` speed up unmodified ``torch.func.jvp`` code (``patching``); ``taft`` is the TAFT toolkit;
-``verify`` checks a linearized model against ``torch.func.jvp`` of the original.
+``patch(model)`` and ``fused_jvp()`` (``patching``) speed up unmodified ``torch.func.jvp`` code;
+``taft`` is the TAFT toolkit; ``verify`` checks a linearized model against ``torch.func.jvp`` of
+the original.
 """
 
 from . import backends, functional, memory, modules, reference, verify
