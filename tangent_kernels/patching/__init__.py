@@ -1,4 +1,4 @@
-"""Speed up unmodified forward-AD code: attention through the fused primal + tangent kernel.
+"""Speed up unmodified forward-AD code: attention and layer norms through the fused JVP kernels.
 
 Codebases that linearize a stock model with ``jvp(functional_call(model, ...), (params,),
 (dparams,))`` (the ``LinearizedModel`` pattern) or differentiate it along its inputs (MeanFlow's
@@ -7,13 +7,16 @@ in, one mechanism (the routing mode of ``mode.py``):
 
 - ``patch(model)`` / ``unpatch(model)`` / ``patched(model)``: swap, reversibly and all or nothing,
   what makes the model's attention modules (timm, ``nn.MultiheadAttention``, Hugging Face
-  transformers, diffusers) run in the routing mode; ``list_swaps(model)`` lists them.
-- ``fused_jvp()``: a context manager for any code that calls ``F.scaled_dot_product_attention``
-  or ``nn.MultiheadAttention`` itself (and for copies of a model made before ``patch``).
+  transformers, diffusers) and ``nn.LayerNorm`` run in the routing mode; ``list_swaps(model)``
+  lists the swaps.
+- ``fused_jvp()``: a context manager for any code that calls ``F.scaled_dot_product_attention``,
+  ``nn.MultiheadAttention`` or ``F.layer_norm`` itself (and for copies of a model made before
+  ``patch``).
 
 ``fused_attention`` is the op underneath: attention as an ``autograd.Function`` whose ``jvp``
 rule runs the one-pass kernel. Warnings say (once) when a call runs torch's math attention and
-why, and when a forward-AD pass reaches no fused call at all (``watch.py``).
+why, when attention written by hand meets tangents, and when an unpatched copy of a patched
+model runs under forward AD (``watch.py``).
 """
 
 # importing the planners registers them with patch()

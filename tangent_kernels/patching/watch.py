@@ -1,10 +1,10 @@
 """What a forward-AD pass did with its attention, and the one-time messages about it.
 
 A *pass* is the outermost activation of the routing mode (``fused_jvp()`` or a patched
-module's forward) in a thread. It counts the attention calls with tangents that the fused kernel
-served and the ones it did not: calls it handed to torch's math attention (each reason is said
-once, when first seen) and ``softmax`` on tensors with tangents (hand-written attention). A pass
-that had such work and no fused call ends with one warning (once per process).
+module's forward) in a thread. Every attention call with tangents is either served by the fused
+kernel, or handed to torch's math attention (each reason is said once, when first seen), or out
+of sight: attention written by hand, seen as ``softmax`` on scores with tangents. A pass that saw
+hand-written attention and no fused call ends with one warning (once per process).
 
 While a model is patched, a global forward pre-hook also says (once) when an attention module of
 a kind ``patch()`` routes runs under forward AD unrouted, e.g. in a copy made before ``patch()``.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections import Counter
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -23,6 +22,7 @@ from torch.autograd import forward_ad
 
 _local = threading.local()
 _warned: set[str] = set()
+fused_calls = 0  # attention calls with tangents served by the fused kernel in this process
 
 
 def has_tangent(t) -> bool:
@@ -38,11 +38,11 @@ def warn_once(key: str, message: str) -> None:
 
 
 class Pass:
-    """Counts of one pass: attention calls with tangents served fused, and the others by kind."""
+    """One pass: attention calls with tangents served fused, and softmax calls seen with tangents."""
 
     def __init__(self):
         self.fused = 0
-        self.unfused: Counter[str] = Counter()
+        self.handwritten = 0
 
 
 def current() -> Pass | None:
@@ -51,8 +51,8 @@ def current() -> Pass | None:
 
 @contextlib.contextmanager
 def attention_pass():
-    """Start a pass unless one runs in this thread; at its end, warn (once) if it ran attention
-    with tangents and none of it reached the fused kernel."""
+    """Start a pass unless one runs in this thread; at its end, warn (once) if it saw attention
+    written by hand and no call reached the fused kernel."""
     if current() is not None:
         yield current()
         return
@@ -61,16 +61,13 @@ def attention_pass():
         yield this
     finally:
         _local.current = None
-    if this.unfused and not this.fused:
-        found = "; ".join(f"{count}× {kind}" for kind, count in sorted(this.unfused.items()))
+    if this.handwritten and not this.fused:
         warn_once(
             "no-fused-call",
-            "tangent_kernels: a forward-AD pass ran attention without reaching the fused "
-            f"kernel ({found}); it ran unfused, with N×N scores and tangents",
+            f"tangent_kernels: a forward-AD pass ran {this.handwritten} softmax calls on scores with "
+            "tangents and no attention call reached the fused kernel: attention written by hand runs "
+            "unfused, with N×N scores and tangents (call F.scaled_dot_product_attention instead)",
         )
-
-
-fused_calls = 0  # attention calls with tangents served by the fused kernel in this process
 
 
 def served_fused() -> None:
@@ -86,14 +83,12 @@ def served_by_math(reason: str) -> None:
         reason,
         f"tangent_kernels: {reason}: this attention runs torch's math path (N×N), not the fused kernel",
     )
-    if (this := current()) is not None:
-        this.unfused["math attention calls"] += 1
 
 
 def saw_handwritten_attention() -> None:
     """A ``softmax`` over scores with tangents: attention written by hand, out of the kernel's reach."""
     if (this := current()) is not None:
-        this.unfused["softmax calls on tensors with tangents (hand-written attention?)"] += 1
+        this.handwritten += 1
 
 
 # ----------------------------------------------------------------------------------------------
