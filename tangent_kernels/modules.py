@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import backends, validation
 from . import functional as F
-from .patch import has_fused_attn_flag, routed_attention
+from .patching import fused_jvp, has_fused_attn_flag
 from .reference import add_tangents
 
 Pair = tuple[Tensor, "Tensor | None"]
@@ -123,11 +123,11 @@ class TangentForwardAD(nn.Module):
     Exact (it is ``torch.func.jvp`` of the module at ``w0`` along ``dw``) but unfused, and it
     saves for backward what ``jvp`` saves. It covers what the fused modules do not: other norms
     (RMSNorm), activations (QuickGELU, SiLU), gated MLPs (SwiGLU), attention pooling, other block
-    and attention types. The module's ``F.scaled_dot_product_attention`` calls run through
-    ``patch.fused_attention`` (its ``jvp`` rule is the one-pass kernel; timm's ``fused_attn``
-    flags are turned on in the frozen copy), so no N×N tensor appears where that can serve the
-    call. The offsets are registered under the module's own parameter names; the frozen copy
-    keeps ``w0``.
+    and attention types. It runs inside ``patching.fused_jvp()``: the module's attention
+    (``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``; timm's ``fused_attn`` flags are
+    turned on in the frozen copy) and layer norms take their fused ``jvp`` rules, so no N×N tensor
+    appears where the kernel can serve the call. The offsets are registered under the module's own
+    parameter names; the frozen copy keeps ``w0``.
     """
 
     def __init__(self, module: nn.Module, backend: str = "auto"):
@@ -147,7 +147,7 @@ class TangentForwardAD(nn.Module):
             owner.register_parameter(leaf, _offset(param.detach()))
 
     def forward(self, x: Tensor, x_t: Tensor | None = None, **kwargs) -> Pair:
-        with routed_attention(_op_backend("attention_jvp", self.backend)):
+        with fused_jvp(_op_backend("attention_jvp", self.backend)):
             if x_t is None and not self.offset_names:
                 return self.frozen(x, **kwargs), None
             w0 = {name: self.frozen.get_buffer(name) for name in self.offset_names}

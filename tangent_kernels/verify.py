@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
-from .patch import has_fused_attn_flag
+from .patching import has_fused_attn_flag
 
 
 @contextlib.contextmanager

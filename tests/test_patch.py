@@ -1,19 +1,79 @@
-"""patch(model): unmodified torch.func.jvp code through timm ViTs and nn.MultiheadAttention.
+"""patching: unmodified forward-AD code through the fused attention (``patch``, ``fused_jvp``).
 
-The oracle is the same code through the unpatched model with math attention, in float64.
+The oracle is the same code through torch's math attention (SDPA's math backend, the MHA slow
+path), in float64: forward AD there is exact, so results must agree to rounding.
 """
 
 import copy
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
+from helpers import assert_close, max_relative_error
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
-from helpers import max_relative_error
-from tangent_kernels.patch import fused_attention, patch, patched, unpatch
+from tangent_kernels.patching import fused_attention, fused_jvp, list_swaps, patch, patched, unpatch, watch
+from tangent_kernels.patching.mode import is_routed
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Every test sees the once-per-process warnings afresh."""
+    monkeypatch.setattr(watch, "_warned", set())
+
+
+@pytest.fixture
+def math_oracle():
+    """torch's own math attention: SDPA's math backend and the MHA slow path (forward AD has rules there)."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+    torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def caught(fn, routed=False):
+    """``fn()`` (inside ``fused_jvp()`` if ``routed``) and the messages of the warnings it raised."""
+    with warnings.catch_warnings(record=True) as found:
+        warnings.simplefilter("always")
+        if routed:
+            with fused_jvp():
+                result = fn()
+        else:
+            result = fn()
+    return result, [str(w.message) for w in found if "tangent_kernels" in str(w.message)]
+
+
+class FusedCalls:
+    """``with FusedCalls() as calls:`` counts the attention calls with tangents the fused kernel
+    served inside; ``calls.on_cpp`` tells they did and ran the C++ kernels."""
+
+    def __enter__(self):
+        self.start = watch.fused_calls
+        return self
+
+    def __exit__(self, *exc):
+        self.count = watch.fused_calls - self.start
+
+    @property
+    def on_cpp(self):
+        return self.count > 0 and tk.last_backend("attention_jvp") == "cpp"
+
+
+def close(actual, expected, tol=1e-12):
+    for a, e in zip(actual, expected):
+        assert max_relative_error(a, e) < tol
+
+
+# ----------------------------------------------------------------------------------------------
+# timm ViTs through patch()
 
 
 def small_vit(**kwargs):
@@ -42,24 +102,46 @@ def jvp_and_grads(model, images, offsets):
     return out, torch.autograd.grad(out.square().sum(), list(offsets.values()))
 
 
-@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"class_token": False, "global_pool": "avg"},
-                                     {"block_fn": ParallelScalingBlock, "global_pool": "map"}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"qk_norm": True},
+        {"class_token": False, "global_pool": "avg"},
+        {"block_fn": ParallelScalingBlock, "global_pool": "map"},
+    ],
+)
 def test_jvp_through_patched_vit_matches_math_attention(variant):
     model = small_vit(**variant)
-    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    images = torch.randn(2, 3, 32, 32, dtype=F64)
     offsets = {n: (0.05 * torch.randn_like(p)).requires_grad_() for n, p in model.named_parameters()}
     expected, expected_grads = jvp_and_grads(math_copy(model), images, offsets)
-    with patched(model):
+    with patched(model), FusedCalls() as calls:
         out, grads = jvp_and_grads(model, images, offsets)
-        assert tk.last_backend("attention_jvp") == "cpp"
+    assert calls.on_cpp
     assert max_relative_error(out, expected) < 1e-10
     for g, e in zip(grads, expected_grads):
         assert (g - e).abs().max() <= 1e-10 * max(1.0, e.abs().max().item())
 
 
+def test_patch_turns_timm_fused_attn_on_and_restores_it():
+    """MeanFlow ports set fused_attn=False (hand-written attention): patch routes it anyway."""
+    model = small_vit()
+    for block in model.blocks:
+        block.attn.fused_attn = False
+    images, tangent = torch.randn(2, 3, 32, 32, dtype=F64), torch.randn(2, 3, 32, 32, dtype=F64)
+    expected = jvp(model, (images,), (tangent,))
+    with patched(model), FusedCalls() as calls:
+        assert all(block.attn.fused_attn for block in model.blocks)
+        out = jvp(model, (images,), (tangent,))
+    assert calls.on_cpp
+    close(out, expected)
+    assert not any(block.attn.fused_attn for block in model.blocks)
+
+
 def test_forward_ad_through_patched_vit():
     model = small_vit()
-    images, tangent = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    images, tangent = torch.randn(2, 3, 32, 32, dtype=F64), torch.randn(2, 3, 32, 32, dtype=F64)
     expected = jvp(math_copy(model), (images,), (tangent,))[1]
     with patched(model), forward_ad.dual_level():
         out = model(forward_ad.make_dual(images, tangent))
@@ -67,66 +149,11 @@ def test_forward_ad_through_patched_vit():
     assert max_relative_error(tangent_out, expected) < 1e-10
 
 
-class SelfAttention(torch.nn.Module):
-    def __init__(self, batch_first):
-        super().__init__()
-        self.mha = torch.nn.MultiheadAttention(24, 4, batch_first=batch_first)
-        self.batch_first = batch_first
-
-    def forward(self, x, key_padding_mask=None):
-        return self.mha(x, x, x, key_padding_mask=key_padding_mask)[0]
-
-
-@pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("masked", [False, True])
-def test_jvp_through_patched_multihead_attention(batch_first, masked):
-    torch.manual_seed(0)
-    model = SelfAttention(batch_first).double().train()  # train mode: no fast path (it has no forward AD); dropout is 0
-    x = torch.randn(3, 11, 24, dtype=torch.float64)
-    x = x if batch_first else x.transpose(0, 1).contiguous()
-    mask = torch.zeros(3, 11, dtype=torch.bool)
-    if masked:
-        mask[:, -3:] = True
-    mask = mask if masked else None
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    offsets = {n: (0.05 * torch.randn_like(p)).requires_grad_() for n, p in params.items()}
-
-    def run():
-        y, y_t = jvp(lambda p: functional_call(model, p, (x, mask)), (params,), (offsets,))
-        out = y + y_t
-        return out, torch.autograd.grad(out.square().sum(), list(offsets.values()))
-
-    expected, expected_grads = run()  # unpatched: need_weights=True runs math attention
-    with patched(model):
-        out, grads = run()
-    assert max_relative_error(out, expected) < 1e-10
-    for g, e in zip(grads, expected_grads):
-        assert (g - e).abs().max() <= 1e-10 * max(1.0, e.abs().max().item())
-
-
-def test_unpatch_restores_the_model_exactly():
-    model = small_vit()
-    mha = SelfAttention(True)
-    before = {id(m): (dict(m.__dict__), getattr(m, "fused_attn", None)) for m in model.modules()}
-    patch(model)
-    patch(mha)
-    assert "forward" in model.blocks[0].attn.__dict__
-    with pytest.raises(RuntimeError, match="already patched"):
-        patch(model)
-    unpatch(model)
-    unpatch(mha)
-    for m in model.modules():
-        assert m.__dict__.keys() == before[id(m)][0].keys()
-        assert getattr(m, "fused_attn", None) == before[id(m)][1]
-    with pytest.raises(RuntimeError, match="not patched"):
-        unpatch(model)
-
-
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_compiled_jvp_keeps_the_fused_tangent(fullgraph):
     """torch.compile drops custom jvp rules (pytorch/pytorch#192985); the result must still be right."""
     model = small_vit()
-    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    images = torch.randn(2, 3, 32, 32, dtype=F64)
     params = {n: p.detach() for n, p in model.named_parameters()}
     offsets = {n: 0.05 * torch.randn_like(p) for n, p in params.items()}
     expected = linearized_outputs(math_copy(model), images, params, offsets)
@@ -134,6 +161,538 @@ def test_compiled_jvp_keeps_the_fused_tangent(fullgraph):
         compiled = torch.compile(lambda p, d: linearized_outputs(model, images, p, d), fullgraph=fullgraph)
         out = compiled(params, offsets)
     assert max_relative_error(out, expected) < 1e-10
+
+
+# ----------------------------------------------------------------------------------------------
+# F.scaled_dot_product_attention under fused_jvp(): every call form
+
+B, H, L, S, D = 2, 4, 7, 9, 16  # odd lengths, Lq != Lk
+
+
+def sdpa_inputs(q_shape=(B, H, L, D), k_shape=(B, H, S, D), v_shape=None):
+    q, k = torch.randn(q_shape, dtype=F64), torch.randn(k_shape, dtype=F64)
+    return q, k, torch.randn(v_shape or k_shape, dtype=F64)
+
+
+def sdpa_jvp_and_grads(q, k, v, **kwargs):
+    """(o, o_t) by jvp of SDPA, and the gradients of a loss on both w.r.t. the tangents."""
+    tangents = [torch.randn_like(t).requires_grad_() for t in (q, k, v)]
+    weights = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    o, o_t = jvp(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs), (q, k, v), tuple(tangents)
+    )
+    return o, o_t, *torch.autograd.grad((o_t * weights).sum() + o.square().sum(), tangents)
+
+
+def compare_with_math_sdpa(inputs, **kwargs):
+    """The messages warned, and the fused calls, of the routed SDPA call that matched math SDPA."""
+    torch.manual_seed(1)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = sdpa_jvp_and_grads(*inputs, **kwargs)
+    torch.manual_seed(1)
+    with FusedCalls() as calls:
+        out, messages = caught(lambda: sdpa_jvp_and_grads(*inputs, **kwargs), routed=True)
+    close(out, expected)
+    return messages, calls
+
+
+causal_mask = torch.ones(L, S, dtype=torch.bool).tril()
+padding = torch.rand(B, S) > 0.3  # SDPA's bool: True = attend
+padding[:, 0] = True  # no query without a key (torch's math SDPA has NaN gradients there; ours are zero)
+FUSED_FORMS = {
+    "no mask": ({}, {}),
+    "is_causal": ({}, {"is_causal": True}),
+    "scale": ({}, {"scale": 0.3}),
+    "bool key padding (B, 1, 1, S)": ({}, {"attn_mask": padding[:, None, None, :]}),
+    "bool key padding (S,)": ({}, {"attn_mask": padding[0]}),
+    "bool key padding expanded (B, 1, L, S)": (
+        {},
+        {"attn_mask": padding[:, None, None, :].expand(B, 1, L, S)},
+    ),
+    "float key padding": ({}, {"attn_mask": torch.randn(B, 1, 1, S, dtype=F64)}),
+    "float32 key padding": ({}, {"attn_mask": torch.randn(B, 1, 1, S)}),
+    "causal mask as bool attn_mask": ({}, {"attn_mask": causal_mask}),
+    "causal mask as float attn_mask": (
+        {},
+        {"attn_mask": torch.zeros(L, S, dtype=F64).masked_fill(~causal_mask, -torch.inf)},
+    ),
+    "causal and key padding (B, 1, L, S)": ({}, {"attn_mask": causal_mask & padding[:, None, None, :]}),
+    "3-D inputs": ({"q_shape": (H, L, D), "k_shape": (H, S, D)}, {}),
+    "2-D inputs": ({"q_shape": (L, D), "k_shape": (S, D)}, {"is_causal": True}),
+    "5-D inputs": ({"q_shape": (2, B, H, L, D), "k_shape": (2, B, H, S, D)}, {}),
+    "enable_gqa": ({"k_shape": (B, 2, S, D)}, {"enable_gqa": True, "attn_mask": padding[:, None, None, :]}),
+}
+
+
+@pytest.mark.parametrize("form", list(FUSED_FORMS))
+def test_sdpa_forms_the_kernel_serves(form):
+    shapes, kwargs = FUSED_FORMS[form]
+    messages, calls = compare_with_math_sdpa(sdpa_inputs(**shapes), **kwargs)
+    assert calls.on_cpp
+    assert messages == []
+
+
+MATH_FORMS = {
+    "dropout_p > 0": ({}, {"dropout_p": 0.3}),  # one dropout mask for both streams: equal under one seed
+    "mask that varies over heads and queries": ({}, {"attn_mask": torch.rand(B, H, L, S) > 0.3}),
+    "value head dim": ({"v_shape": (B, H, S, 8)}, {}),
+    "batch dims that": ({"q_shape": (1, H, L, D)}, {}),
+}
+
+
+@pytest.mark.parametrize("form", list(MATH_FORMS))
+def test_sdpa_forms_the_kernel_cannot_serve_run_math_sdpa_and_say_so_once(form):
+    shapes, kwargs = MATH_FORMS[form]
+    inputs = sdpa_inputs(**shapes)
+    messages, calls = compare_with_math_sdpa(inputs, **kwargs)
+    assert calls.count == 0
+    assert len(messages) == 1 and "math path" in messages[0]
+    assert compare_with_math_sdpa(inputs, **kwargs)[0] == []  # said once
+
+
+def test_sdpa_mask_with_a_tangent_runs_math_sdpa():
+    q, k, v = sdpa_inputs()
+    mask, mask_t = torch.randn(B, 1, 1, S, dtype=F64), torch.randn(B, 1, 1, S, dtype=F64)
+
+    def attend(q, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = jvp(attend, (q, mask), (torch.ones_like(q), mask_t))
+    out, messages = caught(lambda: jvp(attend, (q, mask), (torch.ones_like(q), mask_t)), routed=True)
+    close(out, expected)
+    assert "attn_mask that has a tangent" in messages[0]
+
+
+@pytest.mark.parametrize("case", ["is_causal with attn_mask", "int64 mask", "heads without enable_gqa"])
+def test_sdpa_forms_torch_refuses_raise_as_torch(case):
+    q, k, v = sdpa_inputs(k_shape=(B, 2, S, D) if "heads" in case else (B, H, S, D))
+    kwargs = {
+        "is_causal with attn_mask": {"is_causal": True, "attn_mask": padding[:, None, None, :]},
+        "int64 mask": {"attn_mask": padding[:, None, None, :].long()},
+        "heads without enable_gqa": {},
+    }[case]
+    with pytest.raises(RuntimeError) as torch_error:
+        F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with fused_jvp(), pytest.raises(RuntimeError) as ours:
+        jvp(lambda q: F.scaled_dot_product_attention(q, k, v, **kwargs), (q,), (q,))
+    assert str(ours.value) == str(torch_error.value)
+
+
+def test_sdpa_without_tangents_is_torch_sdpa():
+    q, k, v = sdpa_inputs()
+    with fused_jvp(), FusedCalls() as calls:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert calls.count == 0
+
+
+def test_float_mask_without_a_tangent_under_func_jvp():
+    """The absent tangent of a constant float mask arrives materialized as zeros: it is ignored."""
+    q, k, v = sdpa_inputs()
+    mask = torch.zeros(B, 1, 1, S, dtype=F64).masked_fill(~padding[:, None, None, :], -1e9)
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = jvp(attend, (q, k, v), tangents)
+    with fused_jvp():
+        close(jvp(attend, (q, k, v), tangents), expected)
+
+
+def test_sdpa_under_autocast_casts_as_torch():
+    """An fp32 norm hands SDPA fp32 q, k and bf16 v; autocast casts all three to bf16."""
+    q, k, v = (t.float() for t in sdpa_inputs())
+    v = v.bfloat16()
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    expected = tk.reference.attention_jvp(*(t.double() for t in (q, k, v, *tangents)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with sdpa_kernel(SDPBackend.MATH):
+            baseline = jvp(attend, (q, k, v), tangents)
+        with fused_jvp():
+            out = jvp(attend, (q, k, v), tangents)
+    for name, actual, base, exact in zip(("o", "o_t"), out, baseline, expected):
+        assert actual.dtype == base.dtype == torch.bfloat16
+        assert_close(actual, exact, base, name=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# fused_attention validates what the kernels will be given
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["int64 mask", "v with fewer keys", "head dims", "batch", "heads do not divide", "dtypes", "meta k"],
+)
+def test_fused_attention_validates_its_inputs(case):
+    q, k, v = sdpa_inputs(k_shape=(B, H, L, D))
+    kwargs = {}
+    if case == "int64 mask":
+        kwargs["key_padding_mask"] = torch.zeros(B, L, dtype=torch.int64)
+    elif case == "v with fewer keys":
+        v = v[:, :, :-2]
+    elif case == "head dims":
+        k = k[..., :-1]
+    elif case == "batch":
+        k = k[:1]
+    elif case == "heads do not divide":
+        k, v = k[:, :3], v[:, :3]
+    elif case == "dtypes":
+        v = v.float()
+    else:
+        k = k.to("meta")
+    with pytest.raises((TypeError, ValueError)):
+        fused_attention(q, k, v, **kwargs)
+
+
+def test_fused_attention_casts_under_autocast():
+    q, k, v = (t.float() for t in sdpa_inputs(k_shape=(B, H, L, D)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_attention(q, k, v.bfloat16())
+    assert out.dtype == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------
+# nn.MultiheadAttention through patch()
+
+E = 24
+
+
+class CallMHA(torch.nn.Module):
+    """Calls its ``nn.MultiheadAttention`` with fixed keyword arguments; returns the output (and
+    the weights, when asked, folded in so that they are compared too)."""
+
+    def __init__(self, mha, **call):
+        super().__init__()
+        self.mha, self.call = mha, call
+
+    def forward(self, query, key, value):
+        out, weights = self.mha(query, key, value, **self.call)
+        return out if weights is None else (out, weights)
+
+
+def linearized_and_grads(model, *inputs):
+    """The LinearizedModel pattern, and the gradients of a loss on both outputs."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    torch.manual_seed(5)
+    offsets = {n: (0.05 * torch.randn_like(p)).requires_grad_() for n, p in params.items()}
+    torch.manual_seed(6)  # one dropout draw for the oracle and the patched model
+    out, out_t = jvp(lambda p: functional_call(model, p, inputs), (params,), (offsets,))
+    out, out_t = (out, out_t) if isinstance(out, tuple) else ((out,), (out_t,))
+    loss = sum((y + y_t).square().sum() for y, y_t in zip(out, out_t))
+    return *out, *out_t, *torch.autograd.grad(loss, list(offsets.values()))
+
+
+def bsl(batch_first, length=L, width=E):
+    x = torch.randn(B, length, width, dtype=F64)
+    return x if batch_first else x.transpose(0, 1).contiguous()
+
+
+float_causal = torch.zeros(L, L, dtype=F64).masked_fill(
+    ~torch.ones(L, L, dtype=torch.bool).tril(), -torch.inf
+)
+key_padding = torch.zeros(B, L, dtype=torch.bool)
+key_padding[:, -2:] = True  # nn.MultiheadAttention's bool: True = padding
+MHA_FORMS = {
+    "self-attention": ({}, {}),
+    "eval mode": ({"train": False}, {}),
+    "bool key_padding_mask": ({}, {"key_padding_mask": key_padding}),
+    "float key_padding_mask": (
+        {},
+        {"key_padding_mask": torch.zeros(B, L, dtype=F64).masked_fill(key_padding, -1e9)},
+    ),
+    "causal 2-D attn_mask (CLIP text)": ({}, {"attn_mask": float_causal}),
+    "causal attn_mask with is_causal": ({}, {"attn_mask": float_causal, "is_causal": True}),
+    "causal bool attn_mask and key padding": (
+        {},
+        {"attn_mask": float_causal != 0, "key_padding_mask": key_padding},
+    ),
+    "cross-attention, key is value": ({"kv": "same"}, {}),
+    "cross-attention": ({"kv": "different"}, {}),
+    "kdim and vdim": ({"kv": "different", "kdim": 10, "vdim": 6}, {}),
+    "add_bias_kv": ({"add_bias_kv": True}, {"key_padding_mask": key_padding}),
+    "no bias": ({"bias": False}, {}),
+}
+MHA_MATH_FORMS = {
+    "3-D bool attn_mask": ({}, {"attn_mask": torch.rand(B * 4, L, L) > 0.7}),
+    "add_zero_attn with a 2-D attn_mask": (
+        {"add_zero_attn": True},
+        {"attn_mask": float_causal + torch.randn(L, L)},
+    ),
+    "dropout in training": ({"dropout": 0.3}, {}),
+    "need_weights=True": ({}, {"need_weights": True, "average_attn_weights": False}),
+}
+
+
+def compare_patched_mha(batch_first, setup, call, math_oracle):
+    setup = dict(setup)
+    train, kv = setup.pop("train", True), setup.pop("kv", None)
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(E, 4, batch_first=batch_first, **setup).double().train(train)
+    model = CallMHA(mha, **{"need_weights": False, **call})
+    query = bsl(batch_first)
+    key = bsl(batch_first, S, setup.get("kdim", E)) if kv else query
+    value = key if kv in (None, "same") else bsl(batch_first, S, setup.get("vdim", E))
+    expected = linearized_and_grads(model, query, key, value)  # under math_oracle
+    with patched(model), FusedCalls() as calls:
+        out, messages = caught(lambda: linearized_and_grads(model, query, key, value))
+    close(out, expected)
+    return messages, calls
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("form", list(MHA_FORMS))
+def test_patched_multihead_attention_forms_the_kernel_serves(form, batch_first, math_oracle):
+    messages, calls = compare_patched_mha(batch_first, *MHA_FORMS[form], math_oracle)
+    assert calls.on_cpp
+    assert messages == []
+
+
+@pytest.mark.parametrize("form", list(MHA_MATH_FORMS))
+def test_patched_multihead_attention_other_forms_run_math_and_say_so(form, math_oracle):
+    messages, calls = compare_patched_mha(True, *MHA_MATH_FORMS[form], math_oracle)
+    assert calls.count == 0
+    assert messages and "math path" in messages[0]
+
+
+def test_patched_multihead_attention_unbatched(math_oracle):
+    torch.manual_seed(0)
+    model = CallMHA(torch.nn.MultiheadAttention(E, 4).double(), need_weights=False)
+    x = torch.randn(L, E, dtype=F64)
+    expected = linearized_and_grads(model, x, x, x)
+    with patched(model):
+        close(linearized_and_grads(model, x, x, x), expected)
+
+
+def test_patched_multihead_attention_refuses_is_causal_without_a_mask_as_torch():
+    model = CallMHA(
+        torch.nn.MultiheadAttention(E, 4, batch_first=True).double(), need_weights=False, is_causal=True
+    )
+    x = bsl(True)
+    with pytest.raises(RuntimeError, match="Need attn_mask if specifying the is_causal hint") as torch_error:
+        model(x, x, x)
+    with patched(model), pytest.raises(RuntimeError) as ours:
+        jvp(model, (x, x, x), (x, x, x))
+    assert str(ours.value) == str(torch_error.value)
+
+
+def test_patched_multihead_attention_without_tangents_is_torch_forward():
+    """No tangent: torch's own forward, fast path included (eval, no grad)."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(E, 4, batch_first=True).eval()
+    x = torch.randn(B, L, E)
+    with torch.no_grad():
+        expected = mha(x, x, x, key_padding_mask=key_padding)
+        with patched(mha):
+            out = mha(x, x, x, key_padding_mask=key_padding)
+    assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
+
+
+class SpyLinearInputs(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.dims = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            self.dims.append(args[0].dim())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_patched_multihead_attention_projects_on_2d_views(batch_first):
+    """2-D projections make each weight gradient one GEMM (3-D ones are per-token batched products)."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(E, 4, batch_first=batch_first).double()
+    x = bsl(batch_first)
+    spy = SpyLinearInputs()
+    with patched(mha), spy:
+        jvp(lambda x: mha(x, x, x, need_weights=False)[0], (x,), (x,))
+    assert spy.dims == [2, 2]  # in-projection, out-projection
+
+
+# ----------------------------------------------------------------------------------------------
+# layer norms: torch's forward-AD rule is ~100x the fused kernel on the CPU
+
+
+@pytest.fixture
+def layer_norm_kernel_calls(monkeypatch):
+    """Counts the calls of ``functional.layer_norm_jvp`` (the fused layer-norm tangent)."""
+    calls = []
+    original = tk.functional.layer_norm_jvp
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("backend"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tk.functional, "layer_norm_jvp", counted)
+    return calls
+
+
+def norm_model(**norm):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, 24), torch.nn.LayerNorm(24, **norm), torch.nn.Linear(24, 5)
+    ).double()
+
+
+@pytest.mark.parametrize("norm", [{}, {"bias": False}, {"elementwise_affine": False}])
+def test_layer_norm_jvp_runs_the_fused_kernel(norm, layer_norm_kernel_calls):
+    model = norm_model(**norm)
+    x = torch.randn(3, 7, 8, dtype=F64)
+    expected = linearized_and_grads(model, x)
+    with pytest.warns(UserWarning, match="found no attention module"), patched(model):
+        close(linearized_and_grads(model, x), expected)
+    assert layer_norm_kernel_calls
+    layer_norm_kernel_calls.clear()
+    expected = jvp(model, (x,), (torch.ones_like(x),))
+    with fused_jvp():
+        close(jvp(model, (x,), (torch.ones_like(x),)), expected)
+    assert layer_norm_kernel_calls
+
+
+@pytest.mark.parametrize("case", ["normalized over two dims", "autocast", "no tangent"])
+def test_layer_norm_forms_the_kernel_does_not_serve_run_torch(case, layer_norm_kernel_calls):
+    x = torch.randn(3, 7, 8)
+
+    def norm(x):
+        shape = (7, 8) if case == "normalized over two dims" else (8,)
+        return F.layer_norm(x, shape, torch.ones(shape), torch.zeros(shape))
+
+    with fused_jvp(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        out = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
+    expected = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
+    assert torch.equal(out, expected) and layer_norm_kernel_calls == []
+
+
+# ----------------------------------------------------------------------------------------------
+# patch(): transactional, reversible, nested
+
+
+class Mixed(torch.nn.Module):
+    """timm attention (fused_attn off, as MeanFlow ports set it), nn.MultiheadAttention and,
+    optionally, a module patch() refuses."""
+
+    def __init__(self, refused=None):
+        super().__init__()
+        from timm.layers import Attention
+
+        self.attn = Attention(E, num_heads=4)
+        self.attn.fused_attn = False
+        self.mha = torch.nn.MultiheadAttention(E, 4, batch_first=True)
+        self.refused = refused
+
+
+def state_of(model):
+    """What patch() may touch: instance forwards, timm flags, HF configs' attention."""
+    return [
+        (
+            name,
+            m.__dict__.get("forward"),
+            getattr(m, "fused_attn", None),
+            getattr(getattr(m, "config", None), "_attn_implementation", None),
+        )
+        for name, m in model.named_modules()
+    ]
+
+
+def test_patch_that_refuses_a_module_leaves_the_model_untouched():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(
+        hidden_size=E,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=16,
+        patch_size=8,
+        attn_implementation="eager",
+        output_attentions=True,
+    )
+    model = Mixed(refused=transformers.CLIPVisionModel(config))
+    before = state_of(model)
+    with pytest.raises(tk.UnsupportedModuleError, match="output_attentions"):
+        patch(model)
+    assert state_of(model) == before and model.attn.fused_attn is False
+    with pytest.raises(RuntimeError, match="not patched"):
+        unpatch(model)
+
+
+def test_unpatch_restores_the_model_exactly():
+    model = Mixed()
+    before = state_of(model)
+    patch(model)
+    assert [line.split(": ")[0] for line in list_swaps(model)] == ["attn", "attn", "mha"]
+    assert is_routed(model.attn) and model.attn.fused_attn and is_routed(model.mha)
+    with pytest.raises(RuntimeError, match="already patched"):
+        patch(model)
+    unpatch(model)
+    assert state_of(model) == before
+    with pytest.raises(RuntimeError, match="not patched"):
+        unpatch(model)
+
+
+@pytest.mark.parametrize("inner_first", [False, True])
+def test_nested_patches_in_any_order(inner_first):
+    model = Mixed()
+    before = state_of(model)
+    first, second = (model.attn, model) if inner_first else (model, model.attn)
+    patch(first)
+    patch(second)
+    unpatch(model.attn)  # the other patch still holds the timm module
+    assert is_routed(model.attn) and model.attn.fused_attn and is_routed(model.mha)
+    unpatch(model)
+    assert state_of(model) == before
+
+
+def test_a_copy_of_a_patched_model_is_patched_on_its_own():
+    model = Mixed().double()
+    patch(model)
+    twin = copy.deepcopy(model)
+    assert twin.attn.forward.module is twin.attn and twin.attn.forward.forward.__self__ is twin.attn
+    x = bsl(True)
+    with FusedCalls() as calls:
+        jvp(twin.attn, (x,), (x,))
+    assert calls.on_cpp
+    unpatch(twin)
+    assert not is_routed(twin.attn) and not twin.attn.fused_attn
+    assert is_routed(model.attn) and model.attn.fused_attn
+    unpatch(model)
+
+
+def test_a_copy_made_before_patch_says_so_under_forward_ad():
+    model = Mixed().double()
+    linearized = copy.deepcopy(model)  # what a LinearizedModel does
+    x = bsl(True)
+    with patched(model):
+        _, messages = caught(lambda: jvp(linearized.attn, (x,), (x,)))
+        assert any("was the model copied before patch()" in m for m in messages)
+        with FusedCalls() as calls:  # the context manager serves the copy
+            _, messages = caught(
+                lambda: jvp(lambda x: linearized.mha(x, x, x, need_weights=False)[0], (x,), (x,)), True
+            )
+        assert messages == [] and calls.on_cpp
+
+
+def test_patch_on_a_model_without_attention_says_so():
+    model = torch.nn.Linear(3, 3)
+    _, messages = caught(lambda: patch(model))
+    assert "found no attention module" in messages[0]
+    assert list_swaps(unpatch(model) and patch(model)) == [] and unpatch(model)
+
+
+def test_hand_written_attention_under_fused_jvp_says_so_once():
+    model = Mixed().double()  # timm attention with fused_attn off, not patched
+    x = bsl(True)
+    _, messages = caught(lambda: jvp(model.attn, (x,), (x,)), routed=True)
+    assert "softmax calls on scores with tangents" in messages[0]
+    _, messages = caught(lambda: jvp(model.attn, (x,), (x,)), routed=True)
+    assert messages == []
 
 
 def test_fused_attention_jvp_on_triton(device):

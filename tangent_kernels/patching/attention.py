@@ -1,0 +1,150 @@
+"""``fused_attention``: softmax attention as an ``autograd.Function`` whose ``jvp`` rule is the
+one-pass primal + tangent kernel, and whose tangent is differentiable (reverse mode through
+``o_t`` reaches the tangents' sources, e.g. the ``dparams`` of a ``LinearizedModel``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import backends, functional, ops
+from . import watch
+
+
+class _FusedAttention(torch.autograd.Function):
+    """``softmax(s·QKᵀ + mask)V`` with the flash backward and the fused kernel as its JVP rule.
+
+    The mask is a constant: callers pass only masks without a tangent and not requiring grad
+    (``torch.func.jvp`` still hands ``jvp`` a materialized zero tangent for it, which is ignored).
+    """
+
+    @staticmethod
+    def forward(q, k, v, key_padding_mask, scale, causal, backend):
+        o, _, lse = ops.attention_jvp(q, k, v, None, None, None, key_padding_mask, scale, causal, backend)
+        return o, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, scale, causal, backend = inputs
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, o, lse, mask)
+        ctx.save_for_forward(q, k, v, mask)
+        ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
+
+    @staticmethod
+    def backward(ctx, grad_o, _grad_lse):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        needs_q, needs_k, needs_v = ctx.needs_input_grad[:3]
+        dq, dk, dv = ops.attention_vjp(
+            grad_o.contiguous(),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            mask,
+            ctx.scale,
+            ctx.causal,
+            needs_q,
+            needs_k or needs_v,
+            ctx.backend,
+        )
+        return (
+            dq if needs_q else None,
+            dk if needs_k else None,
+            dv if needs_v else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, v_t, _mask_t, *_):
+        q, k, v, mask = ctx.saved_tensors
+        _, o_t = functional.attention_jvp(
+            q,
+            k,
+            v,
+            q_t,
+            k_t,
+            v_t,
+            scale=ctx.scale,
+            causal=ctx.causal,
+            key_padding_mask=mask,
+            backend=ctx.backend,
+        )
+        return (torch.zeros_like(q) if o_t is None else o_t), None
+
+
+def autocast_inputs(*tensors: Tensor | None) -> list[Tensor | None]:
+    """The tensors as autocast hands them to ``scaled_dot_product_attention`` (one of its
+    lower-precision ops on CPU and CUDA): floating tensors other than float64 in the autocast dtype."""
+    device = next(t for t in tensors if t is not None).device.type
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+        return list(tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return [
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    ]
+
+
+def _kernel_backend(q: Tensor, backend: str) -> str:
+    """The backend for the fused op: ``backend`` resolved; on Triton, head dims past its limit
+    run the reference under ``"auto"`` and raise otherwise."""
+    chosen = backends.select("attention_jvp", backend, q.device, q.dtype)
+    if chosen == "triton":
+        from ..triton.attention import MAX_HEAD_DIM
+
+        if q.shape[-1] > MAX_HEAD_DIM:
+            reason = f"q: the triton attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
+            if backend != "auto":
+                raise backends.BackendUnavailableError(reason)
+            chosen = backends.select("attention_jvp", "reference", q.device, q.dtype)
+    return chosen
+
+
+@torch.compiler.disable
+def fused_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Attention on ``(B, H, N, D)`` tensors through the fused kernels, with a forward-mode rule.
+
+    ``torch.func.jvp`` and ``torch.autograd.forward_ad`` through it compute the tangent with the
+    one-pass kernel. Arguments as ``functional.attention_jvp`` (``key_padding_mask``: ``(B, Lk)``,
+    bool with True = padding, or floating and added to the scores). Under ``torch.autocast`` the
+    inputs are cast as autocast casts them for ``scaled_dot_product_attention``. A floating mask
+    with a tangent, or requiring grad, runs the reference (its tangent and gradient are exact there).
+
+    ``torch.compile`` runs it outside the compiled graph: compiled code drops the ``jvp`` rule
+    of an ``autograd.Function`` and silently returns a wrong tangent (seen with torch 2.14;
+    pytorch/pytorch#192985), so inside ``torch.func.jvp`` the call runs eagerly, and with
+    ``fullgraph=True`` compilation stops with an error instead of a wrong result.
+    """
+    q, k, v, key_padding_mask = autocast_inputs(q, k, v, key_padding_mask)
+    key_padding_mask = functional._check_attention(q, k, v, None, None, None, key_padding_mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    chosen = _kernel_backend(q, backend)
+    if key_padding_mask is not None and (
+        key_padding_mask.requires_grad or watch.has_tangent(key_padding_mask)
+    ):
+        if chosen != "reference" and backend != "auto":
+            raise backends.BackendUnavailableError(
+                f"backend {backend!r}: a key_padding_mask with a tangent or requiring grad runs on the "
+                "reference backend only"
+            )
+        chosen = "reference"
+    if chosen == "reference" or q.numel() == 0 or k.shape[2] == 0:
+        return functional.attention_jvp(
+            q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, backend="reference"
+        )[0]
+    return _FusedAttention.apply(q, k, v, key_padding_mask, scale, bool(causal), chosen)[0]

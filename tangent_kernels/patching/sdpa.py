@@ -1,0 +1,163 @@
+"""``scaled_dot_product_attention`` with torch's signature and semantics, for calls under forward AD.
+
+A call whose inputs carry no tangent runs torch's own SDPA untouched (any backend, flash
+included). A call with tangents runs the fused kernel when it is of a form the kernel serves:
+equal batch dims, ``enable_gqa`` heads, no dropout, a value head dim equal to the query's, and
+either no mask, ``is_causal``, a key-padding mask (an ``attn_mask`` that broadcasts over heads
+and queries, e.g. ``(B, 1, 1, Lk)`` or an expanded ``(B, 1, Lq, Lk)`` view; bool with SDPA's True =
+attend, or floating and added) or the causal mask itself as an ``attn_mask`` (CLIP's text tower).
+Every other form runs torch's math SDPA, whose forward-AD rule is
+exact (dropout then applies one mask to both streams); that is said once per reason. Under
+``torch.autocast`` the inputs are cast as autocast casts them for torch's SDPA.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as torch_F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import watch
+from .attention import autocast_inputs, fused_attention
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention``, its tangent by the fused kernel where
+    it serves the call (see the module docstring), by torch's math SDPA otherwise."""
+    call = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
+    if not any(watch.has_tangent(t) for t in (query, key, value, attn_mask)):
+        return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
+    q, k, v, mask = autocast_inputs(query, key, value, attn_mask)
+    form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa)
+    if isinstance(form, str):
+        with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no forward-AD rule
+            out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
+        watch.served_by_math(form)  # after the call: a form torch refuses raises, without a warning first
+        return out
+    key_padding_mask, causal = form
+    out = fused_attention(
+        _as_4d(q),
+        _as_4d(k),
+        _as_4d(v),
+        scale=scale,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        backend=backend,
+    )
+    watch.served_fused()
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+def fused_form(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool, enable_gqa: bool
+) -> tuple[Tensor | None, bool] | str:
+    """The call (inputs after autocast) as the kernel's ``(key_padding_mask (B, Lk), causal)``, or
+    why the kernel cannot serve it."""
+    if dropout_p > 0.0:
+        return "SDPA with dropout_p > 0"
+    if (
+        not (q.dim() == k.dim() == v.dim() >= 2)
+        or q.shape[:-3] != k.shape[:-3]
+        or k.shape[:-3] != v.shape[:-3]
+    ):
+        return "SDPA with batch dims that differ between query, key and value (broadcast)"
+    if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device and q.is_floating_point()):
+        return "SDPA with query, key and value of different dtypes or devices"
+    heads = (q.shape[-3], k.shape[-3], v.shape[-3]) if q.dim() > 2 else (1, 1, 1)
+    if (
+        heads[1] != heads[2]
+        or heads[1] == 0
+        or (heads[0] != heads[1] and not (enable_gqa and heads[0] % heads[1] == 0))
+    ):
+        return "SDPA with query heads that key/value heads do not serve"
+    if k.shape[-2] != v.shape[-2] or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        return "SDPA with a value head dim other than the query's"
+    if q.numel() == 0 or k.numel() == 0:
+        return "SDPA on empty tensors"
+    if mask is None:
+        return None, is_causal
+    if is_causal:
+        return "SDPA with both attn_mask and is_causal"  # torch refuses it
+    return _mask_form(mask, q, k)
+
+
+def _mask_form(mask: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor | None, bool] | str:
+    """An ``attn_mask`` that only pads keys -> ``(key_padding_mask, False)``; the causal mask,
+    alone or with key padding (the same for every head) -> ``(key_padding_mask or None, True)``;
+    else why the kernel cannot serve it."""
+    if mask.dtype != torch.bool and mask.dtype not in (q.dtype, torch.float32):
+        return f"SDPA with an attn_mask of dtype {mask.dtype}"
+    if mask.requires_grad or watch.has_tangent(mask):
+        return "SDPA with an attn_mask that has a tangent or requires grad"
+    scores = (*q.shape[:-1], k.shape[-2])
+    try:
+        broadcasts = torch.broadcast_shapes(mask.shape, scores) == scores
+    except RuntimeError:
+        broadcasts = False
+    if not broadcasts:
+        return "SDPA with an attn_mask that does not broadcast to the scores"
+    full = mask.expand(scores)
+    query_dim, head_dim = full.dim() - 2, full.dim() - 3
+    varies = {d for d in range(full.dim() - 1) if full.shape[d] > 1 and full.stride(d) != 0}
+    if query_dim not in varies and head_dim not in varies:
+        keys = full[..., 0, :] if full.dim() == 2 else full[..., 0, 0, :]
+        keys = keys.reshape(-1, k.shape[-2])
+        return (~keys if keys.dtype == torch.bool else keys.to(q.dtype)), False
+    if head_dim not in varies:  # causal, maybe with key padding: read on the mask as given, not expanded
+        own = mask.reshape((1,) * (full.dim() - mask.dim()) + tuple(mask.shape))
+        own = own.reshape(-1, *own.shape[-2:]) if own.dim() <= 3 else own.select(head_dim, 0)
+        own = own.reshape(-1, *own.shape[-2:]).expand(-1, *full.shape[-2:])
+        found = causal_with_key_padding(own) if own.shape[0] in (1, math.prod(full.shape[:-3])) else False
+        if found is not False:
+            return found, True
+    return "SDPA with an attn_mask that varies over heads or queries (key padding and causal masks run fused)"
+
+
+_seen: OrderedDict[int, tuple[Tensor, tuple, Tensor | None | bool]] = OrderedDict()
+
+
+def causal_with_key_padding(mask: Tensor) -> Tensor | None | bool:
+    """Whether ``mask`` ``(B, L, S)`` is SDPA's top-left causal mask intersected with a key-padding
+    mask: ``False`` if not, else the padding as ``(B, S)`` bool with True = padding (``None``:
+    no padding). Bool masks (True = attend) and floating ones (0 or -inf) are read. The answer is
+    kept per mask tensor and version (a model hands the same mask to every layer), so a GPU
+    syncs once per mask, not per layer."""
+    base = mask if mask._base is None else mask._base
+    key = (mask.shape, mask.stride(), mask.storage_offset(), base._version)
+    seen = _seen.get(id(base))
+    if seen is not None and seen[0] is base and seen[1] == key:
+        return seen[2]
+    attend = mask if mask.dtype == torch.bool else mask == 0
+    valid = mask.dtype == torch.bool or bool(((mask == 0) | (mask == -math.inf)).all())
+    causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+    length, keys = mask.shape[-2], mask.shape[-1]
+    last_row = attend[:, -1, :] | (
+        torch.arange(keys, device=mask.device) >= length
+    )  # keys past L: masked anyway
+    answer: Tensor | None | bool = False
+    if valid and torch.equal(attend, causal & last_row[:, None, :]):
+        answer = None if bool(last_row.all()) else ~last_row
+    _seen[id(base)] = (base, key, answer)  # holding ``base`` keeps its id from being reused
+    while len(_seen) > 16:
+        _seen.popitem(last=False)
+    return answer
+
+
+def _as_4d(t: Tensor) -> Tensor:
+    """``(..., H, N, D)`` as ``(B, H, N, D)``; a 2-D ``(N, D)`` as ``(1, 1, N, D)``."""
+    return t[None, None] if t.dim() == 2 else t.reshape(-1, *t.shape[-3:])

@@ -1,0 +1,124 @@
+"""What a forward-AD pass did with its attention, and the one-time messages about it.
+
+A *pass* is the outermost activation of the routing mode (``fused_jvp()`` or a patched
+module's forward) in a thread. Every attention call with tangents is either served by the fused
+kernel, or handed to torch's math attention (each reason is said once, when first seen), or out
+of sight: attention written by hand, seen as ``softmax`` on scores with tangents. A pass that saw
+hand-written attention and no fused call ends with one warning (once per process).
+
+While a model is patched, a global forward pre-hook also says (once) when an attention module of
+a kind ``patch()`` routes runs under forward AD unrouted, e.g. in a copy made before ``patch()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Callable
+
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+
+_local = threading.local()
+_warned: set[str] = set()
+fused_calls = 0  # attention calls with tangents served by the fused kernel in this process
+
+
+def has_tangent(t) -> bool:
+    """``t`` is a tensor carrying a forward-AD tangent (``torch.func.jvp`` or ``forward_ad``)."""
+    return isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
+
+
+def warn_once(key: str, message: str) -> None:
+    """``warnings.warn(message)`` the first time this process sees ``key``."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
+
+
+class Pass:
+    """One pass: attention calls with tangents served fused, and softmax calls seen with tangents."""
+
+    def __init__(self):
+        self.fused = 0
+        self.handwritten = 0
+
+
+def current() -> Pass | None:
+    return getattr(_local, "current", None)
+
+
+@contextlib.contextmanager
+def attention_pass():
+    """Start a pass unless one runs in this thread; at its end, warn (once) if it saw attention
+    written by hand and no call reached the fused kernel."""
+    if current() is not None:
+        yield current()
+        return
+    this = _local.current = Pass()
+    try:
+        yield this
+    finally:
+        _local.current = None
+    if this.handwritten and not this.fused:
+        warn_once(
+            "no-fused-call",
+            f"tangent_kernels: a forward-AD pass ran {this.handwritten} softmax calls on scores with "
+            "tangents and no attention call reached the fused kernel: attention written by hand runs "
+            "unfused, with N×N scores and tangents (call F.scaled_dot_product_attention instead)",
+        )
+
+
+def served_fused() -> None:
+    global fused_calls
+    fused_calls += 1
+    if (this := current()) is not None:
+        this.fused += 1
+
+
+def served_by_math(reason: str) -> None:
+    """A call with tangents handed to torch's math attention; ``reason`` is said once."""
+    warn_once(
+        reason,
+        f"tangent_kernels: {reason}: this attention runs torch's math path (N×N), not the fused kernel",
+    )
+
+
+def saw_handwritten_attention() -> None:
+    """A ``softmax`` over scores with tangents: attention written by hand, out of the kernel's reach."""
+    if (this := current()) is not None:
+        this.handwritten += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# unrouted attention modules while a model is patched
+
+recognizers: list[
+    Callable[[nn.Module], bool]
+] = []  # each: "module is attention patch() routes, unrouted now"
+_live_patches = 0
+_hook = None
+
+
+def _pre_hook(module: nn.Module, args) -> None:
+    if current() is not None or not any(unrouted(module) for unrouted in recognizers):
+        return
+    if any(has_tangent(a) for a in args) or any(has_tangent(p) for p in module.parameters()):
+        warn_once(
+            "unrouted-module",
+            f"tangent_kernels: an unpatched {type(module).__name__} ran under forward AD "
+            "while patch() is active: was the model copied before patch() (a LinearizedModel deep-copies "
+            "it)? Patch the model that runs, or run the code inside `with tangent_kernels.fused_jvp():`",
+        )
+
+
+def patches_changed(delta: int) -> None:
+    """Keep the pre-hook installed while at least one model is patched."""
+    global _live_patches, _hook
+    _live_patches += delta
+    if _live_patches > 0 and _hook is None:
+        _hook = nn.modules.module.register_module_forward_pre_hook(_pre_hook)
+    elif _live_patches == 0 and _hook is not None:
+        _hook.remove()
+        _hook = None
