@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends, functional, ops
+from .. import backends, functional, ops, validation
 from . import watch
 
 
@@ -131,8 +131,8 @@ def fused_attention(
     ``fullgraph=True`` compilation stops with an error instead of a wrong result.
     """
     q, k, v, key_padding_mask = autocast_inputs(q, k, v, key_padding_mask)
-    key_padding_mask = functional._check_attention(q, k, v, None, None, None, key_padding_mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    key_padding_mask = validation.attention(q, k, v, None, None, None, key_padding_mask)
+    scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = _kernel_backend(q, backend)
     if key_padding_mask is not None and (
         key_padding_mask.requires_grad or watch.has_tangent(key_padding_mask)
@@ -147,4 +147,4 @@ def fused_attention(
         return functional.attention_jvp(
             q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, backend="reference"
         )[0]
-    return _FusedAttention.apply(q, k, v, key_padding_mask, scale, bool(causal), chosen)[0]
+    return _FusedAttention.apply(q, k, v, key_padding_mask, scale, causal, chosen)[0]
