@@ -184,9 +184,6 @@ def attention_jvp(
         if q.shape[-1] > MAX_HEAD_DIM:
             chosen = _fall_back("attention_jvp", backend, q,
                                 f"q: the triton attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")  # fmt: skip
-    mask_needs_grad = key_padding_mask is not None and key_padding_mask.requires_grad
-    if chosen != "reference" and backend == "auto" and (_primal_requires_grad(q, k, v) or mask_needs_grad):
-        chosen = _fall_back("attention_jvp", backend, q, "")
     if chosen == "reference" or q.numel() == 0 or k.shape[2] == 0:
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        key_padding_mask=key_padding_mask)  # fmt: skip

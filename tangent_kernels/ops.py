@@ -3,8 +3,9 @@
 Each op takes a ``backend`` argument (``"triton"`` or ``"cpp"``) that picks the kernels; it has a
 fake implementation (shapes, dtypes and strides without running anything) and, for the forward
 ops, the autograd formula of DESIGN.md §2 (``register_autograd``), whose backward is itself an
-op. Optional results come back as empty tensors (custom ops return tensors only);
-``functional`` turns them into ``None``.
+op. Attention also has the second-order terms: the gradient of ``o_t`` with respect to ``q, k, v``
+(``attention_second_order``) and the double backward of ``attention_vjp``. Optional results come
+back as empty tensors (custom ops return tensors only); ``functional`` turns them into ``None``.
 
 Ops: ``layer_norm_jvp`` / ``layer_norm_vjp``, ``attention_jvp`` / ``attention_vjp``,
 ``gelu_jvp`` (bias add fused; its backward is element-wise), ``linear_jvp`` (one GEMM for both
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import cpp
+from .attention_second_order import primal_grads
 
 NAMESPACE = "tangent_kernels"
 
@@ -182,43 +184,99 @@ def _(grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, _, _, _, mask, scale, causal, backend = inputs
+    q, k, v, q_t, k_t, v_t, mask, scale, causal, backend = inputs
     o, _, lse = output
     ctx.mark_non_differentiable(lse)
-    if not _any_requires_grad(q, k, v, mask):
+    primal_needs_grad = _any_requires_grad(q, k, v, mask)
+    if not primal_needs_grad:
         ctx.mark_non_differentiable(o)  # the primal stream does not depend on the tangents
-    ctx.save_for_backward(q, k, v, o, lse, mask)
+    # The tangents serve only the gradient of o_t with respect to the primal inputs (a second-order
+    # term): with frozen primal inputs (TAFT) nothing more is saved than for ordinary attention.
+    tangents = (q_t, k_t, v_t) if primal_needs_grad else (None, None, None)
+    ctx.save_for_backward(q, k, v, o, lse, mask, *tangents)
     ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
     ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, grad_o, grad_o_t, _grad_lse):
-    q, k, v, o, lse, mask = ctx.saved_tensors
+    """Tangent inputs: the fused VJP at ``(q, k, v)`` with ``grad_o_t`` (DESIGN.md §2). Primal inputs:
+    the fused VJP with ``grad_o``, or, where ``o_t`` depends on them (some tangent given) or an
+    additive mask needs its gradient, ``attention_second_order.primal_grads`` for both streams."""
+    q, k, v, o, lse, mask, q_t, k_t, v_t = ctx.saved_tensors
     needs_q, needs_k, needs_v, needs_q_t, needs_k_t, needs_v_t, needs_mask = ctx.needs_input_grad[:7]
-    if needs_mask and (grad_o is not None or grad_o_t is not None):
-        raise NotImplementedError(
-            "attention_jvp: the gradient with respect to an additive key_padding_mask is not implemented "
-            "in the fused backends; detach the mask, or use backend='reference'"
-        )
-    grads = [None] * 6  # q, k, v, q_t, k_t, v_t
+    grads = [None] * 7  # q, k, v, q_t, k_t, v_t, key_padding_mask
 
     def vjp(grad_out, need_q, need_k, need_v):
         dq, dk, dv = attention_vjp(grad_out, q, k, v, o, lse, mask, ctx.scale, ctx.causal, need_q, need_k or need_v,
                                    ctx.backend)  # fmt: skip
         return dq if need_q else None, dk if need_k else None, dv if need_v else None
 
-    if grad_o_t is not None:
-        for name, needed in (("q", needs_q), ("k", needs_k), ("v", needs_v)):
-            if needed:
-                raise second_order_error("attention_jvp", name)
-        if needs_q_t or needs_k_t or needs_v_t:
-            grads[3:] = vjp(grad_o_t, needs_q_t, needs_k_t, needs_v_t)
-    if grad_o is not None and (needs_q or needs_k or needs_v):
+    if grad_o_t is not None and (needs_q_t or needs_k_t or needs_v_t):
+        grads[3:6] = vjp(grad_o_t, needs_q_t, needs_k_t, needs_v_t)
+    second_order = grad_o_t is not None and any(t is not None for t in (q_t, k_t, v_t))
+    needs_primal = needs_q or needs_k or needs_v or needs_mask
+    if needs_primal and (second_order or (needs_mask and grad_o is not None)):
+        dq, dk, dv, d_mask = primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t if second_order else None,
+                                          scale=ctx.scale, causal=ctx.causal, key_padding_mask=mask,
+                                          mask_grad=needs_mask)  # fmt: skip
+        grads[:3] = dq if needs_q else None, dk if needs_k else None, dv if needs_v else None
+        grads[6] = d_mask
+    elif grad_o is not None and (needs_q or needs_k or needs_v):
         grads[:3] = vjp(grad_o, needs_q, needs_k, needs_v)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None)
 
 
 attention_jvp.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _gradient_used(t: Tensor) -> bool:
+    """Whether the running backward pass uses a gradient for ``t``. ``needs_input_grad`` says only
+    that ``t`` requires grad, but ``torch.autograd.grad(outputs, inputs)`` runs just the branches that
+    lead to ``inputs``: the JVP by double backward (``torch.autograd.functional.jvp``) asks for the
+    gradient of ``grad_out`` alone, and the second-order term for ``q, k, v`` would be thrown away.
+    For a leaf the engine cannot tell during ``autograd.grad``, so it counts as used."""
+    if not t.requires_grad:
+        return False
+    return t.grad_fn is None or torch._C._will_engine_execute_node(t.grad_fn)
+
+
+def _attention_vjp_setup(ctx, inputs, output):
+    grad_out, q, k, v, _, _, mask, scale, causal, need_dq, need_dkv, backend = inputs
+    ctx.save_for_backward(grad_out, q, k, v, mask)
+    ctx.scale, ctx.causal, ctx.backend, ctx.need_dq, ctx.need_dkv = scale, causal, backend, need_dq, need_dkv
+    ctx.set_materialize_grads(False)
+
+
+def _attention_vjp_backward(ctx, grad_dq, grad_dk, grad_dv):
+    """The double backward: ``(dq, dk, dv) = Jᵀ·grad_out`` with upstream ``(grad_dq, grad_dk, grad_dv)``.
+
+    With respect to ``grad_out`` it is ``J·(grad_dq, grad_dk, grad_dv)``, the attention tangent along
+    them (the one-pass forward kernel); with respect to ``q, k, v`` it is the second-order term of
+    ``<grad_out, o_t>`` for those tangents. ``o`` and ``lse`` are the forward's outputs at ``(q, k, v)``,
+    passed in precomputed: the gradient for ``q, k, v`` is the total derivative through them, so none
+    is returned for ``o`` and ``lse`` (a gradient for ``o`` would reach ``q, k, v`` a second time
+    through the forward op's own backward).
+    """
+    grad_out, q, k, v, mask = ctx.saved_tensors
+    needs_grad_out, _, _, _, _, _, needs_mask = ctx.needs_input_grad[:7]
+    needs_q, needs_k, needs_v = (_gradient_used(t) for t in (q, k, v))
+    asked = (ctx.need_dq, ctx.need_dkv, ctx.need_dkv)  # an output not asked for is empty: no tangent
+    tangents = [None if t is None or not wanted else t if t.stride(-1) == 1 else t.contiguous()
+                for t, wanted in zip((grad_dq, grad_dk, grad_dv), asked)]  # fmt: skip
+    grads = [None] * 12
+    if all(t is None for t in tangents):
+        return tuple(grads)
+    if needs_grad_out:
+        grads[0] = attention_jvp(q, k, v, *tangents, mask, ctx.scale, ctx.causal, ctx.backend)[1]
+    if needs_q or needs_k or needs_v or needs_mask:
+        dq, dk, dv, d_mask = primal_grads(q, k, v, *tangents, None, grad_out, scale=ctx.scale, causal=ctx.causal,
+                                          key_padding_mask=mask, mask_grad=needs_mask)
+        grads[1:4] = dq if needs_q else None, dk if needs_k else None, dv if needs_v else None
+        grads[6] = d_mask
+    return tuple(grads)
+
+
+attention_vjp.register_autograd(_attention_vjp_backward, setup_context=_attention_vjp_setup)
 
 
 # ----------------------------------------------------------------------------------------------
