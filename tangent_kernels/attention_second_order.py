@@ -6,14 +6,16 @@ For ``S = s·QKᵀ + bias``, ``P = softmax(S)``, ``O = PV`` and the tangent ``S_
 ``A = G Vᵀ``, ``c = rowsum(A ⊙ P) = rowsum(G ⊙ O)``:
 
     dS_t = P ⊙ (A − c)                                    (the ordinary backward's dS for G)
-    dP   = G V_tᵀ + A ⊙ (S_t − r) − c ⊙ S_t + G_o Vᵀ
-    dS   = P ⊙ (dP − rowsum(P ⊙ dP))
+    dP   = G V_tᵀ + (A − c) ⊙ (S_t − r) + G_o Vᵀ
+    dS   = P ⊙ (dP − rowsum(P ⊙ dP)),   rowsum(P ⊙ dP) = rowsum(G ⊙ O_t) + rowsum(G_o ⊙ O)
     dQ = s(dS K + dS_t K_t),  dK = s(dSᵀ Q + dS_tᵀ Q_t),  dV = P_tᵀ G + Pᵀ G_o,  d bias = Σ dS
 
-(grouped-query heads: ``dK, dV`` sum over the query heads of a group; the bias sums over heads and
-queries). The terms in ``G`` are the second-order ones (the gradient of ``O_t`` with respect to the
-primal inputs) that the fused kernels do not compute; ``G_o`` is there so that one pass also gives
-the gradient of an additive key-padding mask, which needs ``dS`` of both streams.
+(``dP`` is the gradient with respect to ``P`` plus the row constant ``c·r``, which ``dS`` does not
+see; it keeps ``S_t − r`` centered, as the forward kernel does. Grouped-query heads: ``dK, dV`` sum
+over the query heads of a group; the bias sums over heads and queries.) The terms in ``G`` are the
+second-order ones (the gradient of ``O_t`` with respect to the primal inputs); ``G_o`` is there so
+that one pass also gives the gradient of an additive key-padding mask, which needs ``dS`` of both
+streams. ``triton/attention_second_order.py`` runs the same formulas as fused kernels.
 
 Everything is recomputed from the inputs, one block of query rows at a time, so memory is
 ``O(rows · Lk)``, never N×N, and every row statistic is local to its block. It is written in
@@ -156,7 +158,7 @@ def _block_grads(q, q_t, grad_o, grad_o_t, k, v, k_t, v_t, bias, allowed, scale,
         c = (a * probs).sum(dim=-1, keepdim=True)
         if centered_t is not None:
             grad_scores_t = probs * (a - c)
-            grad_probs = _add(grad_probs, a * centered_t - c * scores_t)
+            grad_probs = _add(grad_probs, (a - c) * centered_t)
             grad_v = _add(grad_v, (probs * centered_t).transpose(-2, -1) @ grad_o_t)
         if v_t is not None:
             grad_probs = _add(grad_probs, grad_o_t @ v_t.transpose(-2, -1))

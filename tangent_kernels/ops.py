@@ -3,13 +3,15 @@
 Each op takes a ``backend`` argument (``"triton"`` or ``"cpp"``) that picks the kernels; it has a
 fake implementation (shapes, dtypes and strides without running anything) and, for the forward
 ops, the autograd formula of DESIGN.md §2 (``register_autograd``), whose backward is itself an
-op. Attention also has the second-order terms: the gradient of ``o_t`` with respect to ``q, k, v``
-(``attention_second_order``) and the double backward of ``attention_vjp``. Optional results come
-back as empty tensors (custom ops return tensors only); ``functional`` turns them into ``None``.
+op. Attention also has its second-order terms: the gradient of ``o_t`` with respect to ``q, k, v``
+(the Triton op ``attention_second_order``, or the module of that name in differentiable torch ops)
+and the double backward of ``attention_vjp``. Optional results come back as empty tensors (custom
+ops return tensors only); ``functional`` turns them into ``None``.
 
-Ops: ``layer_norm_jvp`` / ``layer_norm_vjp``, ``attention_jvp`` / ``attention_vjp``,
-``gelu_jvp`` (bias add fused; its backward is element-wise), ``linear_jvp`` (one GEMM for both
-streams, optional GELU epilogue; Triton only, its backward is ATen matmuls).
+Ops: ``layer_norm_jvp`` / ``layer_norm_vjp``, ``attention_jvp`` / ``attention_vjp`` /
+``attention_second_order`` (Triton only), ``gelu_jvp`` (bias add fused; its backward is
+element-wise), ``linear_jvp`` (one GEMM for both streams, optional GELU epilogue; Triton only, its
+backward is ATen matmuls).
 """
 
 from __future__ import annotations
@@ -183,6 +185,50 @@ def _(grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_
     return new(q, need_dq), new(k, need_dkv), new(v, need_dkv)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::attention_second_order", mutates_args=())
+def attention_second_order(
+    q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: Optional[Tensor], v_t: Optional[Tensor],
+    grad_o: Optional[Tensor], grad_o_t: Tensor, o: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+    scale: float, causal: bool, mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The fused Triton kernels of ``attention_second_order.primal_grads``: ``(dq, dk, dv, d mask or
+    empty)`` of ``<grad_o, o> + <grad_o_t, o_t>``, from the Triton forward's ``o`` and ``lse``. It has
+    no autograd formula: the backward uses it only where its result is not differentiated again."""
+    from .triton import attention_second_order as kernels
+
+    grad_o, grad_o_t = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (grad_o, grad_o_t))
+    dq, dk, dv, d_mask = kernels.primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, scale, causal,
+                                              key_padding_mask, mask_grad)  # fmt: skip
+    return dq, dk, dv, _or_empty(d_mask, q)
+
+
+@attention_second_order.register_fake
+def _(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, key_padding_mask, scale, causal, mask_grad):
+    d_mask = key_padding_mask.new_empty(key_padding_mask.shape) if mask_grad else _empty(q)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_mask
+
+
+def _fused_second_order(backend: str, q: Tensor) -> bool:
+    """Whether the Triton kernels of ``attention_second_order`` serve this dtype and head dim."""
+    if backend != "triton":
+        return False
+    from .triton.attention_second_order import serves
+
+    return serves(q.dtype, q.shape[-1])
+
+
+def _primal_grads(ctx, q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask, mask_grad):
+    """``attention_second_order.primal_grads``: on the fused Triton kernels where the result is not
+    differentiated again (no ``create_graph``) and there is a second-order term, else recomputed in
+    differentiable torch ops (the C++ backend, higher orders, fp32 at head dim 256)."""
+    if grad_o_t is not None and not torch.is_grad_enabled() and _fused_second_order(ctx.backend, q):
+        dq, dk, dv, d_mask = attention_second_order(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask,
+                                                    ctx.scale, ctx.causal, mask_grad)  # fmt: skip
+        return dq, dk, dv, d_mask if mask_grad else None
+    return primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, scale=ctx.scale, causal=ctx.causal,
+                        key_padding_mask=mask, mask_grad=mask_grad)
+
+
 def _attention_setup(ctx, inputs, output):
     q, k, v, q_t, k_t, v_t, mask, scale, causal, backend = inputs
     o, _, lse = output
@@ -216,9 +262,9 @@ def _attention_backward(ctx, grad_o, grad_o_t, _grad_lse):
     second_order = grad_o_t is not None and any(t is not None for t in (q_t, k_t, v_t))
     needs_primal = needs_q or needs_k or needs_v or needs_mask
     if needs_primal and (second_order or (needs_mask and grad_o is not None)):
-        dq, dk, dv, d_mask = primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t if second_order else None,
-                                          scale=ctx.scale, causal=ctx.causal, key_padding_mask=mask,
-                                          mask_grad=needs_mask)  # fmt: skip
+        grad_o_t = grad_o_t if second_order else None
+        dq, dk, dv, d_mask = _primal_grads(ctx, q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask,
+                                           needs_mask)
         grads[:3] = dq if needs_q else None, dk if needs_k else None, dv if needs_v else None
         grads[6] = d_mask
     elif grad_o is not None and (needs_q or needs_k or needs_v):
@@ -234,15 +280,20 @@ def _gradient_used(t: Tensor) -> bool:
     that ``t`` requires grad, but ``torch.autograd.grad(outputs, inputs)`` runs just the branches that
     lead to ``inputs``: the JVP by double backward (``torch.autograd.functional.jvp``) asks for the
     gradient of ``grad_out`` alone, and the second-order term for ``q, k, v`` would be thrown away.
-    For a leaf the engine cannot tell during ``autograd.grad``, so it counts as used."""
+    Where the engine cannot tell (a leaf during ``autograd.grad``, traced graphs), it counts as used."""
     if not t.requires_grad:
         return False
-    return t.grad_fn is None or torch._C._will_engine_execute_node(t.grad_fn)
+    if t.grad_fn is None:
+        return True
+    try:
+        return torch._C._will_engine_execute_node(t.grad_fn)
+    except RuntimeError:
+        return True
 
 
 def _attention_vjp_setup(ctx, inputs, output):
-    grad_out, q, k, v, _, _, mask, scale, causal, need_dq, need_dkv, backend = inputs
-    ctx.save_for_backward(grad_out, q, k, v, mask)
+    grad_out, q, k, v, o, lse, mask, scale, causal, need_dq, need_dkv, backend = inputs
+    ctx.save_for_backward(grad_out, q, k, v, o, lse, mask)
     ctx.scale, ctx.causal, ctx.backend, ctx.need_dq, ctx.need_dkv = scale, causal, backend, need_dq, need_dkv
     ctx.set_materialize_grads(False)
 
@@ -257,7 +308,7 @@ def _attention_vjp_backward(ctx, grad_dq, grad_dk, grad_dv):
     is returned for ``o`` and ``lse`` (a gradient for ``o`` would reach ``q, k, v`` a second time
     through the forward op's own backward).
     """
-    grad_out, q, k, v, mask = ctx.saved_tensors
+    grad_out, q, k, v, o, lse, mask = ctx.saved_tensors
     needs_grad_out, _, _, _, _, _, needs_mask = ctx.needs_input_grad[:7]
     needs_q, needs_k, needs_v = (_gradient_used(t) for t in (q, k, v))
     asked = (ctx.need_dq, ctx.need_dkv, ctx.need_dkv)  # an output not asked for is empty: no tangent
@@ -269,8 +320,7 @@ def _attention_vjp_backward(ctx, grad_dq, grad_dk, grad_dv):
     if needs_grad_out:
         grads[0] = attention_jvp(q, k, v, *tangents, mask, ctx.scale, ctx.causal, ctx.backend)[1]
     if needs_q or needs_k or needs_v or needs_mask:
-        dq, dk, dv, d_mask = primal_grads(q, k, v, *tangents, None, grad_out, scale=ctx.scale, causal=ctx.causal,
-                                          key_padding_mask=mask, mask_grad=needs_mask)
+        dq, dk, dv, d_mask = _primal_grads(ctx, q, k, v, *tangents, None, grad_out, o, lse, mask, needs_mask)
         grads[1:4] = dq if needs_q else None, dk if needs_k else None, dv if needs_v else None
         grads[6] = d_mask
     return tuple(grads)

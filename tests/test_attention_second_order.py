@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
-from helpers import backend_device, max_error, max_relative_error
+from helpers import assert_close, backend_device, max_error, max_relative_error
 from tangent_kernels import cpp, ops, reference
 from tangent_kernels import functional as F
 from tangent_kernels.attention_second_order import primal_grads
@@ -350,3 +350,121 @@ def test_saved_memory(tokens):
     assert by_reference >= 2 * tokens * tokens * 4  # at least one (B, H, N, N) fp32 tensor
     if tokens == 256:
         assert second_order < by_reference / 10
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused Triton kernels of the second-order backward (used where nothing differentiates further)
+
+TRITON_CASES = [
+    # (shape, variant, tangents given, grad_o given)
+    ((1, 2, 1, 5, 7, 8), "plain", "q_t,k_t,v_t", True),
+    ((2, 4, 2, 37, 45, 32), "causal", "q_t,k_t,v_t", True),  # several query and key tiles, grouped heads
+    ((2, 2, 2, 19, 40, 16), "bool_mask", "q_t,k_t,v_t", True),
+    ((2, 2, 1, 20, 33, 16), "additive_mask", "q_t,k_t,v_t", True),
+    ((1, 2, 1, 20, 33, 16), "plain", "v_t", False),  # O_t = P V_t: nothing reaches v
+    ((1, 2, 1, 40, 17, 16), "causal", "k_t", True),  # Lq > Lk
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
+def test_triton_kernels_match_the_chunked_recomputation(case, device, poisoned_outputs):
+    from tangent_kernels.triton import attention as triton_attention
+    from tangent_kernels.triton import attention_second_order as triton_second_order
+
+    shape, variant, given, with_grad_o = case
+    (q, k, v, *tangents), options = make_inputs(shape, variant, torch.float32, device)
+    q, k, v = (t.detach() for t in (q, k, v))
+    names = ("q_t", "k_t", "v_t")
+    tangents = [t.detach() if name in given.split(",") else None for name, t in zip(names, tangents)]
+    mask, causal, scale = options["key_padding_mask"], options["causal"], shape[-1] ** -0.5
+    if variant == "bool_mask":
+        mask[-1] = True  # the last batch has every key masked
+    mask = None if mask is None else mask.detach()
+    grad_o, grad_o_t = torch.randn_like(q) if with_grad_o else None, torch.randn_like(q)
+    o, _, lse = triton_attention.forward(q, k, v, None, None, None, scale, causal, mask)
+    ours = triton_second_order.primal_grads(q, k, v, *tangents, grad_o, grad_o_t, o, lse, scale, causal, mask,
+                                            variant == "additive_mask")  # fmt: skip
+    exact = primal_grads(*(None if t is None else t.double() for t in (q, k, v, *tangents, grad_o, grad_o_t)),
+                         scale=scale, causal=causal, key_padding_mask=None if mask is None else mask.cpu(),
+                         mask_grad=variant == "additive_mask")  # fmt: skip
+    for name, a, b in zip(("q", "k", "v", "mask"), ours, exact):
+        if b is None:
+            assert a is None
+            continue
+        assert torch.isfinite(a).all() and max_relative_error(a.cpu(), b.cpu()) < 1e-5, name
+
+
+def spy_on_the_triton_kernels(monkeypatch) -> list:
+    from tangent_kernels.triton import attention_second_order as triton_second_order
+
+    calls, launch = [], triton_second_order.primal_grads
+    monkeypatch.setattr(triton_second_order, "primal_grads", lambda *a: calls.append(1) or launch(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["causal", "additive_mask"])
+def test_triton_second_order_backward_through_the_op(variant, dtype, device, poisoned_outputs, monkeypatch):
+    """Every input's gradient of ``<G_o, o> + <G, o_t>`` against float64, with the bound of
+    helpers.assert_close: twice the error of the reference evaluated in ``dtype``, plus atol."""
+    calls = spy_on_the_triton_kernels(monkeypatch)
+    tensors, options = make_inputs((1, 2, 1, 33, 47, 32), variant, dtype, device)
+    inputs = differentiable(tensors, options)
+    grad_o, grad_o_t = torch.randn_like(tensors[0]), torch.randn_like(tensors[0])
+
+    def gradients(backend, inputs):
+        o, o_t = attention(backend, options)(*inputs)
+        loss = (grad_o.to(o.dtype) * o).sum() + (grad_o_t.to(o.dtype) * o_t).sum()
+        return torch.autograd.grad(loss, inputs)
+
+    ours = gradients("triton", inputs)
+    assert calls, "the fused second-order kernels did not run"
+    exact = gradients("reference", tuple(t.detach().double().requires_grad_() for t in inputs))
+    same_dtype = gradients("reference", tuple(t.detach().requires_grad_() for t in inputs))
+    for name, a, b, c in zip(("q", "k", "v", "q_t", "k_t", "v_t", "mask"), ours, exact, same_dtype):
+        assert_close(a, b, c, name=f"grad {name}")
+
+
+def test_triton_hessian_vector_product_of_fused_attention(device, poisoned_outputs, monkeypatch):
+    """The VJP op's double backward without create_graph runs the fused kernels (upstream ``grad_out``,
+    tangents the vector); against float64 math SDPA."""
+    calls = spy_on_the_triton_kernels(monkeypatch)
+    q, k, v = make_inputs((1, 2, 1, 33, 47, 32), dtype=torch.float32, device=device)[0][:3]
+    grad_o, vector = torch.randn_like(q), [torch.randn_like(t) for t in (q, k, v)]
+
+    def hvp(f, inputs):
+        first = torch.autograd.grad(f(*inputs), inputs, grad_o.to(inputs[0].dtype), create_graph=True)
+        return torch.autograd.grad(sum((w.to(g.dtype) * g).sum() for w, g in zip(vector, first)), inputs)
+
+    ours = hvp(functools.partial(fused_attention, causal=True, backend="triton"), (q, k, v))
+    assert calls, "the fused second-order kernels did not run"
+    inputs64 = tuple(t.detach().double().requires_grad_() for t in (q, k, v))
+    expected = hvp(functools.partial(math_sdpa, causal=True), inputs64)
+    for name, a, b in zip("qkv", ours, expected):
+        assert max_relative_error(a, b) < 2e-5, name
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_opcheck_with_primal_inputs_requiring_grad(backend, device):
+    """Schema, fake tensors, autograd registration and AOT dispatch (which traces the new backward
+    formulas) of the attention ops where q, k, v and an additive mask require grad."""
+    skip_unless_cpp(backend)
+    (q, k, v, q_t, k_t, v_t), options = make_inputs((1, 2, 1, 5, 7, 16), "additive_mask", torch.float32,
+                                                    backend_device(backend, device))  # fmt: skip
+    mask = options["key_padding_mask"]
+    torch.library.opcheck(ops.attention_jvp, (q, k, v, q_t, k_t, v_t, mask, 0.25, True, backend))
+    o, _, lse = ops.attention_jvp(*(t.detach() for t in (q, k, v, q_t, k_t, v_t, mask)), 0.25, True, backend)
+    grad_o = torch.randn_like(o).requires_grad_()
+    torch.library.opcheck(ops.attention_vjp, (grad_o, q, k, v, o, lse, mask, 0.25, True, True, True, backend))
+    if backend == "triton":
+        detached = (t.detach() for t in (q, k, v, q_t, k_t, v_t))
+        args = (*detached, torch.randn_like(o), torch.randn_like(o), o, lse, mask.detach(), 0.25, True, True)
+        torch.library.opcheck(ops.attention_second_order, args)
+
+
+def test_fused_kernels_leave_fp32_head_dim_256_to_the_recomputation():
+    """fp32 tiles at head dim 256 do not fit (triton/attention_second_order.py, configs)."""
+    from tangent_kernels.triton.attention_second_order import serves
+
+    assert serves(torch.bfloat16, 256) and serves(torch.float16, 200) and serves(torch.float32, 128)
+    assert not serves(torch.float32, 256) and not serves(torch.float32, 130)
