@@ -6,9 +6,11 @@ when every tangent input and parameter offset is ``None``. ``backend`` is one of
 
 The fused backends run the ``torch.library`` ops of ``ops.py``, whose gradients follow DESIGN.md
 §2: the gradient that reaches the tangent inputs and the parameter offsets is the transpose of
-the tangent map, computed by the ordinary backward of the primal layer. The gradient of ``y_t`` with respect to a primal input (a
-second-order term) is not implemented there and raises ``NotImplementedError``; ``"auto"``
-therefore runs the reference (which has it) when a primal input requires grad.
+the tangent map, computed by the ordinary backward of the primal layer. The gradient of ``y_t``
+with respect to a primal input (a second-order term) is implemented for attention
+(``attention_second_order.py``, differentiable again, so double backward works too); the other
+fused ops raise ``NotImplementedError`` for it, and ``"auto"`` runs their reference (which has it)
+when a primal input requires grad.
 """
 
 from __future__ import annotations
@@ -120,9 +122,6 @@ def attention_jvp(
         if q.shape[-1] > MAX_HEAD_DIM:
             chosen = _fall_back("attention_jvp", backend, q,
                                 f"q: the triton attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")  # fmt: skip
-    mask_needs_grad = key_padding_mask is not None and key_padding_mask.requires_grad
-    if chosen != "reference" and backend == "auto" and (_primal_requires_grad(q, k, v) or mask_needs_grad):
-        chosen = _fall_back("attention_jvp", backend, q, "")
     if chosen == "reference" or q.numel() == 0 or k.shape[2] == 0:
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        key_padding_mask=key_padding_mask)  # fmt: skip

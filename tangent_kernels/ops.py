@@ -3,12 +3,15 @@
 Each op takes a ``backend`` argument (``"triton"`` or ``"cpp"``) that picks the kernels; it has a
 fake implementation (shapes, dtypes and strides without running anything) and, for the forward
 ops, the autograd formula of DESIGN.md §2 (``register_autograd``), whose backward is itself an
-op. Optional results come back as empty tensors (custom ops return tensors only);
-``functional`` turns them into ``None``.
+op. Attention also has its second-order terms: the gradient of ``o_t`` with respect to ``q, k, v``
+(the Triton op ``attention_second_order``, or the module of that name in differentiable torch ops)
+and the double backward of ``attention_vjp``. Optional results come back as empty tensors (custom
+ops return tensors only); ``functional`` turns them into ``None``.
 
-Ops: ``layer_norm_jvp`` / ``layer_norm_vjp``, ``attention_jvp`` / ``attention_vjp``,
-``gelu_jvp`` (bias add fused; its backward is element-wise), ``linear_jvp`` (one GEMM for both
-streams, optional GELU epilogue; Triton only, its backward is ATen matmuls).
+Ops: ``layer_norm_jvp`` / ``layer_norm_vjp``, ``attention_jvp`` / ``attention_vjp`` /
+``attention_second_order`` (Triton only), ``gelu_jvp`` (bias add fused; its backward is
+element-wise), ``linear_jvp`` (one GEMM for both streams, optional GELU epilogue; Triton only, its
+backward is ATen matmuls).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import cpp, validation
+from .attention_second_order import primal_grads
 
 NAMESPACE = "tangent_kernels"
 
@@ -190,44 +194,150 @@ def _(grad_out, q, k, v, o, lse, key_padding_mask, scale, causal, need_dq, need_
     return new(q, need_dq), new(k, need_dkv), new(v, need_dkv)
 
 
+@torch.library.custom_op(f"{NAMESPACE}::attention_second_order", mutates_args=())
+def attention_second_order(
+    q: Tensor, k: Tensor, v: Tensor, q_t: Optional[Tensor], k_t: Optional[Tensor], v_t: Optional[Tensor],
+    grad_o: Optional[Tensor], grad_o_t: Tensor, o: Tensor, lse: Tensor, key_padding_mask: Optional[Tensor],
+    scale: float, causal: bool, mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """The fused Triton kernels of ``attention_second_order.primal_grads``: ``(dq, dk, dv, d mask or
+    empty)`` of ``<grad_o, o> + <grad_o_t, o_t>``, from the Triton forward's ``o`` and ``lse``. It has
+    no autograd formula: the backward uses it only where its result is not differentiated again."""
+    from .triton import attention_second_order as kernels
+
+    validation.attention_second_order_inputs(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, key_padding_mask)
+    grad_o, grad_o_t = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (grad_o, grad_o_t))
+    dq, dk, dv, d_mask = kernels.primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, scale, causal,
+                                              key_padding_mask, mask_grad)  # fmt: skip
+    return dq, dk, dv, _or_empty(d_mask, q)
+
+
+@attention_second_order.register_fake
+def _(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, key_padding_mask, scale, causal, mask_grad):
+    validation.attention_second_order_inputs(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, key_padding_mask)
+    d_mask = key_padding_mask.new_empty(key_padding_mask.shape) if mask_grad else _empty(q)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_mask
+
+
+def _fused_second_order(backend: str, q: Tensor) -> bool:
+    """Whether the Triton kernels of ``attention_second_order`` serve this dtype and head dim."""
+    if backend != "triton":
+        return False
+    from .triton.attention_second_order import serves
+
+    return serves(q.dtype, q.shape[-1])
+
+
+def _primal_grads(ctx, q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask, mask_grad):
+    """``attention_second_order.primal_grads``: on the fused Triton kernels where the result is not
+    differentiated again (no ``create_graph``) and there is a second-order term, else recomputed in
+    differentiable torch ops (the C++ backend, higher orders, fp32 at head dim 256)."""
+    if grad_o_t is not None and not torch.is_grad_enabled() and _fused_second_order(ctx.backend, q):
+        dq, dk, dv, d_mask = attention_second_order(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask,
+                                                    ctx.scale, ctx.causal, mask_grad)  # fmt: skip
+        return dq, dk, dv, d_mask if mask_grad else None
+    return primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, scale=ctx.scale, causal=ctx.causal,
+                        key_padding_mask=mask, mask_grad=mask_grad)
+
+
 def _attention_setup(ctx, inputs, output):
-    q, k, v, _, _, _, mask, scale, causal, backend = inputs
+    q, k, v, q_t, k_t, v_t, mask, scale, causal, backend = inputs
     o, _, lse = output
     ctx.mark_non_differentiable(lse)
-    if not _any_requires_grad(q, k, v, mask):
+    primal_needs_grad = _any_requires_grad(q, k, v, mask)
+    if not primal_needs_grad:
         ctx.mark_non_differentiable(o)  # the primal stream does not depend on the tangents
-    ctx.save_for_backward(q, k, v, o, lse, mask)
+    # The tangents serve only the gradient of o_t with respect to the primal inputs (a second-order
+    # term): with frozen primal inputs (TAFT) nothing more is saved than for ordinary attention.
+    tangents = (q_t, k_t, v_t) if primal_needs_grad else (None, None, None)
+    ctx.save_for_backward(q, k, v, o, lse, mask, *tangents)
     ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
     ctx.set_materialize_grads(False)
 
 
 def _attention_backward(ctx, grad_o, grad_o_t, _grad_lse):
-    q, k, v, o, lse, mask = ctx.saved_tensors
+    """Tangent inputs: the fused VJP at ``(q, k, v)`` with ``grad_o_t`` (DESIGN.md §2). Primal inputs:
+    the fused VJP with ``grad_o``, or, where ``o_t`` depends on them (some tangent given) or an
+    additive mask needs its gradient, ``attention_second_order.primal_grads`` for both streams."""
+    q, k, v, o, lse, mask, q_t, k_t, v_t = ctx.saved_tensors
     needs_q, needs_k, needs_v, needs_q_t, needs_k_t, needs_v_t, needs_mask = ctx.needs_input_grad[:7]
-    if needs_mask and (grad_o is not None or grad_o_t is not None):
-        raise NotImplementedError(
-            "attention_jvp: the gradient with respect to an additive key_padding_mask is not implemented "
-            "in the fused backends; detach the mask, or use backend='reference'"
-        )
-    grads = [None] * 6  # q, k, v, q_t, k_t, v_t
+    grads = [None] * 7  # q, k, v, q_t, k_t, v_t, key_padding_mask
 
     def vjp(grad_out, need_q, need_k, need_v):
         dq, dk, dv = attention_vjp(grad_out, q, k, v, o, lse, mask, ctx.scale, ctx.causal, need_q, need_k or need_v,
                                    ctx.backend)  # fmt: skip
         return dq if need_q else None, dk if need_k else None, dv if need_v else None
 
-    if grad_o_t is not None:
-        for name, needed in (("q", needs_q), ("k", needs_k), ("v", needs_v)):
-            if needed:
-                raise second_order_error("attention_jvp", name)
-        if needs_q_t or needs_k_t or needs_v_t:
-            grads[3:] = vjp(grad_o_t, needs_q_t, needs_k_t, needs_v_t)
-    if grad_o is not None and (needs_q or needs_k or needs_v):
+    if grad_o_t is not None and (needs_q_t or needs_k_t or needs_v_t):
+        grads[3:6] = vjp(grad_o_t, needs_q_t, needs_k_t, needs_v_t)
+    second_order = grad_o_t is not None and any(t is not None for t in (q_t, k_t, v_t))
+    needs_primal = needs_q or needs_k or needs_v or needs_mask
+    if needs_primal and (second_order or (needs_mask and grad_o is not None)):
+        grad_o_t = grad_o_t if second_order else None
+        dq, dk, dv, d_mask = _primal_grads(ctx, q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask,
+                                           needs_mask)
+        grads[:3] = dq if needs_q else None, dk if needs_k else None, dv if needs_v else None
+        grads[6] = d_mask
+    elif grad_o is not None and (needs_q or needs_k or needs_v):
         grads[:3] = vjp(grad_o, needs_q, needs_k, needs_v)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None)
 
 
 attention_jvp.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def _gradient_used(t: Tensor) -> bool:
+    """Whether the running backward pass uses a gradient for ``t``. ``needs_input_grad`` says only
+    that ``t`` requires grad, but ``torch.autograd.grad(outputs, inputs)`` runs just the branches that
+    lead to ``inputs``: the JVP by double backward (``torch.autograd.functional.jvp``) asks for the
+    gradient of ``grad_out`` alone, and the second-order term for ``q, k, v`` would be thrown away.
+    Where the engine cannot tell (a leaf during ``autograd.grad``, traced graphs), it counts as used."""
+    if not t.requires_grad:
+        return False
+    if t.grad_fn is None:
+        return True
+    try:
+        return torch._C._will_engine_execute_node(t.grad_fn)
+    except RuntimeError:
+        return True
+
+
+def _attention_vjp_setup(ctx, inputs, output):
+    grad_out, q, k, v, o, lse, mask, scale, causal, need_dq, need_dkv, backend = inputs
+    ctx.save_for_backward(grad_out, q, k, v, o, lse, mask)
+    ctx.scale, ctx.causal, ctx.backend, ctx.need_dq, ctx.need_dkv = scale, causal, backend, need_dq, need_dkv
+    ctx.set_materialize_grads(False)
+
+
+def _attention_vjp_backward(ctx, grad_dq, grad_dk, grad_dv):
+    """The double backward: ``(dq, dk, dv) = Jᵀ·grad_out`` with upstream ``(grad_dq, grad_dk, grad_dv)``.
+
+    With respect to ``grad_out`` it is ``J·(grad_dq, grad_dk, grad_dv)``, the attention tangent along
+    them (the one-pass forward kernel); with respect to ``q, k, v`` it is the second-order term of
+    ``<grad_out, o_t>`` for those tangents. ``o`` and ``lse`` are the forward's outputs at ``(q, k, v)``,
+    passed in precomputed: the gradient for ``q, k, v`` is the total derivative through them, so none
+    is returned for ``o`` and ``lse`` (a gradient for ``o`` would reach ``q, k, v`` a second time
+    through the forward op's own backward).
+    """
+    grad_out, q, k, v, o, lse, mask = ctx.saved_tensors
+    needs_grad_out, _, _, _, _, _, needs_mask = ctx.needs_input_grad[:7]
+    needs_q, needs_k, needs_v = (_gradient_used(t) for t in (q, k, v))
+    asked = (ctx.need_dq, ctx.need_dkv, ctx.need_dkv)  # an output not asked for is empty: no tangent
+    tangents = [None if t is None or not wanted else t if t.stride(-1) == 1 else t.contiguous()
+                for t, wanted in zip((grad_dq, grad_dk, grad_dv), asked)]  # fmt: skip
+    grads = [None] * 12
+    if all(t is None for t in tangents):
+        return tuple(grads)
+    if needs_grad_out:
+        grads[0] = attention_jvp(q, k, v, *tangents, mask, ctx.scale, ctx.causal, ctx.backend)[1]
+    if needs_q or needs_k or needs_v or needs_mask:
+        dq, dk, dv, d_mask = _primal_grads(ctx, q, k, v, *tangents, None, grad_out, o, lse, mask, needs_mask)
+        grads[1:4] = dq if needs_q else None, dk if needs_k else None, dv if needs_v else None
+        grads[6] = d_mask
+    return tuple(grads)
+
+
+attention_vjp.register_autograd(_attention_vjp_backward, setup_context=_attention_vjp_setup)
 
 
 # ----------------------------------------------------------------------------------------------

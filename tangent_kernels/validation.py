@@ -151,16 +151,24 @@ def attention_kernel_inputs(q, k, v, q_t, k_t, v_t, key_padding_mask) -> None:
                          f"{q.dtype}, got {tuple(key_padding_mask.shape)} {key_padding_mask.dtype}")  # fmt: skip
 
 
-def attention_backward_inputs(grad_out, q, k, v, o, lse, key_padding_mask) -> None:
+def attention_backward_inputs(grad_out, q, k, v, o, lse, key_padding_mask, grad_name: str = "grad_out") -> None:
     """The attention VJP's inputs: ``grad_out`` and ``o`` shaped as ``q``, ``lse`` one float32 or
     float64 value per query row."""
     attention_kernel_inputs(q, k, v, None, None, None, key_padding_mask)
-    like("grad_out", grad_out, q, "q")
+    like(grad_name, grad_out, q, "q")
     like("o", o, q, "q")
     tensor("lse", lse, dtypes=(torch.float32, torch.float64))
     same_device("lse", lse, q, "q")
     if lse.shape != q.shape[:3]:
         raise ValueError(f"lse: expected shape {tuple(q.shape[:3])} (one value per query row), got {tuple(lse.shape)}")
+
+
+def attention_second_order_inputs(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, key_padding_mask) -> None:
+    """The second-order attention kernels' inputs: the VJP's, tangents shaped as their primals,
+    upstream gradients of ``o`` (optional) and ``o_t`` shaped as ``q``."""
+    attention_backward_inputs(grad_o_t, q, k, v, o, lse, key_padding_mask, grad_name="grad_o_t")
+    attention(q, k, v, q_t, k_t, v_t, key_padding_mask)
+    like("grad_o", grad_o, q, "q")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -187,34 +187,6 @@ def test_fully_masked_row_gives_zeros(backend, device):
     assert torch.equal(grad_q_t[1], torch.zeros_like(grad_q_t[1])) and torch.isfinite(grad_q_t).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
-def test_second_order_term_raises(backend, device):
-    device = backend_device(backend, device)
-    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
-    k.requires_grad_()
-    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t, backend=backend)
-    with pytest.raises(NotImplementedError, match="'k'.*second-order"):
-        o_t.sum().backward()
-
-
-@pytest.mark.parametrize("backend", ["triton", "cpp"])
-def test_additive_mask_gradient_raises(backend, device):
-    device = backend_device(backend, device)
-    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float32, device)
-    mask = torch.zeros(1, 7, device=device, requires_grad=True)
-    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t.requires_grad_(), key_padding_mask=mask, backend=backend)
-    with pytest.raises(NotImplementedError, match="key_padding_mask"):
-        o_t.sum().backward()
-
-
-def test_auto_runs_reference_when_a_primal_input_requires_grad():
-    (q, k, v, q_t, k_t, v_t), _ = make_inputs((1, 2, 2, 7, 7, 16), torch.float64, "cpu")
-    q.requires_grad_()
-    _, o_t = F.attention_jvp(q, k, v, q_t, k_t, v_t)
-    assert tk.last_backend("attention_jvp") == "reference"
-    assert torch.isfinite(torch.autograd.grad(o_t.sum(), q)[0]).all()
-
-
 class TestBadInput:
     def setup_method(self):
         self.q = torch.randn(2, 4, 5, 16)
