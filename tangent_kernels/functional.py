@@ -8,9 +8,9 @@ The fused backends run the ``torch.library`` ops of ``ops.py``, whose gradients 
 §2: the gradient that reaches the tangent inputs and the parameter offsets is the transpose of
 the tangent map, computed by the ordinary backward of the primal layer. The gradient of ``y_t``
 with respect to a primal input (a second-order term) is implemented for attention
-(``attention_second_order.py``, differentiable again, so double backward works too); the other
-fused ops raise ``NotImplementedError`` for it, and ``"auto"`` runs their reference (which has it)
-when a primal input requires grad.
+(``attention_second_order.py``) and layer norm (recomputed from the saved inputs), differentiable
+again, so double backward works too; the linear and GELU ops raise ``NotImplementedError`` for it,
+and ``"auto"`` runs their reference (which has it) when a primal input requires grad.
 """
 
 from __future__ import annotations
@@ -62,8 +62,6 @@ def layer_norm_jvp(
             f"x: the triton layer norm holds a row in registers, up to {_triton_layer_norm_max_features()} "
             f"features; got {x.shape[-1]} (use backend='cpp' or 'reference')",
         )  # fmt: skip
-    if chosen != "reference" and backend == "auto" and _primal_requires_grad(x, weight):
-        chosen = _fall_back("layer_norm_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0:
         return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps)
     y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, chosen)

@@ -108,35 +108,56 @@ def _(grad, x, weight, mean, rstd, input_grad, param_grads, backend):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, x_t, weight, bias, _, _, _, backend = inputs
+    x, x_t, weight, bias, d_weight, _, eps, backend = inputs
     y, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    if not _any_requires_grad(x, weight, bias):
+    primal_needs_grad = _any_requires_grad(x, weight)
+    if not primal_needs_grad and not _any_requires_grad(bias):
         ctx.mark_non_differentiable(y)  # the primal stream does not depend on tangents or offsets
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.backend, ctx.has_x_t = backend, x_t is not None
+    # The tangents serve only the second-order terms (y_t differentiated w.r.t. x or the weight):
+    # with frozen primal inputs (TAFT) nothing more is saved than for an ordinary layer norm.
+    tangents = (x_t, d_weight) if primal_needs_grad else (None, None)
+    ctx.save_for_backward(x, weight, mean, rstd, *tangents)
+    ctx.backend, ctx.eps = backend, eps
     ctx.set_materialize_grads(False)
 
 
+def _layer_norm_second_order(ctx, grad_y_t, needs_x: bool, needs_w: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradient of ``<grad_y_t, y_t>`` w.r.t. the primal ``x`` and the frozen weight: autograd
+    through the reference formula, recomputed from the saved inputs (element-wise work, no more
+    memory than ``x``), differentiable again under ``create_graph``."""
+    from . import reference
+
+    x, weight, _, _, x_t, d_weight = ctx.saved_tensors
+    create_graph = torch.is_grad_enabled()  # a backward runs with grad mode on only under create_graph
+    wanted = [t for t, needed in ((x, needs_x), (weight, needs_w)) if needed]
+    with torch.enable_grad():
+        _, y_t = reference.layer_norm_jvp(x, x_t, weight, None, d_weight, None, ctx.eps)
+        if y_t is None or not y_t.requires_grad:  # only d_bias: y_t does not depend on x or the weight
+            return None, None
+        found = iter(torch.autograd.grad(y_t, wanted, grad_y_t, create_graph=create_graph, allow_unused=True))
+    return (next(found) if needs_x else None), (next(found) if needs_w else None)
+
+
 def _layer_norm_backward(ctx, grad_y, grad_y_t, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
+    x, weight, mean, rstd, _, _ = ctx.saved_tensors
     needs_x, needs_x_t, needs_w, needs_b, needs_d_w, needs_d_b = ctx.needs_input_grad[:6]
     grads = dict.fromkeys(("x", "x_t", "weight", "bias", "d_weight", "d_bias"))
 
     def optional(t: Tensor, wanted: bool) -> Tensor | None:
         return t if wanted else None
 
-    if grad_y_t is not None:
-        if needs_x:
-            raise second_order_error("layer_norm_jvp", "x")
-        if needs_w and ctx.has_x_t:
-            raise second_order_error("layer_norm_jvp", "weight")
-        if needs_x_t or needs_d_w or needs_d_b:
-            g_x, g_w, g_b = layer_norm_vjp(grad_y_t, x, weight, mean, rstd, needs_x_t, needs_d_w or needs_d_b, ctx.backend)
-            grads["x_t"], grads["d_weight"], grads["d_bias"] = optional(g_x, needs_x_t), optional(g_w, needs_d_w), optional(g_b, needs_d_b)
     if grad_y is not None and (needs_x or needs_w or needs_b):
         g_x, g_w, g_b = layer_norm_vjp(grad_y, x, weight, mean, rstd, needs_x, needs_w or needs_b, ctx.backend)
         grads["x"], grads["weight"], grads["bias"] = optional(g_x, needs_x), optional(g_w, needs_w), optional(g_b, needs_b)
+    if grad_y_t is not None:
+        if needs_x_t or needs_d_w or needs_d_b:
+            g_x, g_w, g_b = layer_norm_vjp(grad_y_t, x, weight, mean, rstd, needs_x_t, needs_d_w or needs_d_b, ctx.backend)
+            grads["x_t"], grads["d_weight"], grads["d_bias"] = optional(g_x, needs_x_t), optional(g_w, needs_d_w), optional(g_b, needs_d_b)
+        if needs_x or needs_w:
+            for name, term in zip(("x", "weight"), _layer_norm_second_order(ctx, grad_y_t, needs_x, needs_w)):
+                if term is not None:
+                    grads[name] = term if grads[name] is None else grads[name] + term
     return grads["x"], grads["x_t"], grads["weight"], grads["bias"], grads["d_weight"], grads["d_bias"], None, None
 
 
