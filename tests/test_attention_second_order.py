@@ -20,7 +20,7 @@ from tangent_kernels import cpp, ops, reference
 from tangent_kernels import functional as F
 from tangent_kernels.attention_second_order import primal_grads
 from tangent_kernels.memory import saved_tensor_bytes
-from tangent_kernels.patch import fused_attention
+from tangent_kernels.patching import fused_attention
 
 SHAPE = (1, 2, 1, 5, 7, 4)  # batch, q heads, kv heads (grouped-query), q len, k len, head dim
 VARIANTS = ["plain", "causal", "bool_mask", "additive_mask"]
@@ -202,7 +202,7 @@ def test_no_tangent_given_still_serves_the_primal_gradient():
 
 
 # ----------------------------------------------------------------------------------------------
-# fused_attention (tangent_kernels.patch): the VJP op's double backward
+# fused_attention (tangent_kernels.patching): the VJP op's double backward
 
 
 def math_sdpa(q, k, v, causal=False):

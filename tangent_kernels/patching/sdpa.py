@@ -1,7 +1,9 @@
 """``scaled_dot_product_attention`` with torch's signature and semantics, for calls under forward AD.
 
-A call whose inputs carry no tangent runs torch's own SDPA untouched (any backend, flash
-included). A call with tangents runs the fused kernel when it is of a form the kernel serves:
+A call whose inputs carry no tangent and need no gradient runs torch's own SDPA untouched (any
+backend, flash included); one that needs a gradient runs the fused op where it serves the form,
+since its backward is differentiable again (double backward), torch's flash SDPA's is not. A call
+with tangents runs the fused kernel when it is of a form the kernel serves:
 equal batch dims, ``enable_gqa`` heads, no dropout, a value head dim equal to the query's, and
 either no mask, ``is_causal``, a key-padding mask (an ``attn_mask`` that broadcasts over heads
 and queries, e.g. ``(B, 1, 1, Lk)`` or an expanded ``(B, 1, Lq, Lk)`` view; bool with SDPA's True =
@@ -40,10 +42,19 @@ def scaled_dot_product_attention(
     """``torch.nn.functional.scaled_dot_product_attention``, its tangent by the fused kernel where
     it serves the call (see the module docstring), by torch's math SDPA otherwise."""
     call = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
-    if not any(watch.has_tangent(t) for t in (query, key, value, attn_mask)):
+    tangents = any(watch.has_tangent(t) for t in (query, key, value, attn_mask))
+    # Without tangents but differentiated, the fused op too: its backward has a backward (torch's
+    # flash SDPA has none), so the double-backward form of a JVP (autograd.functional.jvp with
+    # create_graph=True) works through a patched model as through timm's unfused attention.
+    differentiated = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (query, key, value)
+    )
+    if not (tangents or differentiated):
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
     q, k, v, mask = autocast_inputs(query, key, value, attn_mask)
     form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa)
+    if isinstance(form, str) and not tangents:
+        return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
     if isinstance(form, str):
         with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no forward-AD rule
             out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
