@@ -79,7 +79,8 @@ def _meanflow_case(sizes, dtype, device) -> Case:
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=heads, attention_head_dim=hidden // heads, in_channels=4,
                                   out_channels=4, num_layers=layers, sample_size=latent, patch_size=2,
-                                  num_embeds_ada_norm=1000).to(device, dtype).train()  # fmt: skip
+                                  num_embeds_ada_norm=1000).to(device, dtype).eval()  # fmt: skip
+    # eval: in training diffusers drops class labels at random, so two runs would differ
     z = torch.randn(batch, 4, latent, latent, device=device, dtype=dtype)
     v = torch.randn_like(z)
     t = torch.rand(batch, device=device, dtype=dtype)
