@@ -553,19 +553,11 @@ def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq
     return dq, dk, dv
 
 
-def compile_specs():
-    """Every (kernel, signature, constexprs, num_warps, num_stages) this module can launch.
-
-    The forward is checked with every feature on (all tangents, a boolean key mask, causal),
-    which holds the most tiles at once; the backward kernels likewise.
-    """
-    fp32_pointers = {"LSE", "DELTA"}
-    kernels = (
-        ("fwd", _attention_jvp_fwd_kernel, _FWD_CONFIGS,
-         dict(HAS_Q_T=True, HAS_K_T=True, HAS_V_T=True, MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
-        ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
-        ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
-    )  # fmt: skip
+def tiled_specs(kernels, fp32_pointers):
+    """Compile specs of tiled attention kernels: for ``(name, kernel, config table, constexpr
+    flags)`` in ``kernels``, every config of its tile class in every compiled variant; pointers
+    named in ``fp32_pointers`` are fp32 (row statistics), ``MASK`` is bytes, other pointers are in
+    the variant's dtype."""
     for dtype, precision, label in compiled_variants():
         name = DTYPE_NAMES[dtype]
         for kernel_name, kernel, table, flags in kernels:
@@ -587,6 +579,22 @@ def compile_specs():
                             signature[arg] = "fp32" if arg == "scale" else "i32"
                     yield (f"{kernel_name} {label} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
                            kernel, signature, constexprs, warps, stages)  # fmt: skip
+
+
+def compile_specs():
+    """Every (kernel, signature, constexprs, num_warps, num_stages) this module can launch.
+
+    The forward is checked with every feature on (all tangents, a boolean key mask, causal),
+    which holds the most tiles at once; the backward kernels likewise.
+    """
+    fp32_pointers = {"LSE", "DELTA"}
+    kernels = (
+        ("fwd", _attention_jvp_fwd_kernel, _FWD_CONFIGS,
+         dict(HAS_Q_T=True, HAS_K_T=True, HAS_V_T=True, MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
+        ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
+        ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
+    )  # fmt: skip
+    yield from tiled_specs(kernels, fp32_pointers)
     for dtype, name in DTYPE_NAMES.items():
         signature = {arg: ("*fp32" if arg == "DELTA" else f"*{name}") if arg.isupper() else "i32"
                      for arg in _attention_bwd_delta_kernel.arg_names if arg not in ("BLOCK_M", "BLOCK_D")}  # fmt: skip

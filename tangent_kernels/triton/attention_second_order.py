@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, tile_class
-from .attention import MASK_BOOL, _configs, _mask_arguments, _masked_scores, _pruner, head_dim_block
+from . import autotune, dot_precision, tile_class
+from .attention import MASK_BOOL, _configs, _mask_arguments, _masked_scores, _pruner, head_dim_block, tiled_specs
 from .math import dot
 
 
@@ -470,24 +470,4 @@ def compile_specs():
     kernels = (("stats", _second_order_stats_kernel, _STATS_CONFIGS, flags),
                ("dq", _second_order_dq_kernel, _DQ_CONFIGS, flags),
                ("dkdv", _second_order_dkdv_kernel, _DKDV_CONFIGS, {**flags, "MASK_GRAD": True}))  # fmt: skip
-    for dtype, precision, label in compiled_variants():
-        name = DTYPE_NAMES[dtype]
-        for kernel_name, kernel, table, kernel_flags in kernels:
-            for block_d, entries in table[tile_class(dtype.itemsize, precision)].items():
-                for block_m, block_n, warps, stages in entries:
-                    constexprs = {**kernel_flags, "DOT_PRECISION": precision, "BLOCK_M": block_m,
-                                  "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
-                    signature = {}
-                    for arg in kernel.arg_names:
-                        if arg in constexprs:
-                            continue
-                        if arg in fp32_pointers:
-                            signature[arg] = "*fp32"
-                        elif arg == "MASK":
-                            signature[arg] = "*u8"
-                        elif arg.isupper():
-                            signature[arg] = f"*{name}"
-                        else:
-                            signature[arg] = "fp32" if arg == "scale" else "i32"
-                    yield (f"{kernel_name} {label} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
-                           kernel, signature, constexprs, warps, stages)  # fmt: skip
+    yield from tiled_specs(kernels, fp32_pointers)
