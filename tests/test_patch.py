@@ -287,6 +287,26 @@ def test_sdpa_without_tangents_is_torch_sdpa():
     assert calls.count == 0
 
 
+def test_small_cpu_attention_runs_math_sdpa_quietly(monkeypatch):
+    """Below CPU_FUSED_MIN_SCORES scores per head, math SDPA is faster on the CPU: it serves the
+    call, exactly, with no fallback warning and no hand-written-attention warning."""
+    from tangent_kernels.patching import sdpa
+
+    q, k, v = sdpa_inputs()
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = jvp(F.scaled_dot_product_attention, (q, k, v), tangents)
+    monkeypatch.setattr(sdpa, "CPU_FUSED_MIN_SCORES", L * S + 1)
+    with fused_jvp(), FusedCalls() as calls, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        close(jvp(F.scaled_dot_product_attention, (q, k, v), tangents), expected)
+    assert calls.count == 0
+    monkeypatch.setattr(sdpa, "CPU_FUSED_MIN_SCORES", L * S)
+    with fused_jvp(), FusedCalls() as calls:
+        close(jvp(F.scaled_dot_product_attention, (q, k, v), tangents), expected)
+    assert calls.on_cpp
+
+
 def test_float_mask_without_a_tangent_under_func_jvp():
     """The absent tangent of a constant float mask arrives materialized as zeros: it is ignored."""
     q, k, v = sdpa_inputs()

@@ -16,6 +16,7 @@ exact (dropout then applies one mask to both streams); that is said once per rea
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -55,10 +56,13 @@ def scaled_dot_product_attention(
     form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa)
     if isinstance(form, str) and not tangents:
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
-    if isinstance(form, str):
+    if isinstance(form, str) or math_is_faster(q, k):
         with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no forward-AD rule
             out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
-        watch.served_by_math(form)  # after the call: a form torch refuses raises, without a warning first
+        if isinstance(form, str):  # after the call: a form torch refuses raises, without a warning first
+            watch.served_by_math(form)
+        else:
+            watch.served_small()
         return out
     key_padding_mask, causal = form
     out = fused_attention(
@@ -72,6 +76,20 @@ def scaled_dot_product_attention(
     )
     watch.served_fused()
     return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+# Below this many scores per head (query length × key length), on the CPU, torch's math SDPA
+# under forward AD is faster than the fused kernel: a fused call pays a fixed cost (an
+# autograd.Function under torch.func: about 0.3 ms) and the C++ kernel's tile set-up, which the
+# few scores do not repay. Measured on 2 cores (fp32, head dim 64, jvp + backward), math/fused
+# time: N=96 0.86x, N=128 1.11x, N=197 and up ≥ 1x (B·H = 8 and 96 alike). The N×N scores it
+# materializes are small here. ``TANGENT_KERNELS_CPU_FUSED_MIN_SCORES`` overrides it (0: always fused).
+CPU_FUSED_MIN_SCORES = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", 128 * 128))
+
+
+def math_is_faster(q: Tensor, k: Tensor) -> bool:
+    """A call the fused kernel would serve, but slower than torch's math SDPA (see above)."""
+    return q.device.type == "cpu" and q.shape[-2] * k.shape[-2] < CPU_FUSED_MIN_SCORES
 
 
 def fused_form(

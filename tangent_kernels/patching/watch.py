@@ -77,6 +77,12 @@ def served_fused() -> None:
         this.fused += 1
 
 
+def served_small() -> None:
+    """A call with tangents the router gave torch's math SDPA because it is faster there (small)."""
+    if (this := current()) is not None:
+        this.fused += 1  # reached the router: not attention written by hand
+
+
 def served_by_math(reason: str) -> None:
     """A call with tangents handed to torch's math attention; ``reason`` is said once."""
     warn_once(
