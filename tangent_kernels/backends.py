@@ -30,7 +30,7 @@ IMPLEMENTED = {
 }
 
 _last_backend = threading.local()  # per thread: concurrent calls each see their own choice
-_warned: set[tuple[str, str]] = set()
+_warned: set = set()
 
 
 class BackendUnavailableError(RuntimeError):
@@ -58,9 +58,8 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> s
         preferred = "triton" if device.type == "cuda" else "cpp"
         reason = unavailable_reason(preferred, op, device, dtype)
         chosen = "reference" if reason else preferred
-        if reason and preferred in IMPLEMENTED[op] and (op, preferred) not in _warned:
-            _warned.add((op, preferred))
-            warnings.warn(f"tangent_kernels: {op} falls back to the reference backend: {reason}", stacklevel=3)
+        if reason and preferred in IMPLEMENTED[op]:
+            warn_once((op, preferred), f"tangent_kernels: {op} falls back to the reference backend: {reason}")
     else:
         reason = unavailable_reason(backend, op, device, dtype)
         if reason:
@@ -68,6 +67,13 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> s
         chosen = backend
     setattr(_last_backend, op, chosen)
     return chosen
+
+
+def warn_once(key, message: str) -> None:
+    """``warnings.warn(message)`` the first time this process sees ``key`` (a fallback's reason)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=4)
 
 
 def last_backend(op: str) -> str | None:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cpp, validation
+from . import backends, cpp, validation
 from .attention_second_order import primal_grads
 
 NAMESPACE = "tangent_kernels"
@@ -254,9 +254,16 @@ def _primal_grads(ctx, q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask, m
     differentiated again (no ``create_graph``) and there is a second-order term, else recomputed in
     differentiable torch ops (the C++ backend, higher orders, fp32 at head dim 256)."""
     if grad_o_t is not None and not torch.is_grad_enabled() and _fused_second_order(ctx.backend, q):
-        dq, dk, dv, d_mask = attention_second_order(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask,
-                                                    ctx.scale, ctx.causal, mask_grad)  # fmt: skip
-        return dq, dk, dv, d_mask if mask_grad else None
+        from triton.runtime.errors import OutOfResources
+
+        try:
+            dq, dk, dv, d_mask = attention_second_order(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, mask,
+                                                        ctx.scale, ctx.causal, mask_grad)  # fmt: skip
+            return dq, dk, dv, d_mask if mask_grad else None
+        except OutOfResources as error:  # e.g. fp32 TF32 tiles at head dim 128 need 112 KB (sm_86/89: 99 KB)
+            backends.warn_once("second-order-out-of-resources",
+                               f"tangent_kernels: the fused second-order attention kernels do not fit this GPU "
+                               f"({error}); the second-order term runs in torch ops (O(rows·Lk) memory)")  # fmt: skip
     return primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, scale=ctx.scale, causal=ctx.causal,
                         key_padding_mask=mask, mask_grad=mask_grad)
 

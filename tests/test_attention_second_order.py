@@ -468,3 +468,30 @@ def test_fused_kernels_leave_fp32_head_dim_256_to_the_recomputation():
 
     assert serves(torch.bfloat16, 256) and serves(torch.float16, 200) and serves(torch.float32, 128)
     assert not serves(torch.float32, 256) and not serves(torch.float32, 130)
+
+
+def test_kernels_that_do_not_fit_the_gpu_leave_the_term_to_the_recomputation(device, monkeypatch):
+    """A GPU whose shared memory the fused second-order tiles exceed (fp32 TF32 tiles at head dim 128
+    need 112 KB; sm_86/89 have 99 KB): Triton raises OutOfResources at launch, the term runs in torch
+    ops, with one warning, and the gradients are the same."""
+    from triton.runtime.errors import OutOfResources
+
+    from tangent_kernels.triton import attention_second_order as triton_second_order
+
+    def out_of_resources(*args):
+        raise OutOfResources(114688, 101376, "shared memory")
+
+    tensors, options = make_inputs((1, 2, 1, 9, 11, 16), "causal", torch.float32, device)
+    inputs = differentiable(tensors, options)
+    grad_o_t = torch.randn_like(tensors[0])
+
+    def gradients():
+        return torch.autograd.grad((grad_o_t * attention("triton", options)(*inputs)[1]).sum(), inputs)
+
+    expected = gradients()
+    monkeypatch.setattr(tk.backends, "_warned", set())
+    monkeypatch.setattr(triton_second_order, "primal_grads", out_of_resources)
+    with pytest.warns(UserWarning, match="second-order attention kernels do not fit this GPU"):
+        found = gradients()
+    for a, b in zip(found, expected):
+        assert max_relative_error(a, b) < 1e-5
