@@ -60,6 +60,12 @@ def rows_2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A 1-D parameter (bias, norm weight) as the kernels index it, ``P + cols``: unit stride (a
+    copy only if it is a strided or expanded view)."""
+    return None if t is None else t.contiguous()
+
+
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
     """Why the Triton backend cannot run on this device and dtype; empty when it can."""
     if not AVAILABLE:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES
+from . import DTYPE_NAMES, dense_vector
 from .math import gelu_and_derivative
 
 BLOCK = 1024
@@ -54,6 +54,7 @@ def forward(h, h_t, bias, d_bias, approximate):
     """Launch the kernel: returns ``(a, a_t or None, gelu'(u))``."""
     h = h.contiguous()
     h_t = None if h_t is None else h_t.contiguous()
+    bias, d_bias = dense_vector(bias), dense_vector(d_bias)
     has_tangent = h_t is not None or d_bias is not None
     a, derivative = torch.empty_like(h), torch.empty_like(h)
     a_t = torch.empty_like(h) if has_tangent else a

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, rows_2d, tile_class
+from . import DTYPE_NAMES, autotune, compiled_variants, dense_vector, dot_precision, rows_2d, tile_class
 from .math import dot, gelu_and_derivative
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -144,6 +144,7 @@ def forward(x, x_t, weight, bias, d_weight, d_bias, activation):
     x_t2 = x2 if x_t is None else rows_2d(x_t)
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     d_w = weight if d_weight is None else (d_weight if d_weight.stride(-1) == 1 else d_weight.contiguous())
+    bias, d_bias = dense_vector(bias), dense_vector(d_bias)
     has_tangent = x_t is not None or d_weight is not None or d_bias is not None
     shape = (*x.shape[:-1], features_out)
     y = torch.empty(shape, dtype=x.dtype, device=x.device)

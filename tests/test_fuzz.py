@@ -1,0 +1,35 @@
+"""Fuzzing the public entries: the regressions it found, each as the smallest call that showed it."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as torch_F
+from helpers import max_relative_error
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tangent_kernels as tk
+from tangent_kernels import functional as F
+
+needs_cpp = pytest.mark.skipif(not tk.cpp.AVAILABLE, reason=tk.cpp.UNAVAILABLE_REASON)
+needs_triton = pytest.mark.skipif(not tk.backends.triton_backend.AVAILABLE, reason="triton is not importable")
+RAW = torch.ops.tangent_kernels
+
+
+def close_to_float64(ours, op, *args, tolerance=1e-5, **kwargs):
+    """Every tensor of ``ours`` within ``tolerance`` (relative) of ``op`` on float64 copies of ``args``."""
+    expected = op(*(a.double() if isinstance(a, Tensor) else a for a in args), **kwargs)
+    for a, e in zip(ours, expected):
+        assert a.isfinite().all() and max_relative_error(a, e) < tolerance, (a, e)
+
+
+@needs_triton
+def test_triton_reads_strided_parameters():
+    """A layer-norm weight or a bias that is a strided view was read as if contiguous (errors ~4)."""
+    x, x_t, w = torch.randn(3, 5), torch.randn(3, 5), torch.randn(4, 5)
+    norm_w, bias = torch.randn(10)[::2], torch.randn(8)[::2]
+    ours = F.layer_norm_jvp(x, x_t, norm_w, norm_w, norm_w, norm_w, backend="triton")
+    close_to_float64(ours, tk.reference.layer_norm_jvp, x, x_t, norm_w, norm_w, norm_w, norm_w)
+    ours = F.linear_jvp(x, x_t, w, bias, w, bias, activation="gelu", backend="triton")
+    close_to_float64(ours, F.linear_jvp, x, x_t, w, bias, w, bias, activation="gelu", backend="reference")
