@@ -85,11 +85,6 @@ def _triton_layer_norm_max_features() -> int:
 # attention
 
 
-def _unit_last_stride(t: Tensor | None) -> Tensor | None:
-    """Kernels read rows with unit stride along the last dimension; copy only if it is not so."""
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
-
-
 def attention_jvp(
     q: Tensor,
     k: Tensor,
@@ -123,7 +118,6 @@ def attention_jvp(
     if chosen == "reference" or q.numel() == 0 or k.shape[2] == 0:
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        key_padding_mask=key_padding_mask)  # fmt: skip
-    q, k, v, q_t, k_t, v_t = (_unit_last_stride(t) for t in (q, k, v, q_t, k_t, v_t))
     o, o_t, _ = ops.attention_jvp(q, k, v, q_t, k_t, v_t, key_padding_mask, scale, causal, chosen)
     return o, _none_if(q_t is None and k_t is None and v_t is None, o_t)
 

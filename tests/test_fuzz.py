@@ -33,3 +33,17 @@ def test_triton_reads_strided_parameters():
     close_to_float64(ours, tk.reference.layer_norm_jvp, x, x_t, norm_w, norm_w, norm_w, norm_w)
     ours = F.linear_jvp(x, x_t, w, bias, w, bias, activation="gelu", backend="triton")
     close_to_float64(ours, F.linear_jvp, x, x_t, w, bias, w, bias, activation="gelu", backend="reference")
+
+
+@needs_triton
+def test_raw_triton_attention_reads_any_last_stride():
+    """``torch.ops.tangent_kernels.attention_jvp`` (and its VJP) with ``backend="triton"`` read a
+    head dim of stride 2 as if it were 1 (functional made it unit stride, the raw op did not)."""
+    q, k, v = (torch.randn(1, 2, 5, 8)[..., ::2] for _ in range(3))
+    dense = [t.contiguous() for t in (q, k, v)]
+    o, o_t, lse = RAW.attention_jvp(q, k, v, q, None, None, None, 0.5, False, "triton")
+    expected = RAW.attention_jvp(*dense, dense[0], None, None, None, 0.5, False, "triton")
+    assert all(torch.allclose(a, e) for a, e in zip((o, o_t, lse), expected))
+    grads = RAW.attention_vjp(o, q, k, v, o, lse, None, 0.5, False, True, True, "triton")
+    expected = RAW.attention_vjp(o, *dense, o, lse, None, 0.5, False, True, True, "triton")
+    assert all(torch.allclose(a, e) for a, e in zip(grads, expected))

@@ -60,6 +60,11 @@ def rows_2d(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` read with unit stride along its last dimension (a copy only if it is not so)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     """A 1-D parameter (bias, norm weight) as the kernels index it, ``P + cols``: unit stride (a
     copy only if it is a strided or expanded view)."""

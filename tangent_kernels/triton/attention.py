@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, tile_class
+from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, tile_class, unit_last_stride
 from .math import dot
 
 LOG2E = 1.4426950408889634
@@ -474,6 +474,7 @@ def _bnhd_like(t: torch.Tensor) -> torch.Tensor:
 
 def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
     """Launch the forward: returns ``(o, o_t or None, lse)`` with ``lse`` in base 2."""
+    q, k, v, q_t, k_t, v_t = map(unit_last_stride, (q, k, v, q_t, k_t, v_t))
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
     has_tangent = q_t is not None or k_t is not None or v_t is not None
@@ -511,9 +512,9 @@ def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq
 
     Gradients that were not asked for are ``None``.
     """
+    grad_out, q, k, v, o = map(unit_last_stride, (grad_out, q, k, v, o))
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
-    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     block_d = head_dim_block(head_dim)
     mask, stride_mask_b, stride_mask_n, mask_kind = _mask_arguments(key_padding_mask, q)
     common = dict(
