@@ -47,3 +47,13 @@ def test_raw_triton_attention_reads_any_last_stride():
     grads = RAW.attention_vjp(o, q, k, v, o, lse, None, 0.5, False, True, True, "triton")
     expected = RAW.attention_vjp(o, *dense, o, lse, None, 0.5, False, True, True, "triton")
     assert all(torch.allclose(a, e) for a, e in zip(grads, expected))
+
+
+@needs_triton
+def test_raw_triton_ops_refuse_what_triton_cannot_run():
+    """The raw ops with ``backend="triton"`` ran float64 through float32 kernels (errors ~1e-8)."""
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="h: the triton backend cannot run it"):
+        RAW.gelu_jvp(x, x, None, None, "none", "triton")
+    with pytest.raises(TypeError, match="x: the triton backend cannot run it"):
+        RAW.layer_norm_jvp(x, x, None, None, None, None, 1e-5, "triton")

@@ -65,6 +65,16 @@ def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
+def check_served(name: str, t: torch.Tensor) -> None:
+    """The raw ops (``torch.ops.tangent_kernels.*`` with ``backend="triton"``) reach the launchers
+    without ``functional``'s backend choice: refuse what the kernels cannot run (float64 would
+    run in float32 precision under the interpreter and fail to compile on a GPU)."""
+    reason = unsupported_reason(t.device, t.dtype)
+    if reason:
+        error = TypeError if t.dtype not in DTYPES else ValueError
+        raise error(f"{name}: the triton backend cannot run it: {reason}")
+
+
 def dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     """A 1-D parameter (bias, norm weight) as the kernels index it, ``P + cols``: unit stride (a
     copy only if it is a strided or expanded view)."""

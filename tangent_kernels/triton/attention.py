@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, autotune, compiled_variants, dot_precision, tile_class, unit_last_stride
+from . import (DTYPE_NAMES, autotune, check_served, compiled_variants, dot_precision, tile_class,
+               unit_last_stride)
 from .math import dot
 
 LOG2E = 1.4426950408889634
@@ -474,6 +475,7 @@ def _bnhd_like(t: torch.Tensor) -> torch.Tensor:
 
 def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
     """Launch the forward: returns ``(o, o_t or None, lse)`` with ``lse`` in base 2."""
+    check_served("q", q)
     q, k, v, q_t, k_t, v_t = map(unit_last_stride, (q, k, v, q_t, k_t, v_t))
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
@@ -512,6 +514,7 @@ def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq
 
     Gradients that were not asked for are ``None``.
     """
+    check_served("q", q)
     grad_out, q, k, v, o = map(unit_last_stride, (grad_out, q, k, v, o))
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune, dot_precision, tile_class, unit_last_stride
+from . import autotune, check_served, dot_precision, tile_class, unit_last_stride
 from .attention import MASK_BOOL, _configs, _mask_arguments, _masked_scores, _pruner, head_dim_block, tiled_specs
 from .math import dot
 
@@ -419,6 +419,7 @@ def primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, scale, causal
     ``grad_o_t`` is required (this is the second-order path); ``grad_o`` and each tangent may be
     ``None``. Tensors are read with unit stride along the head dim (copied where they have another).
     """
+    check_served("q", q)
     q, k, v, q_t, k_t, v_t = map(unit_last_stride, (q, k, v, q_t, k_t, v_t))
     grad_o, grad_o_t, o = map(unit_last_stride, (grad_o, grad_o_t, o))
     batch, num_q_heads, q_len, head_dim = q.shape

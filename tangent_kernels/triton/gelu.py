@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, dense_vector
+from . import DTYPE_NAMES, check_served, dense_vector
 from .math import gelu_and_derivative
 
 BLOCK = 1024
@@ -52,6 +52,7 @@ def _gelu_jvp_kernel(
 
 def forward(h, h_t, bias, d_bias, approximate):
     """Launch the kernel: returns ``(a, a_t or None, gelu'(u))``."""
+    check_served("h", h)
     h = h.contiguous()
     h_t = None if h_t is None else h_t.contiguous()
     bias, d_bias = dense_vector(bias), dense_vector(d_bias)

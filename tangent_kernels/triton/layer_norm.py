@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, dense_vector, rows_2d
+from . import DTYPE_NAMES, check_served, dense_vector, rows_2d
 
 MAX_FEATURES = 16384  # one row is held in registers; wider rows need a split-row kernel
 # Rows whose largest |x| exceeds this are scaled down first: MAX_FEATURES · (2 · 2^50)² stays
@@ -160,6 +160,7 @@ def num_warps(block: int) -> int:
 
 def forward(x, x_t, weight, bias, d_weight, d_bias, eps):
     """Launch the forward kernel: returns ``(y, y_t or None, mean, rstd)``."""
+    check_served("x", x)
     weight, bias, d_weight, d_bias = map(dense_vector, (weight, bias, d_weight, d_bias))
     n = x.shape[-1]
     x2 = rows_2d(x)
@@ -192,6 +193,7 @@ def backward(grad, x, weight, mean, rstd, input_grad, param_grads):
 
     Results that were not asked for are ``None``.
     """
+    check_served("x", x)
     weight = dense_vector(weight)
     n = x.shape[-1]
     x2, g2 = rows_2d(x), rows_2d(grad)
