@@ -54,7 +54,7 @@ def layer_norm_jvp(
     ``weight``/``bias`` are the frozen ``g0``/``b0`` (``None`` for no affine), ``d_weight``/
     ``d_bias`` their trainable offsets. Note the default ``eps`` is timm's ViT value, 1e-6.
     """
-    eps = validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps)
+    eps = validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps, no_features_ok=True)
     chosen = backends.select("layer_norm_jvp", backend, x.device, x.dtype)
     if chosen == "triton" and x.shape[-1] > _triton_layer_norm_max_features():
         chosen = _fall_back(

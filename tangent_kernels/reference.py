@@ -99,7 +99,9 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none") -> tuple[
 def normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """``(x̂, rstd)`` over the last dimension, ``x̂ = (x − mean) · rstd``. A row whose sum or sum of
     squares would overflow (|x| ~ 1e19 in float32) is normalized divided by its largest magnitude
-    (x̂ does not depend on it); rows holding inf or NaN give NaN."""
+    (x̂ does not depend on it); rows holding inf or NaN give NaN. No features: an empty ``x̂``."""
+    if x.shape[-1] == 0:
+        return x, x.new_ones((*x.shape[:-1], 1))
     peak = x.abs().amax(dim=-1, keepdim=True)
     safe = torch.finfo(x.dtype).max ** 0.5 / (4 * x.shape[-1])
     scale = torch.where((peak > safe) & peak.isfinite(), peak, torch.ones_like(peak))

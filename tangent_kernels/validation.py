@@ -175,10 +175,12 @@ def attention_second_order_inputs(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, l
 # layer norm, linear, GELU
 
 
-def layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps) -> float:
-    """Layer norm over the last dimension: parameters of shape ``(features,)``. Returns ``eps``."""
+def layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps, *, no_features_ok: bool = False) -> float:
+    """Layer norm over the last dimension: parameters of shape ``(features,)``. Returns ``eps``.
+    ``no_features_ok``: a last dimension of 0 passes (torch gives an empty result; the functional
+    entry serves it without a kernel)."""
     tensor("x", x)
-    if x.dim() == 0 or x.shape[-1] == 0:
+    if x.dim() == 0 or x.shape[-1] == 0 and not no_features_ok:
         raise ValueError(f"x: expected at least one feature in the last dimension, got shape {tuple(x.shape)}")
     like("x_t", x_t, x, "x")
     for name, param in (("weight", weight), ("bias", bias), ("d_weight", d_weight), ("d_bias", d_bias)):

@@ -57,3 +57,12 @@ def test_raw_triton_ops_refuse_what_triton_cannot_run():
         RAW.gelu_jvp(x, x, None, None, "none", "triton")
     with pytest.raises(TypeError, match="x: the triton backend cannot run it"):
         RAW.layer_norm_jvp(x, x, None, None, None, None, 1e-5, "triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp), "triton", "auto"])
+def test_layer_norm_of_no_features_is_empty(backend):
+    """torch gives an empty result for a last dimension of 0; it was refused ("x: expected at least
+    one feature")."""
+    x = torch.randn(3, 0)
+    y, y_t = F.layer_norm_jvp(x, x, torch.ones(0), torch.zeros(0), backend=backend)
+    assert y.shape == y_t.shape == torch_F.layer_norm(x, (0,)).shape == (3, 0)
