@@ -53,6 +53,9 @@ void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* 
   using Vec = at::vec::Vectorized<acc_t>;
   const auto sum = [](Vec& p, Vec& q) { return p + q; };
   acc_t mean = at::vec::reduce_all<acc_t>(sum, x, n) / n;
+  // one refinement: the rounding of the mean no longer shows as variance (a constant row of
+  // 12345.678 gave x_hat = +-0.7; torch's Welford gives 0)
+  mean += at::vec::map_reduce_all<acc_t>([mean](Vec v) { return v - Vec(mean); }, sum, x, n) / n;
   const acc_t squares = at::vec::map_reduce_all<acc_t>(
       [mean](Vec v) { const Vec c = v - Vec(mean); return c * c; }, sum, x, n);
   acc_t rstd = acc_t(1) / std::sqrt(squares / n + eps);
@@ -63,11 +66,16 @@ void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* 
         [](Vec v) { return v.abs(); }, [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, x, n);
     if (std::isfinite(peak) && peak > 0) {
       const acc_t inv = acc_t(1) / peak;
-      const acc_t mean_scaled = at::vec::map_reduce_all<acc_t>([inv](Vec v) { return v * Vec(inv); }, sum, x, n) / n;
+      acc_t mean_scaled =
+          at::vec::map_reduce_all<acc_t>([inv](Vec v) { return v * Vec(inv); }, sum, x, n) / n;
+      mean_scaled += at::vec::map_reduce_all<acc_t>(
+          [inv, mean_scaled](Vec v) { return v * Vec(inv) - Vec(mean_scaled); }, sum, x, n) / n;
       const acc_t squares_scaled = at::vec::map_reduce_all<acc_t>(
           [inv, mean_scaled](Vec v) { const Vec c = v * Vec(inv) - Vec(mean_scaled); return c * c; }, sum, x, n);
       mean = mean_scaled * peak;
-      rstd = inv / std::sqrt(squares_scaled / n + eps * inv * inv);
+      // a constant row: rstd = eps^-1/2 (eps * inv * inv underflows for a huge row)
+      rstd = squares_scaled == 0 ? acc_t(1) / std::sqrt(eps)
+                                 : inv / std::sqrt(squares_scaled / n + eps * inv * inv);
     }
   }
   mean_out = mean;

@@ -107,9 +107,16 @@ def normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     scale = torch.where((peak > safe) & peak.isfinite(), peak, torch.ones_like(peak))
     inv_scale = 1.0 / scale
     scaled = x * inv_scale
-    centered = scaled - scaled.mean(dim=-1, keepdim=True)
-    rstd_scaled = torch.rsqrt((centered * centered).mean(dim=-1, keepdim=True) + eps * (inv_scale * inv_scale))
-    return centered * rstd_scaled, rstd_scaled * inv_scale
+    mean = scaled.mean(dim=-1, keepdim=True)
+    # one refinement: the rounding of the mean no longer shows as variance (a constant row of
+    # 12345.678 gave x̂ = ±0.7; torch's Welford gives 0)
+    mean = mean + (scaled - mean).mean(dim=-1, keepdim=True)
+    centered = scaled - mean
+    variance = (centered * centered).mean(dim=-1, keepdim=True)
+    # a constant row: x̂ = 0 and rstd = eps^-½ (eps · inv_scale² underflows for a huge row)
+    constant = variance == 0
+    rstd_scaled = torch.rsqrt(torch.where(constant, eps, variance + eps * (inv_scale * inv_scale)))
+    return centered * rstd_scaled, torch.where(constant, rstd_scaled, rstd_scaled * inv_scale)
 
 
 @computes_16bit_in_float32

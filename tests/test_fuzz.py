@@ -66,3 +66,18 @@ def test_layer_norm_of_no_features_is_empty(backend):
     x = torch.randn(3, 0)
     y, y_t = F.layer_norm_jvp(x, x, torch.ones(0), torch.zeros(0), backend=backend)
     assert y.shape == y_t.shape == torch_F.layer_norm(x, (0,)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp), "triton"])
+@pytest.mark.parametrize("features, value", [(7, 12345.678), (1, 1.5e20), (5, 3e19), (100, 1e35)])
+def test_layer_norm_of_a_constant_row(backend, features, value):
+    """A constant float32 row: its mean's rounding error showed as variance (x̂ = ±0.7 at
+    12345.678 where torch gives 0); beyond the overflow threshold eps · (1 / peak)² underflowed
+    (rstd inf: y NaN; or y_t 11% off)."""
+    x, x_t = torch.full((1, features), value), torch.randn(1, features) * value
+    ours = F.layer_norm_jvp(x, x_t, None, None, backend=backend)
+    expected = torch.func.jvp(
+        lambda x: torch_F.layer_norm(x, (features,), eps=1e-6), (x.double(),), (x_t.double(),)
+    )
+    for a, e in zip(ours, expected):
+        assert a.isfinite().all() and max_relative_error(a, e) < 1e-5

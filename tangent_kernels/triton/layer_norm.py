@@ -61,10 +61,16 @@ def _layer_norm_jvp_fwd_kernel(
     inv_scale = 1.0 / scale
     x_scaled = x * inv_scale
     mean_scaled = tl.sum(x_scaled, axis=0) / N
+    # one refinement: the rounding of the mean no longer shows as variance (a constant row of
+    # 12345.678 gave x̂ = ±0.7; torch's Welford gives 0)
+    mean_scaled += tl.sum(tl.where(in_row, x_scaled - mean_scaled, 0.0), axis=0) / N
     centered = tl.where(in_row, x_scaled - mean_scaled, 0.0)
-    rstd_scaled = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps * (inv_scale * inv_scale))
+    variance_scaled = tl.sum(centered * centered, axis=0) / N
+    # a constant row: x̂ = 0 and rstd = eps^-½ (eps · inv_scale² underflows for a huge row)
+    constant = variance_scaled == 0.0
+    rstd_scaled = 1.0 / tl.sqrt(tl.where(constant, eps, variance_scaled + eps * (inv_scale * inv_scale)))
     x_hat = centered * rstd_scaled
-    rstd = rstd_scaled * inv_scale
+    rstd = tl.where(constant, rstd_scaled, rstd_scaled * inv_scale)
     tl.store(MEAN + row, mean_scaled * scale)
     tl.store(RSTD + row, rstd)
 
