@@ -102,7 +102,8 @@ def normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     (x̂ does not depend on it); rows holding inf or NaN give NaN. No features: an empty ``x̂``."""
     if x.shape[-1] == 0:
         return x, x.new_ones((*x.shape[:-1], 1))
-    peak = x.abs().amax(dim=-1, keepdim=True)
+    # the scale is a constant to autograd (x̂ does not depend on it; its gradient overflowed)
+    peak = x.detach().abs().amax(dim=-1, keepdim=True)
     safe = torch.finfo(x.dtype).max ** 0.5 / (4 * x.shape[-1])
     scale = torch.where((peak > safe) & peak.isfinite(), peak, torch.ones_like(peak))
     inv_scale = 1.0 / scale

@@ -81,3 +81,15 @@ def test_layer_norm_of_a_constant_row(backend, features, value):
     )
     for a, e in zip(ours, expected):
         assert a.isfinite().all() and max_relative_error(a, e) < 1e-5
+
+
+def test_reference_layer_norm_gradient_of_huge_rows():
+    """A float32 row beyond the overflow threshold is divided by its peak; the gradient through
+    that peak (x̂ does not depend on it) overflowed to inf · 0 = NaN with weights of 1e20."""
+    x = torch.tensor([1.5e20, -2.9e19, -2.2e20], requires_grad=True)
+    w = torch.tensor([5.7e19, -1.1e20, -1.4e20])
+    y, _ = F.layer_norm_jvp(x, None, w, None, backend="reference")
+    grad = torch.autograd.grad(y.sum(), x)[0]
+    x64 = x.detach().double().requires_grad_()
+    expected = torch.autograd.grad(torch_F.layer_norm(x64, (3,), w.double(), eps=1e-6).sum(), x64)[0]
+    assert grad.isfinite().all() and max_relative_error(grad, expected) < 1e-4
