@@ -246,7 +246,8 @@ def attention_jvp(
     row_max = scores.amax(dim=-1, keepdim=True)
     fully_masked = row_max == -math.inf
     weights = torch.exp(scores - torch.where(fully_masked, 0.0, row_max))
-    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    # a fully masked row divides by 1: clamping its 0 to the smallest float overflowed in the backward
+    weights = weights / torch.where(fully_masked, 1.0, weights.sum(dim=-1, keepdim=True))
     out = weights @ v
 
     scores_t = add_tangents(

@@ -93,3 +93,12 @@ def test_reference_layer_norm_gradient_of_huge_rows():
     x64 = x.detach().double().requires_grad_()
     expected = torch.autograd.grad(torch_F.layer_norm(x64, (3,), w.double(), eps=1e-6).sum(), x64)[0]
     assert grad.isfinite().all() and max_relative_error(grad, expected) < 1e-4
+
+
+def test_reference_attention_gradient_of_a_fully_masked_row():
+    """A query row with every key masked: its softmax denominator was clamped to the smallest
+    normal float, and an upstream gradient above ~4 overflowed there to NaN (inf · 0)."""
+    q, k = torch.randn(1, 1, 1, 4), torch.randn(1, 1, 2, 4, requires_grad=True)
+    v = 100 * torch.randn(1, 1, 2, 4)
+    o, _ = F.attention_jvp(q, k, v, key_padding_mask=torch.tensor([[True, True]]), backend="reference")
+    assert not o.any() and not torch.autograd.grad(o, k, torch.ones_like(o))[0].any()
