@@ -90,10 +90,14 @@ def gelu_derivative(x: Tensor, approximate: str = "none") -> Tensor:
 
 
 def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none") -> tuple[Tensor, Tensor | None]:
-    """``y = gelu(x)``, ``y_t = gelu'(x) · x_t``."""
+    """``y = gelu(x)``, ``y_t = gelu'(x) · x_t``; the derivative of a 16-bit ``x`` in float32 (x³
+    overflows float16 from |x| ~ 40, and its gradient then was NaN)."""
     y = F.gelu(x, approximate=approximate)
-    y_t = None if x_t is None else gelu_derivative(x, approximate) * x_t
-    return y, y_t
+    if x_t is None:
+        return y, None
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return y, (gelu_derivative(x.float(), approximate) * x_t.float()).to(x.dtype)
+    return y, gelu_derivative(x, approximate) * x_t
 
 
 def normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:

@@ -102,3 +102,15 @@ def test_reference_attention_gradient_of_a_fully_masked_row():
     v = 100 * torch.randn(1, 1, 2, 4)
     o, _ = F.attention_jvp(q, k, v, key_padding_mask=torch.tensor([[True, True]]), backend="reference")
     assert not o.any() and not torch.autograd.grad(o, k, torch.ones_like(o))[0].any()
+
+
+def test_reference_gelu_second_order_in_float16():
+    """The reference evaluated GELU's derivative in float16: x³ overflows for |x| > 40, and the
+    gradient of y_t w.r.t. x came out NaN."""
+    x, x_t = torch.tensor([46.2, -8.8, -65.4]), torch.tensor([0.5, -1.0, 2.0])
+    grads = []
+    for dtype in (torch.float16, torch.float64):
+        leaf = x.to(dtype).requires_grad_()
+        y, y_t = F.gelu_jvp(leaf, x_t.to(dtype), "tanh", backend="reference")
+        grads.append(torch.autograd.grad(0.7 * y.sum() + 1.3 * y_t.sum(), leaf)[0])
+    assert grads[0].isfinite().all() and max_relative_error(grads[0], grads[1]) < 1e-2
