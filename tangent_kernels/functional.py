@@ -208,6 +208,9 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: 
         chosen = _fall_back("gelu_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0 or x_t is None:
         return reference.gelu_jvp(x, x_t, approximate)
+    if x.dim() == 0:  # the fused op works on rows of features
+        y, y_t, _ = ops.gelu_jvp(x.reshape(1), x_t.reshape(1), None, None, approximate, chosen)
+        return y.view(()), y_t.view(())
     y, y_t, _ = ops.gelu_jvp(x, x_t, None, None, approximate, chosen)
     return y, y_t
 

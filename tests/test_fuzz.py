@@ -114,3 +114,10 @@ def test_reference_gelu_second_order_in_float16():
         y, y_t = F.gelu_jvp(leaf, x_t.to(dtype), "tanh", backend="reference")
         grads.append(torch.autograd.grad(0.7 * y.sum() + 1.3 * y_t.sum(), leaf)[0])
     assert grads[0].isfinite().all() and max_relative_error(grads[0], grads[1]) < 1e-2
+
+
+@needs_cpp
+def test_gelu_of_a_0d_tensor_on_the_fused_backends():
+    """torch's GELU takes a 0-d tensor; the fused path refused it naming its internal ``h``."""
+    x, x_t = torch.tensor(1.5), torch.tensor(0.5)
+    close_to_float64(F.gelu_jvp(x, x_t, backend="cpp"), tk.reference.gelu_jvp, x, x_t)
