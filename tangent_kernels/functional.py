@@ -154,7 +154,7 @@ def linear_jvp(
     chosen = backends.select("linear_jvp", backend, x.device, x.dtype)
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(x, weight, bias):
         chosen = _fall_back("linear_jvp", backend, x, "")
-    if chosen == "reference" or x.numel() == 0:
+    if chosen == "reference" or x.numel() == 0 or weight.shape[0] == 0:  # (an empty output: no kernel)
         h, h_t = reference.linear_jvp(x, x_t, weight, bias, d_weight, d_bias)
         return (h, h_t) if activation is None else reference.gelu_jvp(h, h_t, _APPROXIMATE[activation])
     no_tangent = x_t is None and d_weight is None and d_bias is None

@@ -121,3 +121,15 @@ def test_gelu_of_a_0d_tensor_on_the_fused_backends():
     """torch's GELU takes a 0-d tensor; the fused path refused it naming its internal ``h``."""
     x, x_t = torch.tensor(1.5), torch.tensor(0.5)
     close_to_float64(F.gelu_jvp(x, x_t, backend="cpp"), tk.reference.gelu_jvp, x, x_t)
+
+
+@needs_cpp
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_linear_with_no_output_features(activation):
+    """A weight with 0 rows (and an MLP of hidden width 0): the GELU op was handed an empty ``h``
+    and refused it by that internal name."""
+    x, w1, w2 = torch.randn(2, 3), torch.randn(0, 3), torch.randn(4, 0)
+    y, y_t = F.linear_jvp(x, x, w1, None, w1, None, activation=activation, backend="cpp")
+    assert y.shape == y_t.shape == (2, 0)
+    y, y_t = F.mlp_jvp(x, x, w1, None, w2, None, backend="cpp")
+    assert not y.any() and y_t is not None and not y_t.any() and y.shape == (2, 4)
