@@ -15,6 +15,7 @@ and ``"auto"`` runs their reference (which has it) when a primal input requires 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -115,6 +116,10 @@ def attention_jvp(
         if q.shape[-1] > MAX_HEAD_DIM:
             chosen = _fall_back("attention_jvp", backend, q,
                                 f"q: the triton attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")  # fmt: skip
+    if chosen != "reference" and not math.isfinite(scale):
+        # torch adds a masked key's -inf to a ±inf score (NaN); the kernels skip masked keys
+        reason = f"scale: the fused kernels need a finite scale, got {scale}"
+        chosen = _fall_back("attention_jvp", backend, q, reason)
     if chosen == "reference" or q.numel() == 0 or k.shape[2] == 0:
         return reference.attention_jvp(q, k, v, q_t, k_t, v_t, scale=scale, causal=causal,
                                        key_padding_mask=key_padding_mask)  # fmt: skip

@@ -258,7 +258,9 @@ def attention_jvp(
         None if q_t is None else q_t @ k.transpose(-2, -1),
         None if k_t is None else q @ k_t.transpose(-2, -1),
     )
-    weighted_scores_t = None if scores_t is None else weights * (scores_t * scale)
+    weighted_scores_t = None
+    if scores_t is not None:  # (0 in a fully masked row, also where scores_t · scale is ±inf)
+        weighted_scores_t = torch.where(fully_masked, 0.0, weights * (scores_t * scale))
     out_t = add_tangents(
         None if weighted_scores_t is None else weighted_scores_t @ v,
         None if v_t is None else weights @ v_t,

@@ -133,3 +133,23 @@ def test_linear_with_no_output_features(activation):
     assert y.shape == y_t.shape == (2, 0)
     y, y_t = F.mlp_jvp(x, x, w1, None, w2, None, backend="cpp")
     assert not y.any() and y_t is not None and not y_t.any() and y.shape == (2, 4)
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("cpp", marks=needs_cpp), "triton"])
+def test_attention_with_an_infinite_scale_follows_torch(backend):
+    """scale = inf: torch adds a masked key's -inf to the ±inf score (NaN); the kernels skip
+    masked keys (0). "auto" now runs the reference; an explicit fused backend refuses the scale."""
+    q, k, v = torch.ones(1, 1, 1, 2), torch.tensor([[[[1.0, 1.0], [-1.0, -1.0]]]]), torch.randn(1, 1, 2, 2)
+    mask = torch.tensor([[True, False]])  # the masked key's score is +inf, the other one's -inf
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = torch_F.scaled_dot_product_attention(
+            q, k, v, attn_mask=~mask[:, None, None, :], scale=math.inf
+        )
+    if backend != "auto":
+        with pytest.raises(tk.BackendUnavailableError, match="scale: the fused kernels need a finite scale"):
+            F.attention_jvp(q, k, v, scale=math.inf, key_padding_mask=mask, backend=backend)
+        return
+    o, _ = F.attention_jvp(q, k, v, scale=math.inf, key_padding_mask=mask, backend=backend)
+    assert expected.isnan().all() and o.isnan().all()
+    o, o_t = F.attention_jvp(q, -q, v[:, :, :1], q, None, None, scale=math.inf, backend=backend)
+    assert not o.any() and not o_t.any()  # every score -inf: zeros, as a fully masked row (o_t was NaN)
