@@ -327,6 +327,8 @@ void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::
               q.size(1), " heads of q");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q, k, v: expected one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ", v.scalar_type());
+  TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q: expected a floating-point tensor, got ",
+              q.scalar_type());
 }
 
 // Unit stride along the head dim (a copy only when it is not so).

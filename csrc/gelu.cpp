@@ -121,6 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gelu_jvp_forward(const at::Tensor
   TORCH_CHECK(approximate == "none" || approximate == "tanh", "approximate: expected 'none' or 'tanh', got '",
               approximate, "'");
   TORCH_CHECK(h_in.dim() >= 1, "h: expected at least one dimension");
+  TORCH_CHECK(at::isFloatingType(h_in.scalar_type()), "h: expected a floating-point tensor, got ",
+              h_in.scalar_type());
   const at::Tensor h = h_in.contiguous();
   const at::Tensor h_t = optional_like(h_t_in, h, "h_t", h.sizes());
   const at::Tensor bias = optional_like(bias_in, h, "bias", {h.size(-1)});

@@ -237,12 +237,19 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
   });
 }
 
+// x: floating, with at least one feature per row (rows = numel / features).
+void check_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0,
+              "x: expected at least one feature in the last dimension, got shape ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x: expected a floating-point tensor, got ",
+              x.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_jvp_forward(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_t_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& d_weight,
     const std::optional<at::Tensor>& d_bias, double eps) {
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) > 0, "x: expected at least one feature in the last dimension, got shape ",
-              x_in.sizes());
+  check_rows(x_in);
   const at::Tensor x = x_in.contiguous();
   at::Tensor x_t;
   if (present(x_t_in)) {
@@ -272,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const at::Tensor& mean_in, const at::Tensor& rstd_in,
                                                                    bool input_grad, bool param_grads) {
+  check_rows(x_in);
   const at::Tensor x = x_in.contiguous();
   check_like_input(grad_in, x, "grad");
   TORCH_CHECK(grad_in.sizes() == x.sizes(), "grad: expected shape ", x.sizes(), " (as x), got ", grad_in.sizes());

@@ -153,3 +153,24 @@ def test_attention_with_an_infinite_scale_follows_torch(backend):
     assert expected.isnan().all() and o.isnan().all()
     o, o_t = F.attention_jvp(q, -q, v[:, :, :1], q, None, None, scale=math.inf, backend=backend)
     assert not o.any() and not o_t.any()  # every score -inf: zeros, as a fully masked row (o_t was NaN)
+
+
+@needs_cpp
+def test_raw_cpp_ops_refuse_integer_tensors_by_name():
+    """The C++ ops failed in their dtype dispatch ("not implemented for 'Long'"), naming nothing."""
+    x = torch.ones(2, 2, 2, 2, dtype=torch.int64)
+    for call, name in (
+        (lambda: RAW.gelu_jvp_forward(x, None, None, None, "none"), "h"),
+        (lambda: RAW.layer_norm_jvp_forward(x, None, None, None, None, None, 1e-5), "x"),
+        (lambda: RAW.attention_jvp_forward(x, x, x, None, None, None, None, 1.0, False), "q"),
+    ):
+        with pytest.raises(RuntimeError, match=f"{name}: expected a floating-point tensor"):
+            call()
+
+
+@needs_cpp
+def test_raw_cpp_layer_norm_backward_of_no_features():
+    """A last dimension of 0 divided by zero in C++ (SIGFPE: the process died)."""
+    x = torch.randn(3, 0)
+    with pytest.raises(RuntimeError, match="x: expected at least one feature"):
+        RAW.layer_norm_backward(x, x, None, torch.zeros(3), torch.zeros(3), True, True)
