@@ -1370,6 +1370,21 @@ def test_raw_triton_attention_reads_any_last_stride():
 
 
 @needs_triton
+def test_triton_second_order_attention_reads_any_last_stride():
+    """The second-order Triton kernels read a head dim of stride 2 as 1 (NaN here): functional's copy
+    to unit stride, which they relied on, moved into the first-order launchers."""
+    grads = []
+    for layout in (lambda t: t, lambda t: torch.stack([t, torch.full_like(t, math.nan)], -1)[..., 0]):
+        q, k, v, q_t = (
+            layout(t) for t in torch.randn(4, 1, 2, 5, 16, generator=torch.Generator().manual_seed(0))
+        )
+        q.requires_grad_()
+        o, o_t = F.attention_jvp(q, k, v, q_t, None, None, backend="triton")
+        grads.append(torch.autograd.grad(o.sum() + 1.3 * o_t.sum(), q)[0])
+    assert grads[1].isfinite().all() and torch.equal(grads[0], grads[1])
+
+
+@needs_triton
 def test_raw_triton_ops_refuse_what_triton_cannot_run():
     """The raw ops with ``backend="triton"`` ran float64 through float32 kernels (errors ~1e-8)."""
     x = torch.randn(3, 4, dtype=torch.float64)
