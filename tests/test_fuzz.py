@@ -143,7 +143,9 @@ def check(call: Call, grad_seed: int) -> None:
         # a NaN (a primal's, or 0/0 in y) times an absent (zero) tangent: torch's formulas often
         # materialize the zero (NaN · 0), the library's skip the term; both are right where y_t
         # does not depend on that NaN
-        assert_matches("y_t", y_t, expected_t, baseline_t, nan_exact=finite_primals and finite(expected))
+        # with an inf in a tangent, inf or NaN in y_t depends on the formula's order: either passes
+        exact = finite_primals and finite(expected) and finite_tangents
+        assert_matches("y_t", y_t, expected_t, baseline_t, nan_exact=exact, finite_exact=not finite_tangents)
     if (
         y.device.type == "cpu"
         and finite_primals
@@ -156,7 +158,9 @@ def check(call: Call, grad_seed: int) -> None:
 
 
 def finite(t) -> bool:
-    return not isinstance(t, Tensor) or t.device.type == "meta" or bool(t.detach().isfinite().all())
+    """``t`` holds no inf or NaN (anything but a dense CPU tensor counts as finite)."""
+    dense = isinstance(t, Tensor) and t.layout == torch.strided and t.device.type != "meta"
+    return not dense or bool(t.detach().isfinite().all())
 
 
 def tensors(call: Call) -> list[Tensor]:
@@ -256,6 +260,8 @@ def assert_matches(
     err = (a - e)[finite].abs().max().item()
     trusted = finite & b.isfinite()
     base = (b - e)[trusted].abs().max().item() if trusted.any() else 0.0
+    if actual.dtype in (torch.float16, torch.bfloat16) and not torch.equal(trusted, finite):
+        atol_factor *= 16  # torch itself fails in this dtype (inf or NaN): no baseline, a wider bound
     bound = 2 * base + atol_factor * ATOL[actual.dtype] * max(1.0, e[finite].abs().max().item())
     assert err <= bound, (
         f"{name} ({actual.dtype}): max error {err:.3e} > bound {bound:.3e} (torch: {base:.3e})"
@@ -366,7 +372,7 @@ def shape_with(draw, last: tuple[int, ...], tiny: bool, max_dims: int = 2) -> tu
 # attention
 
 
-def key_padding_mask(draw, draft: Draft, batch: int, k_len: int) -> Tensor | None:
+def key_padding_mask(draw, draft: Draft, batch: int, k_len: int, special: bool) -> Tensor | None:
     """None, or a (B, Lk) / (1, Lk) mask: bool (True = padding) or floating of any dtype (added),
     sometimes of an invalid dtype, shape or device."""
     kind = draft.option(
@@ -395,7 +401,7 @@ def key_padding_mask(draw, draft: Draft, batch: int, k_len: int) -> Tensor | Non
         mask = values(shape, dtype if dtype in FLOATING else torch.float64, draft.generator, 3.0)
         padding = torch.rand(shape, generator=draft.generator) < draw(st.sampled_from([0.0, 0.3, 1.0]))
         mask = mask.masked_fill(padding, -math.inf).to(dtype)
-        if dtype.is_floating_point and mask.numel() and draw(weighted((10, False), (1, True))):
+        if special and dtype.is_floating_point and mask.numel() and draw(weighted((10, False), (1, True))):
             mask.view(-1)[draw(st.integers(0, mask.numel() - 1))] = draw(
                 st.sampled_from([math.nan, math.inf])
             )
@@ -471,8 +477,8 @@ def attention_calls(draw, backend: str, tiny: bool = False) -> Call:
     q_wrong = [(batch + 1, *qs[1:]), (*qs[:3], head_dim + 1), qs[1:], (1, *qs)]
     if kv_heads > 1:
         q_wrong.append((batch, q_heads + 1, q_len, head_dim))  # heads that kv heads do not divide
-    mask = key_padding_mask(draw, draft, batch, k_len)
     causal = draft.option("causal", st.booleans(), st.sampled_from([1, "yes", None]))
+    mask = key_padding_mask(draw, draft, batch, k_len, special=causal is False)
     # NaN and inf only where no key is masked: the kernels skip masked keys (and the tiles that
     # causal masking skips), where torch adds -inf to a NaN score or multiplies a NaN value by 0
     special = mask is None and causal is False
@@ -837,7 +843,12 @@ def module_calls(draw, backend: str, tiny: bool = False) -> Call:
         "TangentAttention: an x that is not 3-D raises an unpacking ValueError that names nothing",
     )
     frozen = {name: module.get_parameter(name).detach() for name in offsets}
-    if offsets and isinstance(x, Tensor) and (x.dtype != draft.dtype or x.device.type != draft.device):
+    weights = next(module.parameters(), None)
+    if (
+        weights is not None
+        and isinstance(x, Tensor)
+        and (x.dtype != weights.dtype or x.device != weights.device)
+    ):
         draft.defect("x")  # the module's dtype and device are the call's (a module without weights has none)
 
     def run():
