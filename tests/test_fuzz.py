@@ -1456,3 +1456,13 @@ def test_reference_layer_norm_gradient_of_huge_rows():
     x64 = x.detach().double().requires_grad_()
     expected = torch.autograd.grad(torch_F.layer_norm(x64, (3,), w.double(), eps=1e-6).sum(), x64)[0]
     assert grad.isfinite().all() and max_relative_error(grad, expected) < 1e-4
+
+
+def test_reference_attention_tangent_of_large_scores():
+    """One key at scale 30: O_t = V_t exactly, but (P ⊙ S_t) V − rowsum(P ⊙ S_t) O cancelled two
+    large products (6.5e-4 relative error in float32; torch's jvp gives 0)."""
+    g = torch.Generator().manual_seed(181)
+    q, k, q_t = (3 * torch.randn(1, 1, 1, 17, generator=g) for _ in range(3))
+    v, v_t = 3 * torch.randn(1, 1, 1, 17, generator=g), torch.randn(1, 1, 1, 17, generator=g)
+    _, o_t = F.attention_jvp(q, k, v, q_t, None, v_t, scale=30.0, backend="reference")
+    assert max_relative_error(o_t, v_t) < 1e-6
