@@ -1,8 +1,9 @@
 // Attention primal + tangent on the CPU, flash style (DESIGN.md §1, §2).
 //
 // Forward: one task per (batch, query head, query tile), spread with at::parallel_for. A task
-// walks the key tiles with online softmax and keeps acc = Σ p V, acc_t = Σ (p ⊙ S_t) V + p V_t
-// and r = Σ rowsum(p ⊙ S_t), rescaled together; the tile products are BLAS calls (ATen's CPU
+// walks the key tiles with online softmax and keeps acc = Σ p V, acc_t = Σ (p ⊙ (S_t − c)) V + p V_t
+// with c the running softmax-weighted mean of S_t (acc_t −= δ · acc when c moves by δ), so that
+// O_t = acc_t / l, rescaled together; the tile products are BLAS calls (ATen's CPU
 // mm/addmm on tile views), the row updates ATen's vectorized exp. Scratch is O(tile), never N×N.
 //
 // Backward: the attention VJP at (q, k, v) for one upstream gradient dO (grad o for q, k, v;
@@ -163,7 +164,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     acc_t *qf = take(kQueryTile * d), *q_tf = take(kQueryTile * d);
     acc_t *acc = take(kQueryTile * ld_acc), *out = take(kQueryTile * ld_acc);
     acc_t *kk = take(2 * kKeyTile * d), *vv = take(kKeyTile * ld_acc), *s = take(kQueryTile * ld_s);
-    acc_t *m = take(kQueryTile), *l = take(kQueryTile), *r = take(kQueryTile);
+    acc_t *m = take(kQueryTile), *l = take(kQueryTile), *c = take(kQueryTile);
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t tile = task % q_tiles, bh = task / q_tiles, b = bh / q_heads, h = bh % q_heads;
@@ -174,7 +175,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(acc, acc + rows * ld_acc, acc_t(0));
       std::fill(m, m + rows, -std::numeric_limits<acc_t>::infinity());
       std::fill(l, l + rows, acc_t(0));
-      std::fill(r, r + rows, acc_t(0));
+      std::fill(c, c + rows, acc_t(0));
       const at::Tensor Q = matrix(qf, rows, d, options), Q_t = matrix(q_tf, rows, d, options);
       at::Tensor acc_both = at::from_blob(acc, {rows, ld_acc}, options);
       at::Tensor A = acc_both.narrow(1, 0, d), A_t = acc_both.narrow(1, d, d);
@@ -200,13 +201,25 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           const acc_t shift = m_new == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m_new;
           const acc_t alpha = std::exp(m[i] - shift);
           at::vec::map([shift](Vec x) { return (x - Vec(shift)).exp(); }, si, si, cols);
-          l[i] = l[i] * alpha + row_sum(si, cols);
+          const acc_t l_old = l[i] * alpha;
+          l[i] = l_old + row_sum(si, cols);
+          acc_t* acc_i = acc + i * ld_acc;
+          at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, acc_i, acc_i, ld_acc);
           if (has_s_t) {
+            // S_t centred on its running softmax-weighted mean c (as the Triton kernel): a large
+            // common part then cancels exactly, where acc_t / l - (r / l) O subtracted two large
+            // products (float32 O_t was 2e-5 off with one key; torch 0)
             acc_t* sti = si + cols;
-            at::vec::map2([](Vec p, Vec st) { return p * st; }, sti, si, sti, cols);
-            r[i] = r[i] * alpha + row_sum(sti, cols);
+            const acc_t tile_r = at::vec::map2_reduce_all<acc_t>(
+                [](Vec p, Vec st) { return p * st; }, [](Vec& x, Vec& y) { return x + y; }, si, sti, cols);
+            const acc_t c_new = l[i] == acc_t(0) ? acc_t(0) : (c[i] * l_old + tile_r) / l[i];
+            const acc_t delta = c_new - c[i];
+            if (delta != acc_t(0)) {
+              for (int64_t j = 0; j < d; ++j) acc_i[d + j] -= delta * acc_i[j];
+            }
+            at::vec::map2([c_new](Vec p, Vec st) { return p * (st - Vec(c_new)); }, sti, si, sti, cols);
+            c[i] = c_new;
           }
-          at::vec::map([alpha](Vec x) { return x * Vec(alpha); }, acc + i * ld_acc, acc + i * ld_acc, ld_acc);
           m[i] = m_new;
         }
         const at::Tensor V_both = at::from_blob(vv, {cols, ld_acc}, options);
@@ -218,16 +231,14 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (has_s_t) at::cpu::addmm_(A_t, S_t, V_both.narrow(1, 0, d));
       }
 
-      // epilogue: O = acc / l, O_t = acc_t / l - (r / l) O; a fully masked row (l = 0) gives zeros
+      // epilogue: O = acc / l, O_t = acc_t / l (S_t centred); a fully masked row (l = 0) gives zeros
       acc_t* o_rows = out;
       acc_t* o_t_rows = out + kQueryTile * d;
       for (int64_t i = 0; i < rows; ++i) {
         const acc_t inv_l = l[i] == acc_t(0) ? acc_t(0) : acc_t(1) / l[i];
-        const acc_t r_over_l = r[i] * inv_l;
         for (int64_t j = 0; j < d; ++j) {
-          const acc_t value = acc[i * ld_acc + j] * inv_l;
-          o_rows[i * d + j] = value;
-          o_t_rows[i * d + j] = acc[i * ld_acc + d + j] * inv_l - r_over_l * value;
+          o_rows[i * d + j] = acc[i * ld_acc + j] * inv_l;
+          o_t_rows[i * d + j] = acc[i * ld_acc + d + j] * inv_l;
         }
         lse_data[bh * q_len + row0 + i] =
             l[i] == acc_t(0) ? std::numeric_limits<acc_t>::infinity() : m[i] + std::log(l[i]);

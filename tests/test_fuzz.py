@@ -1523,3 +1523,14 @@ def test_reference_attention_tangent_of_large_scores():
     v, v_t = 3 * torch.randn(1, 1, 1, 17, generator=g), torch.randn(1, 1, 1, 17, generator=g)
     _, o_t = F.attention_jvp(q, k, v, q_t, None, v_t, scale=30.0, backend="reference")
     assert max_relative_error(o_t, v_t) < 1e-6
+
+
+@needs_cpp
+def test_cpp_attention_tangent_of_one_key():
+    """One key: O_t = V_t exactly, but the C++ kernel's acc_t / l − (r / l) O cancelled two large
+    products (6e-6 relative in float32, 2e-5 absolute in the fuzz case; torch's jvp gives 0)."""
+    g = torch.Generator().manual_seed(70)
+    q, k, k_t = (3 * torch.randn(1, 1, 1, 17, generator=g) for _ in range(3))
+    v, v_t = 3 * torch.randn(1, 1, 1, 17, generator=g), torch.randn(1, 1, 1, 17, generator=g)
+    _, o_t = F.attention_jvp(q, k, v, None, k_t, v_t, scale=0.5, backend="cpp")
+    assert max_relative_error(o_t, v_t) < 1e-7
