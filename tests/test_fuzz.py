@@ -144,6 +144,9 @@ def check(call: Call, grad_seed: int) -> None:
     expected, expected_t, _ = oracle(call, torch.float64)
     baseline, baseline_t, _ = oracle(call, y.dtype if y.dtype in FLOATING else torch.float64)
     assert_matches("y", y, expected, baseline, factor=call.factor)
+    # torch itself failing on y (an overflow: 0 for rows of 1e20 in float32) can make its y_t
+    # right by accident: then y_t gets the wider bound of a failed baseline
+    torch_failed = y.device.type == "cpu" and not torch_close(baseline, expected)
     finite_primals, finite_tangents = (
         all(finite(t) for t in group.values()) for group in (call.primals, call.tangents)
     )
@@ -163,6 +166,7 @@ def check(call: Call, grad_seed: int) -> None:
             nan_exact=clean and finite_tangents,
             finite_exact=clean and not finite_tangents,
             factor=call.factor,
+            torch_failed=torch_failed,
         )
     if (
         y.device.type == "cpu"
@@ -173,6 +177,13 @@ def check(call: Call, grad_seed: int) -> None:
         check_gradients(call, y, y_t, grad_seed)
     if call.after is not None and y.device.type == "cpu":
         call.after()
+
+
+def torch_close(baseline: Tensor, expected: Tensor) -> bool:
+    """Torch's result in the input dtype is within 1% of the float64 oracle where that is finite."""
+    ok = expected.isfinite()
+    b, e = baseline.detach().double()[ok], expected.detach().double()[ok]
+    return not b.numel() or bool(b.isfinite().all() and (b - e).abs().max() <= 1e-2 * max(1.0, e.abs().max()))
 
 
 def finite(t) -> bool:
@@ -244,6 +255,7 @@ def assert_matches(
     atol_factor: float = 1.0,
     scale: float = 1.0,
     factor: float = 2.0,
+    torch_failed: bool = False,
 ) -> None:
     """``actual`` has torch's shape, dtype and device, NaN where the float64 ``expected`` has NaN,
     its infinities, and elsewhere an error within 2 × ``baseline``'s (torch in ``actual``'s dtype)
@@ -281,8 +293,8 @@ def assert_matches(
     err = (a - e)[finite].abs().max().item()
     trusted = finite & b.isfinite()
     base = (b - e)[trusted].abs().max().item() if trusted.any() else 0.0
-    if actual.dtype in (torch.float16, torch.bfloat16) and not torch.equal(trusted, finite):
-        atol_factor *= 16  # torch itself fails in this dtype (inf or NaN): no baseline, a wider bound
+    if torch_failed or actual.dtype in (torch.float16, torch.bfloat16) and not torch.equal(trusted, finite):
+        atol_factor *= 16  # torch itself fails (inf, NaN, y off): no baseline, a wider bound
     bound = factor * base + atol_factor * ATOL[actual.dtype] * max(scale, e[finite].abs().max().item())
     assert err <= bound, (
         f"{name} ({actual.dtype}): max error {err:.3e} > bound {bound:.3e} (torch: {base:.3e})"
