@@ -111,6 +111,7 @@ class TrainResult:
     delta: float | None = None
     samples: int = 0  # samples this process trained on in this call
     loading_seconds: float = 0.0  # of ``seconds``, spent waiting for the next batch
+    rank: int = 0  # the torch.distributed rank that trained
 
     @property
     def samples_per_second(self) -> float:
@@ -290,7 +291,8 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
     run = f"{config.run()}|{identity(data.dataset)}|{[(n, tuple(p.shape)) for n, p in named.items()]}"
     state = (named, optimizer, scheduler, scaler, generator)
     done, losses = resume.restore(checkpoint, run, *state, device)
-    result, start = TrainResult(losses=losses), time.perf_counter()
+    result = TrainResult(losses=losses, rank=distributed.rank_and_world()[0])
+    start = time.perf_counter()
     label = progress if isinstance(progress, str) else "train"
     for epoch in range(done, config.epochs):
         model.train(not config.eval_mode)

@@ -1,0 +1,94 @@
+"""The TAFT command line end to end on small image folders: train, eval, forget, and torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tangent_kernels import taft
+from tangent_kernels.taft.cli import main, open_run
+from test_taft_data import write_image_folder
+
+MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "16",
+         "--model-args", json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})]  # fmt: skip
+
+
+def train_args(data, out, *extra):
+    return ["train", *MODEL, "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "4", *extra]
+
+
+def saved(out):
+    """The composition and the shards of the run in ``out``."""
+    _, sharded, _ = open_run(str(out), torch.device("cpu"))
+    return sharded.composed_offsets(), sharded
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return write_image_folder(root / "train", per_class=4), write_image_folder(root / "test", per_class=2, seed=1)
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_train_eval_forget(images, tmp_path, capsys):
+    train, test = images
+    out = tmp_path / "out"
+    main(train_args(train, out, "--shards", "2", "--dw-penalty", "1e-5", "--eval-mode"))
+    assert "saved 2 shard(s)" in capsys.readouterr().out
+    composed, sharded = saved(out)
+    main(train_args(train, out, "--shards", "2", "--dw-penalty", "1e-5", "--eval-mode"))  # done: nothing to resume
+    assert all(torch.equal(composed[n], t) for n, t in saved(out)[0].items())
+    with pytest.raises(SystemExit):
+        main(train_args(train, out, "--shards", "3"))
+    assert "holds another run" in capsys.readouterr().err
+
+    main(["eval", "--out", str(out), "--data", str(test), "--per-shard"])
+    printed = capsys.readouterr().out
+    assert "composition of 2 shard(s): top-1" in printed and "shard 1 (6 samples): top-1" in printed
+
+    victim = int(sharded.shards[1][0])
+    path = Path(open_run(str(out), torch.device("cpu"))[2].samples[victim][0])
+    (tmp_path / "forget.txt").write_text(f"{path.relative_to(train)}\n")
+    main(["forget", "--out", str(out), "--samples", str(tmp_path / "forget.txt")])
+    assert "retrained shard(s) [1]" in capsys.readouterr().out
+    _, after = saved(out)
+    assert victim not in after.shards[1].tolist() and len(after.shards[1]) == 5
+    assert all(torch.equal(sharded.offsets[0][n], t) for n, t in after.offsets[0].items())  # shard 0 untouched
+    main(["forget", "--out", str(out), "--shard", "0"])
+    assert sorted(p.name for p in out.glob("shard_[0-9]*")) == ["shard_1.safetensors"]
+    assert not list((out / "resume").iterdir())
+    with pytest.raises(SystemExit):
+        main(["forget", "--out", str(out), "--samples", "0,x"])
+    assert "--samples: expected comma-separated sample ids" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_class_incremental_protocol_evaluates_after_each_task(images, tmp_path, capsys):
+    train, test = images
+    main(train_args(train, tmp_path / "out", "--shards", "3", "--protocol", "class-incremental", "--test", str(test)))
+    tasks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("task ")]
+    assert len(tasks) == 3 and "classes ['class_0']; composition top-1" in tasks[0]
+    assert tasks[2].endswith("on 6 test images") and tasks[0].endswith("on 2 test images")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_torchrun_two_processes_compose_as_one(images, tmp_path):
+    train, _ = images
+    main(train_args(train, tmp_path / "one", "--shards", "3"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(taft.__file__).parents[2]),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tangent_kernels.taft", *train_args(train, tmp_path / "two", "--shards", "3")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for shard, rank in ((0, 0), (1, 1), (2, 0)):  # rank r trains shards r, r + 2, ...
+        assert f"shard {shard} (rank {rank})" in result.stdout
+    one, two = saved(tmp_path / "one")[0], saved(tmp_path / "two")[0]
+    error = max(float((one[n] - two[n]).abs().max()) for n in one)
+    assert error <= 1e-6, error
