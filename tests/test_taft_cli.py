@@ -75,20 +75,41 @@ def test_class_incremental_protocol_evaluates_after_each_task(images, tmp_path, 
     assert tasks[2].endswith("on 6 test images") and tasks[0].endswith("on 2 test images")
 
 
+def torchrun(args, cwd):
+    """``train`` under ``torchrun --nproc_per_node 2`` (gloo on the CPU), in a subprocess."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(taft.__file__).parents[2]),
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tangent_kernels.taft", *args]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def largest_difference(first, second):
+    one, two = saved(first)[0], saved(second)[0]
+    return max(float((one[n] - two[n]).abs().max()) for n in one)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
 def test_torchrun_two_processes_compose_as_one(images, tmp_path):
     train, _ = images
     main(train_args(train, tmp_path / "one", "--shards", "3"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(taft.__file__).parents[2]),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "tangent_kernels.taft", *train_args(train, tmp_path / "two", "--shards", "3")]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    printed = torchrun(train_args(train, tmp_path / "two", "--shards", "3"), tmp_path)
     for shard, rank in ((0, 0), (1, 1), (2, 0)):  # rank r trains shards r, r + 2, ...
-        assert f"shard {shard} (rank {rank})" in result.stdout
-    one, two = saved(tmp_path / "one")[0], saved(tmp_path / "two")[0]
-    error = max(float((one[n] - two[n]).abs().max()) for n in one)
-    assert error <= 1e-6, error
+        assert f"shard {shard} (rank {rank})" in printed
+    assert largest_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_data_parallel_shard_trains_as_one_process(images, tmp_path):
+    """DDP, each rank on half of every batch: one process's result up to rounding (SGD: Adam's
+    normalization turns the rounding of a near-zero gradient into a step of size lr)."""
+    train, _ = images
+    args = ("--shards", "1", "--epochs", "2", "--optimizer", "sgd")
+    main(train_args(train, tmp_path / "one", *args))
+    torchrun(train_args(train, tmp_path / "two", *args, "--data-parallel"), tmp_path)
+    assert largest_difference(tmp_path / "one", tmp_path / "two") <= 1e-6

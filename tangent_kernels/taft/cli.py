@@ -152,7 +152,8 @@ def train_command(args) -> None:
     rank = distributed.rank_and_world()[0]
     if args.blocks != "all" and not args.blocks.isdigit():
         raise ValueError(f"--blocks: expected N (the last N blocks) or 'all', got {args.blocks!r}")
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                         loss=args.loss,
                          kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
                          lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode,
                          precision=args.precision,
@@ -288,6 +289,7 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     train.add_argument("--loss", choices=("rsl", "ce"), default="rsl")
     train.add_argument("--kappa", type=float, default=15.0, help="RSL target scale")
     train.add_argument("--img-size", type=int, help="input size given to timm.create_model")
