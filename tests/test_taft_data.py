@@ -38,7 +38,8 @@ def trained(data, targets=None, config=taft.TrainConfig(epochs=2, batch_size=8),
 def test_a_dataset_or_dataloader_trains_as_the_tensors_do():
     inputs, targets = tiny_data()
     expected, _ = trained(inputs, targets)
-    for data in (TensorDataset(inputs, targets), DataLoader(TensorDataset(inputs, targets), batch_size=8)):
+    for data in (TensorDataset(inputs, targets), DataLoader(TensorDataset(inputs, targets), batch_size=8),
+                 DataLoader(TensorDataset(inputs, targets), batch_size=8, num_workers=2)):  # fmt: skip
         lin, result = trained(data)
         assert_same(offsets(lin), offsets(expected))
         assert result.samples == 48 and result.samples_per_second > 0

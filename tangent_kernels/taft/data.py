@@ -49,7 +49,7 @@ def source(inputs, targets, num_workers: int = 0, pin_memory: bool = False,
     """``(inputs, targets)`` tensors, a ``Dataset`` of ``(input, target)`` samples, or a
     ``DataLoader`` (its dataset and loading settings) as a ``Source``. ``targets`` goes with
     tensors only."""
-    settings = dict(num_workers=num_workers, pin_memory=pin_memory,
+    settings = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                     prefetch_factor=prefetch_factor if num_workers else None)  # fmt: skip
     if isinstance(inputs, Tensor):
         if not isinstance(targets, Tensor):

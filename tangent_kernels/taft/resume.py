@@ -1,6 +1,7 @@
 """Per-epoch training checkpoints: a killed run restarts from its last epoch and ends as an
 uninterrupted one would (trained tensors, optimizer, learning-rate schedule, gradient scaler and
-every random state: the batch sampler's generator and torch's own, for dropout and workers).
+every random state: the generators of the batches and of the DP noise, and torch's own, for
+dropout).
 
 A checkpoint names the run it belongs to (configuration, data, parameter shapes); resuming
 another run from it is refused. Written atomically (a temporary file, then ``os.replace``).
@@ -16,13 +17,13 @@ FORMAT = "tangent_kernels.taft_resume/1"
 
 
 def save(path: str, epoch: int, run: str, params: dict[str, torch.Tensor], optimizer, scheduler, scaler,
-         generator: torch.Generator, losses: list[float], device: torch.device) -> None:  # fmt: skip
+         generators: dict[str, torch.Generator], losses: list[float], device: torch.device) -> None:  # fmt: skip
     """State after ``epoch`` (0-based) is complete."""
     state = {
         "format": FORMAT, "run": run, "epochs_done": epoch + 1, "losses": list(losses),
         "params": {name: p.detach().cpu().clone() for name, p in params.items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
+        "generators": {name: g.get_state() for name, g in generators.items()}, "cpu_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
     }  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -32,7 +33,7 @@ def save(path: str, epoch: int, run: str, params: dict[str, torch.Tensor], optim
 
 
 def restore(path: str | None, run: str, params: dict[str, torch.Tensor], optimizer, scheduler, scaler,
-            generator: torch.Generator, device: torch.device) -> tuple[int, list[float]]:  # fmt: skip
+            generators: dict[str, torch.Generator], device: torch.device) -> tuple[int, list[float]]:  # fmt: skip
     """Load the checkpoint at ``path`` if there is one: the number of epochs done and their losses
     (``0, []`` without a checkpoint)."""
     if path is None or not os.path.exists(path):
@@ -52,7 +53,8 @@ def restore(path: str | None, run: str, params: dict[str, torch.Tensor], optimiz
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    generator.set_state(state["generator"])
+    for name, g in generators.items():
+        g.set_state(state["generators"][name])
     torch.set_rng_state(state["cpu_rng"])
     if state["cuda_rng"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)

@@ -24,6 +24,7 @@ LOSSES = ("rsl", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOADING = ("num_workers", "pin_memory", "prefetch_factor")  # how data are read: no effect on the result
+NOISE_STREAM, WORKERS_STREAM = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # seeds config.seed + these (mod 2^64)
 
 
 @dataclass(frozen=True)
@@ -285,24 +286,28 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
     loss_fn, optimizer = config.loss_fn(), _optimizer(config, params)
     scheduler = _schedule(config, optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=config.precision == "fp16")
-    generator = torch.Generator().manual_seed(config.seed)
+    # batches, the workers' seeds and DP noise from separate streams, so that none depends on how
+    # far ahead the DataLoader's workers draw batches
+    generators = {name: torch.Generator().manual_seed((config.seed + offset) % 2**64)
+                  for name, offset in (("batches", 0), ("workers", WORKERS_STREAM), ("noise", NOISE_STREAM))}
     steps = None if data.iterable else math.ceil(num_samples / config.batch_size)
     sample_rate = None if data.iterable else min(1.0, config.batch_size / num_samples)
     run = f"{config.run()}|{identity(data.dataset)}|{[(n, tuple(p.shape)) for n, p in named.items()]}"
-    state = (named, optimizer, scheduler, scaler, generator)
+    state = (named, optimizer, scheduler, scaler, generators)
     done, losses = resume.restore(checkpoint, run, *state, device)
     result = TrainResult(losses=losses, rank=distributed.rank_and_world()[0])
     start = time.perf_counter()
     label = progress if isinstance(progress, str) else "train"
+    sampler = None if data.iterable else EpochBatches(num_samples, config.batch_size, generators["batches"],
+                                                      sample_rate if privacy else None, part)  # fmt: skip
+    loader = batches(data, sampler, config.batch_size, generators["workers"])  # new batches each epoch
     for epoch in range(done, config.epochs):
         model.train(not config.eval_mode)
-        sampler = None if data.iterable else EpochBatches(num_samples, config.batch_size, generator,
-                                                          sample_rate if privacy else None, part)  # fmt: skip
         bar = tqdm(total=num_samples, desc=f"{label} {epoch + 1}/{config.epochs}", unit="img", unit_scale=True,
                    leave=False, disable=not progress)  # fmt: skip
         epoch_loss = seen = 0.0
         waited = time.perf_counter()
-        for batch in batches(data, sampler, config.batch_size, generator):
+        for batch in loader:
             result.loading_seconds += time.perf_counter() - waited
             x, y = (None, None) if batch is None else batch
             if y is not None:
@@ -318,7 +323,7 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
                         summed, _ = clipped_gradient_sum(model, params, loss_fn, x, y, privacy.max_grad_norm)
                     else:
                         summed = [torch.zeros_like(p) for p in params]
-                    noisy = add_noise(summed, privacy, sample_rate * num_samples, generator)
+                    noisy = add_noise(summed, privacy, sample_rate * num_samples, generators["noise"])
                     if config.dw_penalty:
                         noisy = [g + h for g, h in zip(noisy, torch.autograd.grad(_penalty(config, params), params))]
                     if count:
