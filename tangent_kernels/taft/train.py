@@ -237,6 +237,27 @@ def _penalty(config: TrainConfig, params: list[Tensor]) -> Tensor | float:
     return config.dw_penalty * torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p) for p in params]))
 
 
+def _private_gradients(model: nn.Module, params: list[Tensor], config: TrainConfig, loss_fn, x: Tensor | None,
+                       y: Tensor | None, expected_batch: float, generator: torch.Generator) -> float:  # fmt: skip
+    """Set ``p.grad`` to DP-SGD's gradient of one Poisson batch (``None`` when empty): per-sample
+    clipped, summed, noised, over the expected batch size, plus the penalty's (data-free)
+    gradient. Returns the batch's summed loss."""
+    privacy = config.privacy
+    if y is None:
+        summed = [torch.zeros_like(p) for p in params]
+    else:
+        summed, _ = clipped_gradient_sum(model, params, loss_fn, x, y, privacy.max_grad_norm)
+    noisy = add_noise(summed, privacy, expected_batch, generator)
+    if config.dw_penalty:
+        noisy = [g + h for g, h in zip(noisy, torch.autograd.grad(_penalty(config, params), params))]
+    for p, g in zip(params, noisy):
+        p.grad = g
+    if y is None:
+        return 0.0
+    with torch.no_grad():
+        return float(loss_fn(model(x).float(), y)) * len(y)
+
+
 def train(model: nn.Module, inputs, targets: Tensor | None = None, config: TrainConfig = TrainConfig(), *,
           progress: bool | str = False, checkpoint: str | None = None, on_epoch=None,
           data_parallel: bool = False) -> TrainResult:  # fmt: skip
@@ -319,18 +340,8 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
             optimizer.zero_grad(set_to_none=True)
             if privacy:
                 with autocast:
-                    if count:
-                        summed, _ = clipped_gradient_sum(model, params, loss_fn, x, y, privacy.max_grad_norm)
-                    else:
-                        summed = [torch.zeros_like(p) for p in params]
-                    noisy = add_noise(summed, privacy, sample_rate * num_samples, generators["noise"])
-                    if config.dw_penalty:
-                        noisy = [g + h for g, h in zip(noisy, torch.autograd.grad(_penalty(config, params), params))]
-                    if count:
-                        with torch.no_grad():
-                            epoch_loss += float(loss_fn(model(x).float(), y)) * count
-                for p, g in zip(params, noisy):
-                    p.grad = g
+                    epoch_loss += _private_gradients(model, params, config, loss_fn, x, y, sample_rate * num_samples,
+                                                     generators["noise"])  # fmt: skip
             else:
                 share = count / distributed.all_sum([count], device)[0] * part[1] if data_parallel else 1.0
                 with autocast:
