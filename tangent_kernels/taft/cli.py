@@ -157,7 +157,7 @@ def train_command(args) -> None:
                          kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
                          lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode,
                          precision=args.precision,
-                         privacy=None if args.privacy is None else PrivacyConfig(*args.privacy, delta=args.delta))  # fmt: skip
+                         privacy=args.privacy and PrivacyConfig(*args.privacy, delta=args.delta))  # fmt: skip
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: {args.data} is not a folder")
     classes = find_classes(args.data)[0]
@@ -168,7 +168,8 @@ def train_command(args) -> None:
            "blocks": args.blocks if args.blocks == "all" else int(args.blocks), "reinit": args.reinit,
            "classes": classes, "data": os.path.abspath(args.data), "shards": args.shards,
            "protocol": args.protocol, "split": "class" if args.protocol == "class-incremental" else args.split,
-           "augment": args.augment, "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in LOADING}}  # fmt: skip
+           "augment": args.augment,
+           "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in LOADING}}  # fmt: skip
     base = build_base(run)
     folder = RunFolder(args.data, classes, transform(base, args.augment))
     run = json.loads(json.dumps({**run, "data_fingerprint": fingerprint(folder)}))  # as run.json holds it
@@ -215,7 +216,8 @@ def train_command(args) -> None:
     for i in todo:
         result = sharded.results.get(i)
         if result is not None:
-            say(f"shard {i} (rank {result.rank}): {len(sharded.shards[i])} samples, final loss {result.losses[-1]:.4f}, "
+            say(f"shard {i} (rank {result.rank}): {len(sharded.shards[i])} samples, "
+                f"final loss {result.losses[-1]:.4f}, "
                 f"{result.seconds:.1f} s, {result.samples_per_second:.1f} images/s "
                 f"({result.loading_seconds / max(result.seconds, 1e-9):.0%} waiting for data)")
     say(f"saved {len(sharded.active())} shard(s) to {args.out}")

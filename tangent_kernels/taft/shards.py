@@ -168,7 +168,8 @@ class ShardedTAFT:
         check_disjoint("shards", self.shards)
 
     def _train(self, data: Source, shards: dict[int, Tensor], workers: int, progress: bool,
-               resume: str | None = None, data_parallel: bool = False) -> dict[int, tuple[dict[str, Tensor], TrainResult]]:  # fmt: skip
+               resume: str | None = None,
+               data_parallel: bool = False) -> dict[int, tuple[dict[str, Tensor], TrainResult]]:  # fmt: skip
         """Train one fresh offset per entry of ``shards`` (index -> samples); nothing is stored. In a
         process group, each rank trains its share of the shards (or, ``data_parallel``, every rank
         every shard, each on part of every batch) and all get every result."""

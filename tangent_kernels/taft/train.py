@@ -77,10 +77,10 @@ class TrainConfig:
         if check_real("TrainConfig.lr_decay", self.lr_decay, above=0.0) > 1.0:
             raise ValueError(f"TrainConfig.lr_decay: expected a factor in (0, 1], got {self.lr_decay!r}")
         milestones = self.lr_milestones
-        if not isinstance(milestones, tuple) or any(isinstance(m, bool) or not isinstance(m, int) for m in milestones) \
-                or list(milestones) != sorted(set(milestones)) or any(not 0 < m < self.epochs for m in milestones):
-            raise ValueError(f"TrainConfig.lr_milestones: expected a tuple of increasing epochs in 1..{self.epochs - 1}, "
-                             f"got {milestones!r}")  # fmt: skip
+        ints = isinstance(milestones, tuple) and all(isinstance(m, int) and not isinstance(m, bool) for m in milestones)
+        if not ints or list(milestones) != sorted(set(milestones)) or not all(0 < m < self.epochs for m in milestones):
+            raise ValueError(f"TrainConfig.lr_milestones: expected a tuple of increasing epochs in "
+                             f"1..{self.epochs - 1}, got {milestones!r}")  # fmt: skip
         for name in ("eval_mode", "pin_memory"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"TrainConfig.{name}: expected a bool, got {getattr(self, name)!r}")
@@ -293,8 +293,9 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
         raise TypeError("inputs: DP-SGD and data-parallel training draw batches by sample index; expected a "
                         "map-style Dataset, got an IterableDataset")  # fmt: skip
     if privacy and data_parallel:
-        raise ValueError("data_parallel: DP-SGD under DDP is not supported (its accountant would need the global "
-                         "Poisson batch); train private shards one per process instead (data_parallel=False)")  # fmt: skip
+        raise ValueError("data_parallel: DP-SGD under DDP is not supported (its accountant would need the "
+                         "global Poisson batch); train private shards one per process instead "
+                         "(data_parallel=False)")  # fmt: skip
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     device = params[0].device
