@@ -152,11 +152,11 @@ def train_command(args) -> None:
     rank = distributed.rank_and_world()[0]
     if args.blocks != "all" and not args.blocks.isdigit():
         raise ValueError(f"--blocks: expected N (the last N blocks) or 'all', got {args.blocks!r}")
+    if args.protocol != "shards" and args.test is None:
+        raise ValueError(f"--test: the {args.protocol} protocol evaluates after each task; expected a test folder")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                         loss=args.loss,
-                         kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
-                         lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode,
-                         precision=args.precision,
+                         loss=args.loss, kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
+                         lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode, precision=args.precision,
                          privacy=args.privacy and PrivacyConfig(*args.privacy, delta=args.delta))  # fmt: skip
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: {args.data} is not a folder")
@@ -174,15 +174,17 @@ def train_command(args) -> None:
     folder = RunFolder(args.data, classes, transform(base, args.augment))
     run = json.loads(json.dumps({**run, "data_fingerprint": fingerprint(folder)}))  # as run.json holds it
     path = os.path.join(args.out, RUN_FILE)
-    if os.path.isfile(path):
-        if read_run(args.out) != run:
-            raise ValueError(f"--out: {args.out} holds another run (its {RUN_FILE} differs: model, data or "
-                             "settings); choose another --out, or run the same command to resume")  # fmt: skip
-    elif rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(run, f, indent=1)
+    distributed.barrier()  # every rank reads OUT before rank 0 writes there
+    started = os.path.isfile(path)
+    if started and read_run(args.out) != run:
+        raise ValueError(f"--out: {args.out} holds another run (its {RUN_FILE} differs: model, data or "
+                         "settings); choose another --out, or run the same command to resume")  # fmt: skip
     distributed.barrier()
+    if not started and rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(run, f, indent=1)
+        os.replace(f"{path}.tmp", path)
     lin = linearize(base, run["blocks"], reinit=args.reinit).to(device)
     config = config_from(run["config"], num_workers=args.num_workers, pin_memory=device.type == "cuda")
     if os.path.isfile(os.path.join(args.out, "taft.json")):
@@ -197,8 +199,6 @@ def train_command(args) -> None:
         if rank == 0:
             sharded.save(args.out)
     else:  # tasks one by one, one dw each; the composition evaluated after each
-        if args.test is None:
-            raise ValueError(f"--test: the {args.protocol} protocol evaluates after each task; expected a test folder")
         test = RunFolder(args.test, classes, transform(base))
         seen: set[int] = set()
         for task, samples in enumerate(sharded.shards):
