@@ -187,3 +187,34 @@ def test_recipe_options():
         taft.train(lin, inputs, targets, taft.TrainConfig(epochs=1, batch_size=8, eval_mode=True))
         runs.append(offsets(lin))
     assert_same(*runs)
+
+
+def test_a_killed_fit_resumes_each_shard_and_save_deletes_the_checkpoints(tmp_path, monkeypatch):
+    inputs, targets = tiny_data()
+    config = taft.TrainConfig(epochs=2, batch_size=8)
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
+    uninterrupted = taft.ShardedTAFT(lin, taft.split_shards(24, 2), config)
+    uninterrupted.fit(inputs, targets, progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def killed_in_shard_1(*args, checkpoint=None, **kwargs):
+        def kill(epoch, result):
+            if checkpoint.endswith("shard_1.pt"):
+                raise Killed
+
+        return taft.train(*args, checkpoint=checkpoint, on_epoch=kill, **kwargs)
+
+    sharded = taft.ShardedTAFT(lin, taft.split_shards(24, 2), config)
+    monkeypatch.setattr(taft.shards, "train", killed_in_shard_1)
+    with pytest.raises(Killed):
+        sharded.fit(inputs, targets, progress=False, resume=tmp_path)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "resume").iterdir()) == ["shard_0.pt", "shard_1.pt"]
+    results = sharded.fit(inputs, targets, progress=False, resume=tmp_path)
+    assert results[0].samples == 0 and results[1].samples == 12  # shard 0 was done, shard 1 had 1 epoch left
+    for i in (0, 1):
+        assert_same(sharded.offsets[i], uninterrupted.offsets[i], atol=1e-6)
+    sharded.save(tmp_path)
+    assert not list((tmp_path / "resume").iterdir())
