@@ -218,3 +218,29 @@ def test_a_killed_fit_resumes_each_shard_and_save_deletes_the_checkpoints(tmp_pa
         assert_same(sharded.offsets[i], uninterrupted.offsets[i], atol=1e-6)
     sharded.save(tmp_path)
     assert not list((tmp_path / "resume").iterdir())
+
+
+class Records(Dataset):
+    """Samples as dicts, as a Hugging Face dataset gives them."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.inputs[index], "label": int(self.targets[index])}
+
+
+def pairs(records):
+    return torch.stack([r["pixel_values"] for r in records]), torch.tensor([r["label"] for r in records])
+
+
+def test_dict_samples_train_through_a_dataloaders_collate_fn():
+    inputs, targets = tiny_data()
+    expected, _ = trained(inputs, targets)
+    lin, _ = trained(DataLoader(Records(inputs, targets), batch_size=8, collate_fn=pairs))
+    assert_same(offsets(lin), offsets(expected))
+    with pytest.raises(TypeError, match="got dict; give an image dataset the model's transform"):
+        trained(Records(inputs, targets))

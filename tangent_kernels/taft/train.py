@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from . import distributed, resume
@@ -218,12 +219,18 @@ def check_source(model: nn.Module, inputs, targets, config: TrainConfig) -> tupl
     dataset = data.dataset
     if not data.iterable and len(dataset) == 0:
         raise ValueError("inputs: expected at least one sample, got an empty dataset")
-    first = next(iter(dataset)) if data.iterable else dataset[0]
-    if not (isinstance(first, (tuple, list)) and len(first) == 2 and isinstance(first[0], Tensor)):
-        form = type(first[0]).__name__ if isinstance(first, (tuple, list)) and first else type(first).__name__
+    sample = next(iter(dataset)) if data.iterable else dataset[0]
+    batch, cause = None, None
+    try:  # one sample as a batch, through the loader's collate_fn (which may build (inputs, targets))
+        batch = (data.loader.get("collate_fn") or default_collate)([sample])
+    except (TypeError, RuntimeError) as error:
+        cause = error
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[0], Tensor)):
+        form = type(sample[0]).__name__ if isinstance(sample, (tuple, list)) and sample else type(sample).__name__
         raise TypeError(f"inputs: expected samples (input tensor, target), got {form}; give an image dataset "
-                        "the model's transform (taft.data.transform(model))")  # fmt: skip
-    classes = model_classes(model, first[0].unsqueeze(0))
+                        "the model's transform (taft.data.transform(model)), or a DataLoader a collate_fn "
+                        "that makes (inputs, targets) batches") from cause  # fmt: skip
+    classes = model_classes(model, batch[0])
     known = known_targets(dataset)
     if known is not None:
         check_targets(known, classes, config)
