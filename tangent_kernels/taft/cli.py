@@ -263,6 +263,8 @@ def forget_command(args) -> None:
     device = distributed.init_from_env()
     run, sharded, folder = open_run(args.out, device, args.data)
     if args.shard is not None:
+        if not 0 <= args.shard < len(sharded.shards):
+            raise ValueError(f"--shard: expected a shard in 0..{len(sharded.shards) - 1}, got {args.shard}")
         sharded.forget_shard(args.shard)
         print(f"forgot shard {args.shard}; {len(sharded.active())} shard(s) left in {args.out}")
         return
