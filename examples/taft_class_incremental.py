@@ -9,7 +9,7 @@
    task and evaluates the composition on the classes seen so far after each task; the baseline
    fine-tunes the same layers (last block, norm, head) task after task.
 
-    python examples/taft_class_incremental.py [--tasks 2] [--epochs 20]
+    python examples/taft_class_incremental.py [--tasks 2] [--epochs 20] [--pretrain-epochs 30]
 """
 
 from __future__ import annotations
@@ -86,6 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", type=int, default=2, help="tasks the digits 5-9 are split into (by class)")
     parser.add_argument("--epochs", type=int, default=20, help="epochs per task")
+    parser.add_argument("--pretrain-epochs", type=int, default=30)
     args = parser.parse_args()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as temporary:
@@ -93,7 +94,7 @@ def main() -> None:
         write_digits(root)
         base = small_vit(5)
         pretrain = ImageFolder(str(root / "pretrain"), transform=taft.data.transform(base))
-        taft.train(base, pretrain, config=taft.TrainConfig(epochs=30, lr=2e-3, loss="ce"), progress="pre-train")
+        taft.train(base, pretrain, config=taft.TrainConfig(epochs=args.pretrain_epochs, lr=2e-3, loss="ce"), progress="pre-train")
         weights = root / "base.safetensors"
         save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(weights))
 

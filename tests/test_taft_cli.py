@@ -75,14 +75,17 @@ def test_class_incremental_protocol_evaluates_after_each_task(images, tmp_path, 
     assert tasks[2].endswith("on 6 test images") and tasks[0].endswith("on 2 test images")
 
 
+def this_package():
+    """The environment for a subprocess that imports this checkout's ``tangent_kernels``."""
+    path = os.pathsep.join([str(Path(taft.__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(args, cwd):
     """``train`` under ``torchrun --nproc_per_node 2`` (gloo on the CPU), in a subprocess."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(taft.__file__).parents[2]),
-                                                         os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "tangent_kernels.taft", *args]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=cwd)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=this_package(), cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -113,3 +116,14 @@ def test_data_parallel_shard_trains_as_one_process(images, tmp_path):
     main(train_args(train, tmp_path / "one", *args))
     torchrun(train_args(train, tmp_path / "two", *args, "--data-parallel"), tmp_path)
     assert largest_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_class_incremental_example_runs(tmp_path):
+    """examples/taft_class_incremental.py end to end, briefly: its table has a row per task."""
+    example = Path(__file__).parent.parent / "examples" / "taft_class_incremental.py"
+    result = subprocess.run([sys.executable, str(example), "--epochs", "1", "--pretrain-epochs", "1"],
+                            capture_output=True, text=True, timeout=240, env=this_package(), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit() and "]" in line]
+    assert [row[0] for row in rows] == ["1", "2"] and all(0 <= float(row[-1]) <= 1 for row in rows)
