@@ -14,7 +14,6 @@ On a GPU: bf16 autocast, 8 workers, pinned memory.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import tempfile
 from pathlib import Path
 
@@ -43,6 +42,13 @@ def write_folder(root: Path) -> None:
         Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
 
 
+def forever(loader: DataLoader):
+    """The loader's batches, epoch after epoch, each one loaded (``itertools.cycle`` would replay
+    the first epoch's from memory)."""
+    while True:
+        yield from loader
+
+
 def cases(device: torch.device, full: bool) -> list[Case]:
     return [_case(name, batch, device) for name, batch in (GPU_MODELS if device.type == "cuda" else CPU_MODELS)]
 
@@ -69,7 +75,7 @@ def _case(name: str, batch: int, device: torch.device) -> Case:
     def next_batch():
         nonlocal stream
         if stream is None:
-            stream = iter(itertools.cycle(loader))
+            stream = forever(loader)
         x, y = next(stream)
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
