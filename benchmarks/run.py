@@ -25,7 +25,7 @@ from .measure import environment, peak_memory, time_call
 from .plot import plot_results
 from .report import markdown_table
 
-SUITES = ("attention", "layer_norm", "mlp", "vit", "patched")
+SUITES = ("attention", "layer_norm", "mlp", "vit", "patched", "taft_data")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
@@ -52,6 +52,8 @@ def run_case(case, device: torch.device) -> list[dict]:
             rows.append(row)
             continue
         seconds = row["median_ms"] / 1e3
+        if "batch" in case.params:
+            row["images_per_s"] = case.params["batch"] / seconds
         if mode in case.flops:
             row["flops"] = case.flops[mode]
             row["tflops_per_s"] = case.flops[mode] / seconds / 1e12

@@ -3,10 +3,12 @@
 - ``shard_<i>.safetensors``: the offsets of each active shard ``i`` (``checkpoint.save_offsets``:
   tied to the base model's fingerprint, with a checksum), and no other file of that name;
 - ``shard_samples.safetensors``: the sample indices of every shard (empty once forgotten);
-- ``taft.json``: the layout version, the number of shards and of samples, the trained shards.
+- ``taft.json``: the layout version, the number of shards and of samples, the trained shards;
+- ``resume/shard_<i>.pt``: while shard ``i`` trains, its per-epoch checkpoint (``taft.resume``).
 
 ``write`` deletes stale shard files first, so after it the folder holds no offsets of an
-untrained or forgotten shard; ``read`` refuses a folder whose files are missing, left over or
+untrained or forgotten shard, and no checkpoint of a shard that is saved, emptied, or named
+stale (it saw forgotten data); ``read`` refuses a folder whose files are missing, left over or
 corrupted, naming the file.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -25,7 +28,7 @@ from .checks import check_disjoint, check_indices, check_int
 
 LAYOUT = "tangent_kernels.sharded_taft/1"
 SHARD_FILE = re.compile(r"shard_(\d+)\.safetensors")
-SAMPLES_FILE, INDEX_FILE = "shard_samples.safetensors", "taft.json"
+SAMPLES_FILE, INDEX_FILE, RESUME_FOLDER = "shard_samples.safetensors", "taft.json", "resume"
 
 
 def _shard_files(folder: str) -> dict[int, str]:
@@ -34,16 +37,28 @@ def _shard_files(folder: str) -> dict[int, str]:
     return {int(m.group(1)): os.path.join(folder, m.group(0)) for m in matches if m}
 
 
+def resume_file(folder: str, shard: int) -> str:
+    """Where shard ``shard``'s training checkpoint lives while it trains."""
+    return os.path.join(folder, RESUME_FOLDER, f"shard_{shard}.pt")
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
 def write(folder: str, model: nn.Module, shards: list[Tensor], offsets: dict[int, dict[str, Tensor]],
-          num_samples: int | None, description: str) -> None:  # fmt: skip
-    """Make ``folder`` hold exactly this state: stale shard files deleted first, then the offsets
-    of every entry of ``offsets`` (the active shards), the shard lists, and the index."""
+          num_samples: int | None, description: str, stale: Sequence[int] = ()) -> None:  # fmt: skip
+    """Make ``folder`` hold exactly this state: stale shard files and checkpoints (of the shards in
+    ``offsets``, the empty ones and ``stale``) deleted first, then the offsets of every entry of
+    ``offsets`` (the active shards), the shard lists, and the index."""
     for index, path in _shard_files(folder).items():
         if index not in offsets:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
+            _remove(path)
+    for index in {*offsets, *stale, *(i for i, s in enumerate(shards) if not len(s))}:
+        _remove(resume_file(folder, index))
     for i, state in sorted(offsets.items()):
         save_offsets(model, os.path.join(folder, f"shard_{i}.safetensors"), {"shard": str(i)}, state=state)
     samples = {f"shard_{i}": s.contiguous() for i, s in enumerate(shards)}

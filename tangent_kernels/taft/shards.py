@@ -20,7 +20,9 @@ from torch import Tensor, nn
 
 from . import folder as on_disk
 from .checks import check_disjoint, check_indices, check_int, check_real
-from .train import TrainConfig, TrainResult, check_dataset, train
+from . import distributed
+from .data import Source
+from .train import TrainConfig, TrainResult, check_source, train
 
 
 def split_shards(num_samples: int, num_shards: int, *, seed: int = 0,
@@ -88,8 +90,9 @@ def average_offsets(offsets: Sequence[dict[str, Tensor]], weights: Sequence[floa
     return {name: sum(w * o[name] for w, o in zip(weights, offsets)) / total for name in first}
 
 
-def _train_shard(model: nn.Module, inputs: Tensor, targets: Tensor, indices: Tensor, config: TrainConfig,
-                 threads: int | None = None) -> tuple[dict[str, Tensor], TrainResult]:  # fmt: skip
+def _train_shard(model: nn.Module, data: Source, indices: Tensor, config: TrainConfig, threads: int | None = None,
+                 checkpoint: str | None = None, data_parallel: bool = False,
+                 progress: bool | str = False) -> tuple[dict[str, Tensor], TrainResult]:  # fmt: skip
     """Train a fresh copy of ``model`` (offsets zeroed) on ``indices``: its offsets and the result."""
     if threads:
         torch.set_num_threads(threads)
@@ -97,8 +100,9 @@ def _train_shard(model: nn.Module, inputs: Tensor, targets: Tensor, indices: Ten
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    result = train(model, inputs[indices], targets[indices], config)
-    return {name: t.detach().clone() for name, t in model.state_dict().items()}, result
+    result = train(model, data.subset(indices), config=config, checkpoint=checkpoint, data_parallel=data_parallel,
+                   progress=progress)  # fmt: skip
+    return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}, result
 
 
 def _train_shard_job(job):
@@ -145,42 +149,60 @@ class ShardedTAFT:
             raise ValueError(f"{name}: expected a shard index in 0..{len(self.shards) - 1}, got {index}")
         return index
 
-    def _check_data(self, inputs: Tensor, targets: Tensor) -> int:
-        """The dataset the shards index: checked against the model, the shards and, once known,
-        the number of samples the offsets were trained with."""
-        targets = check_dataset(self.model, inputs, targets, self.config)
-        if self.num_samples is not None and len(inputs) != self.num_samples:
+    def _check_data(self, inputs, targets) -> Source:
+        """The dataset the shards index (tensors, a map-style ``Dataset`` or a ``DataLoader``),
+        checked against the model, the shards and, once known, the number of samples the offsets
+        were trained with."""
+        data, _, _ = check_source(self.model, inputs, targets, self.config)
+        if data.iterable:
+            raise TypeError("inputs: shards are index sets; expected a map-style Dataset, got an IterableDataset")
+        if self.num_samples is not None and len(data) != self.num_samples:
             raise ValueError(f"inputs: expected the {self.num_samples} samples the shards were trained on, "
-                             f"got {len(inputs)}")  # fmt: skip
-        self._check_shards(len(inputs))
-        return len(inputs)
+                             f"got {len(data)}")  # fmt: skip
+        self._check_shards(len(data))
+        return data
 
     def _check_shards(self, num_samples: int | None) -> None:
         """The shard lists (a public attribute) are still valid indices of ``num_samples`` samples."""
         self.shards = [check_indices(f"shards[{i}]", s, num_samples) for i, s in enumerate(self.shards)]
         check_disjoint("shards", self.shards)
 
-    def _train(self, inputs: Tensor, targets: Tensor, shards: dict[int, Tensor], workers: int,
-               progress: bool) -> dict[int, tuple[dict[str, Tensor], TrainResult]]:  # fmt: skip
-        """Train one fresh offset per entry of ``shards`` (index -> samples); nothing is stored."""
+    def _train(self, data: Source, shards: dict[int, Tensor], workers: int, progress: bool,
+               resume: str | None = None,
+               data_parallel: bool = False) -> dict[int, tuple[dict[str, Tensor], TrainResult]]:  # fmt: skip
+        """Train one fresh offset per entry of ``shards`` (index -> samples); nothing is stored. In a
+        process group, each rank trains its share of the shards (or, ``data_parallel``, every rank
+        every shard, each on part of every batch) and all get every result."""
         from tqdm.auto import tqdm
 
         configs = {i: dataclasses.replace(self.config, seed=self.config.seed + i) for i in shards}
-        jobs = [(self.model, inputs, targets, samples, configs[i]) for i, samples in shards.items()]
+        mine = list(shards) if data_parallel else distributed.share(list(shards))
+        paths = {i: None if resume is None else on_disk.resume_file(resume, i) for i in mine}
+        jobs = [(self.model, data, shards[i], configs[i]) for i in mine]
         bar = dict(desc="shards", unit="shard", disable=not progress)
         if workers > 1 and len(jobs) > 1:
             threads = max(1, torch.get_num_threads() // workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                running = pool.map(_train_shard_job, [(*j, threads) for j in jobs])
+                running = pool.map(_train_shard_job, [(*j, threads, paths[i]) for i, j in zip(mine, jobs)])
                 outcomes = list(tqdm(running, total=len(jobs), **bar))
         else:
-            outcomes = [_train_shard(*job) for job in tqdm(jobs, **bar)]
-        return dict(zip(shards, outcomes))
+            outcomes = [_train_shard(*job, None, paths[i], data_parallel, progress and f"shard {i}")
+                        for i, job in zip(mine, tqdm(jobs, **bar))]  # fmt: skip
+        outcomes = dict(zip(mine, outcomes))
+        return outcomes if data_parallel else distributed.gather(outcomes)
 
-    def fit(self, inputs: Tensor, targets: Tensor, shards: Sequence[int] | None = None, workers: int = 1,
-            progress: bool = True) -> dict[int, TrainResult]:  # fmt: skip
+    def fit(self, inputs, targets: Tensor | None = None, shards: Sequence[int] | None = None, workers: int = 1,
+            progress: bool = True, resume: str | os.PathLike | None = None,
+            data_parallel: bool = False) -> dict[int, TrainResult]:  # fmt: skip
         """Train the given shards (all by default; empty ones are skipped), in ``workers`` processes
-        when more than one. ``inputs``/``targets`` are the whole dataset the shards index."""
+        when more than one. ``inputs`` (with ``targets`` for tensors) is the whole dataset the shards
+        index: tensors, a map-style ``Dataset`` or a ``DataLoader`` (see ``train``).
+
+        Under ``torch.distributed`` each rank trains shards ``rank, rank + world, ...`` of them and
+        every rank gets every result; ``data_parallel`` trains each shard on all ranks with DDP
+        instead. ``resume``: the folder the shards will be saved to; each shard's per-epoch
+        checkpoint is kept under it (``resume/shard_<i>.pt``) and resumed from, and ``save``
+        deletes those of the shards it writes."""
         todo = range(len(self.shards)) if shards is None else shards
         if isinstance(todo, (Tensor, str, bytes)) or not isinstance(todo, Sequence):
             raise TypeError(f"shards: expected a sequence of shard indices, got {type(shards).__name__}")
@@ -188,10 +210,11 @@ class ShardedTAFT:
         if len(set(todo)) != len(todo):
             raise ValueError(f"shards: expected unique shard indices, got {todo}")
         workers = check_int("workers", workers, minimum=1)
-        num_samples = self._check_data(inputs, targets)
+        data = self._check_data(inputs, targets)
         nonempty = {i: self.shards[i] for i in todo if len(self.shards[i])}
-        outcomes = self._train(inputs, targets, nonempty, workers, bool(progress))
-        self.num_samples = num_samples
+        folder = None if resume is None else os.fspath(resume)
+        outcomes = self._train(data, nonempty, workers, bool(progress), folder, bool(data_parallel))
+        self.num_samples = len(data)
         for i, (offsets, result) in outcomes.items():
             self.offsets[i], self.results[i] = offsets, result
         return {i: self.results[i] for i in outcomes}
@@ -226,8 +249,9 @@ class ShardedTAFT:
         model.load_state_dict(self.offsets[index])
         return model
 
-    def _after_forgetting(self) -> None:
-        """Carry a forgetting over to the composed model and to every folder holding this object."""
+    def _after_forgetting(self, touched: list[int]) -> None:
+        """Carry a forgetting over to the composed model and to every folder holding this object
+        (whose checkpoints of the ``touched`` shards are deleted: they saw the forgotten data)."""
         if self._composed is not None:
             if self.active():
                 self.model.load_state_dict(self.composed_offsets(self._composed))
@@ -237,7 +261,7 @@ class ShardedTAFT:
                         p.zero_()
         for folder in sorted(self._folders):
             if os.path.isdir(folder):
-                self._write(folder)
+                self._write(folder, touched)
             else:
                 self._folders.discard(folder)
 
@@ -247,28 +271,30 @@ class ShardedTAFT:
         self.offsets.pop(index, None)
         self.results.pop(index, None)
         self.shards[index] = self.shards[index][:0]
-        self._after_forgetting()
+        self._after_forgetting([index])
 
-    def forget_samples(self, samples: Sequence[int] | Tensor, inputs: Tensor | None = None,
-                       targets: Tensor | None = None, retrain: bool = True) -> list[int]:  # fmt: skip
-        """Remove ``samples`` from every shard that saw them; retrain the trained ones among those
-        shards on what remains (``inputs``/``targets``, the whole dataset, needed), or drop them
+    def forget_samples(self, samples: Sequence[int] | Tensor, inputs=None, targets: Tensor | None = None,
+                       retrain: bool = True) -> list[int]:  # fmt: skip
+        """Remove ``samples`` (indices into the dataset) from every shard that saw them; retrain the
+        trained ones among those shards on what remains (``inputs``, with ``targets`` for tensors:
+        the whole dataset as ``fit`` takes it, needed), or drop them
         from the composition. Returns the shards touched. All checks and the retraining come
         before any change: if one fails, the object is as it was."""
         if not isinstance(retrain, bool):
             raise TypeError(f"retrain: expected a bool, got {type(retrain).__name__}")
-        if (inputs is None) != (targets is None):
-            raise ValueError("forget_samples: expected both inputs and targets, or neither")
+        if inputs is None and targets is not None:
+            raise ValueError("forget_samples: targets without inputs; expected both, inputs alone or neither")
         samples = check_indices("samples", samples, limit=self.num_samples)
-        if inputs is not None:
-            samples = check_indices("samples", samples, limit=self._check_data(inputs, targets))
+        data = None if inputs is None else self._check_data(inputs, targets)
+        if data is not None:
+            samples = check_indices("samples", samples, limit=len(data))
         touched = [i for i, s in enumerate(self.shards) if bool(torch.isin(s, samples).any())]
         remaining = {i: self.shards[i][~torch.isin(self.shards[i], samples)] for i in touched}
         todo = {i: remaining[i] for i in touched if retrain and i in self.offsets and len(remaining[i])}
         if todo and inputs is None:
             raise ValueError(f"forget_samples: retrain=True needs inputs and targets to retrain shards "
                              f"{sorted(todo)} (or retrain=False to drop them from the composition)")
-        retrained = self._train(inputs, targets, todo, workers=1, progress=False) if todo else {}
+        retrained = self._train(data, todo, workers=1, progress=False) if todo else {}
         for i in touched:
             self.shards[i] = remaining[i]
             self.offsets.pop(i, None)
@@ -276,14 +302,14 @@ class ShardedTAFT:
             if i in retrained:
                 self.offsets[i], self.results[i] = retrained[i]
         if touched:
-            self._after_forgetting()
+            self._after_forgetting(touched)
         return touched
 
-    def _write(self, folder: str) -> None:
+    def _write(self, folder: str, stale: Sequence[int] = ()) -> None:
         self._check_shards(self.num_samples)
         active = self.active()
         on_disk.write(folder, self.model, self.shards, {i: self.offsets[i] for i in active}, self.num_samples,
-                      repr(self.config))  # fmt: skip
+                      repr(self.config), stale)  # fmt: skip
 
     def save(self, folder: str | os.PathLike) -> None:
         """One safetensors file of offsets per active shard (with the base fingerprint), and the

@@ -1,0 +1,129 @@
+"""The TAFT command line end to end on small image folders: train, eval, forget, and torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tangent_kernels import taft
+from tangent_kernels.taft.cli import main, open_run
+from test_taft_data import write_image_folder
+
+MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "16",
+         "--model-args", json.dumps({"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})]  # fmt: skip
+
+
+def train_args(data, out, *extra):
+    return ["train", *MODEL, "--data", str(data), "--out", str(out), "--epochs", "1", "--batch-size", "4", *extra]
+
+
+def saved(out):
+    """The composition and the shards of the run in ``out``."""
+    _, sharded, _ = open_run(str(out), torch.device("cpu"))
+    return sharded.composed_offsets(), sharded
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    return write_image_folder(root / "train", per_class=4), write_image_folder(root / "test", per_class=2, seed=1)
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_train_eval_forget(images, tmp_path, capsys):
+    train, test = images
+    out = tmp_path / "out"
+    main(train_args(train, out, "--shards", "2", "--dw-penalty", "1e-5", "--eval-mode"))
+    assert "saved 2 shard(s)" in capsys.readouterr().out
+    composed, sharded = saved(out)
+    main(train_args(train, out, "--shards", "2", "--dw-penalty", "1e-5", "--eval-mode"))  # done: nothing to resume
+    assert all(torch.equal(composed[n], t) for n, t in saved(out)[0].items())
+    with pytest.raises(SystemExit):
+        main(train_args(train, out, "--shards", "3"))
+    assert "holds another run" in capsys.readouterr().err
+
+    main(["eval", "--out", str(out), "--data", str(test), "--per-shard"])
+    printed = capsys.readouterr().out
+    assert "composition of 2 shard(s): top-1" in printed and "shard 1 (6 samples): top-1" in printed
+
+    victim = int(sharded.shards[1][0])
+    path = Path(open_run(str(out), torch.device("cpu"))[2].samples[victim][0])
+    (tmp_path / "forget.txt").write_text(f"{path.relative_to(train)}\n")
+    main(["forget", "--out", str(out), "--samples", str(tmp_path / "forget.txt")])
+    assert "retrained shard(s) [1]" in capsys.readouterr().out
+    _, after = saved(out)
+    assert victim not in after.shards[1].tolist() and len(after.shards[1]) == 5
+    assert all(torch.equal(sharded.offsets[0][n], t) for n, t in after.offsets[0].items())  # shard 0 untouched
+    main(["forget", "--out", str(out), "--shard", "0"])
+    assert sorted(p.name for p in out.glob("shard_[0-9]*")) == ["shard_1.safetensors"]
+    assert not list((out / "resume").iterdir())
+    with pytest.raises(SystemExit):
+        main(["forget", "--out", str(out), "--samples", "0,x"])
+    assert "--samples: expected comma-separated sample ids" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_class_incremental_protocol_evaluates_after_each_task(images, tmp_path, capsys):
+    train, test = images
+    main(train_args(train, tmp_path / "out", "--shards", "3", "--protocol", "class-incremental", "--test", str(test)))
+    tasks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("task ")]
+    assert len(tasks) == 3 and "classes ['class_0']; composition top-1" in tasks[0]
+    assert tasks[2].endswith("on 6 test images") and tasks[0].endswith("on 2 test images")
+
+
+def this_package():
+    """The environment for a subprocess that imports this checkout's ``tangent_kernels``."""
+    path = os.pathsep.join([str(Path(taft.__file__).parents[2]), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args, cwd):
+    """``train`` under ``torchrun --nproc_per_node 2`` (gloo on the CPU), in a subprocess."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "tangent_kernels.taft", *args]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=this_package(), cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def largest_difference(first, second):
+    one, two = saved(first)[0], saved(second)[0]
+    return max(float((one[n] - two[n]).abs().max()) for n in one)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_torchrun_two_processes_compose_as_one(images, tmp_path):
+    train, _ = images
+    main(train_args(train, tmp_path / "one", "--shards", "3"))
+    printed = torchrun(train_args(train, tmp_path / "two", "--shards", "3"), tmp_path)
+    for shard, rank in ((0, 0), (1, 1), (2, 0)):  # rank r trains shards r, r + 2, ...
+        assert f"shard {shard} (rank {rank})" in printed
+    assert largest_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_data_parallel_shard_trains_as_one_process(images, tmp_path):
+    """DDP, each rank on half of every batch: one process's result up to rounding (SGD: Adam's
+    normalization turns the rounding of a near-zero gradient into a step of size lr)."""
+    train, _ = images
+    args = ("--shards", "1", "--epochs", "2", "--optimizer", "sgd")
+    main(train_args(train, tmp_path / "one", *args))
+    torchrun(train_args(train, tmp_path / "two", *args, "--data-parallel"), tmp_path)
+    assert largest_difference(tmp_path / "one", tmp_path / "two") <= 1e-6
+
+
+@pytest.mark.timeout(300)
+def test_class_incremental_example_runs(tmp_path):
+    """examples/taft_class_incremental.py end to end, briefly: its table has a row per task."""
+    example = Path(__file__).parent.parent / "examples" / "taft_class_incremental.py"
+    result = subprocess.run([sys.executable, str(example), "--epochs", "1", "--pretrain-epochs", "1"],
+                            capture_output=True, text=True, timeout=240, env=this_package(), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit() and "]" in line]
+    assert [row[0] for row in rows] == ["1", "2"] and all(0 <= float(row[-1]) <= 1 for row in rows)
