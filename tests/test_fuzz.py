@@ -349,6 +349,11 @@ def check_gradients(call: Call, y: Tensor, y_t: Tensor | None, seed: int) -> Non
             if e is not None and e.numel()
         ]
     )
+    # an attention scale above 1 multiplies the rounding of the softmax terms that cancel in dS
+    # (a saturated row: p = 1 − ε where torch's float32 softmax rounds to exactly 1 and 0)
+    scale = call.options.get("scale")
+    if isinstance(scale, float) and math.isfinite(scale):
+        largest *= max(1.0, abs(scale))
     for (name, t), a, e, b in zip(wanted.items(), ours, results[torch.float64], results[y.dtype]):
         zeros = torch.zeros(t.shape, dtype=t.dtype)
         assert_matches(
