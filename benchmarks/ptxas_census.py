@@ -21,6 +21,7 @@ import argparse
 import collections
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -71,23 +72,23 @@ def census(module: str, options: list[str]) -> list[dict]:
 
 
 def _yardstick_table(rows: list[dict], tutorial: list[dict]) -> list[str]:
-    counts = {(r["kernel"].split()[-1], r["config"].split()[1], r["target"]): r["sass_instructions_per_tile"]
-              for r in rows if r["kernel"].startswith("ptxas_census") and r["specialization"] == "aligned"}  # fmt: skip
-    counts.update({("tutorial", f"D={t['D']}", t["target"]): t["loop_instructions"] for t in tutorial})
-    lines = ["| target | head dim | tutorial | reference | fwd-primal | fwd+tangent | fwd-primal / tutorial | "
+    counts = {(r["kernel"].split()[-1], r["config"].split()[1], r["target"], r["specialization"]):
+              r["sass_instructions_per_tile"] for r in rows if r["kernel"].startswith("ptxas_census")}  # fmt: skip
+    counts.update({("tutorial", f"D={t['D']}", t["target"], "aligned"): t["loop_instructions"] for t in tutorial})
+    names = ("tutorial", "reference", "fwd-primal", "fwd+tangent")
+    lines = ["| target | head dim | launch | tutorial | reference | fwd-primal | fwd+tangent | fwd-primal / tutorial | "
              "fwd+tangent / tutorial | fwd-primal / reference | fwd+tangent / reference |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for target, head_dim in sorted({(t, d) for _, d, t in counts}):
-        names = ("tutorial", "reference", "fwd-primal", "fwd+tangent")
-        n = {name: counts.get((name, head_dim, target)) for name in names}
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for target, head_dim, launch in sorted({(key[2], key[1], key[3]) for key in counts if key[0] != "tutorial"}):
+        n = {name: counts.get((name, head_dim, target, launch)) for name in names}
 
         def ratio(a, b):
             return f"{n[a] / n[b]:.2f}" if n[a] and n[b] else "–"
 
-        lines.append(f"| {target} | {head_dim} | " + " | ".join(str(v or "–") for v in n.values()) + " | "
-                     + " | ".join(ratio(a, b) for a, b in (("fwd-primal", "tutorial"), ("fwd+tangent", "tutorial"),
-                                                          ("fwd-primal", "reference"), ("fwd+tangent", "reference")))
-                     + " |")  # fmt: skip
+        ratios = (("fwd-primal", "tutorial"), ("fwd+tangent", "tutorial"), ("fwd-primal", "reference"),
+                  ("fwd+tangent", "reference"))  # fmt: skip
+        lines.append(f"| {target} | {head_dim} | {launch} | " + " | ".join(str(v or "–") for v in n.values()) + " | "
+                     + " | ".join(ratio(a, b) for a, b in ratios) + " |")  # fmt: skip
     return lines
 
 
@@ -175,7 +176,7 @@ def main() -> None:
     start = time.time()
     rows = [row for module in args.modules for row in census(module, options)]
     tutorial = [json.loads(line) for line in args.tutorial.read_text().splitlines()] if args.tutorial else []
-    command = "python -m benchmarks.ptxas_census " + " ".join(sys.argv[1:])
+    command = "python -m benchmarks.ptxas_census " + shlex.join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "census.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     if tutorial:

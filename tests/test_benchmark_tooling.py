@@ -67,7 +67,7 @@ def test_ptxas_census_summary():
     text = summary(rows, "versions", 60.0, "python -m benchmarks.ptxas_census", tutorial)
     assert "| attention fwd | fp32-ieee | sm_90 | aligned | 2 | 0 | 1 | 16 | 255 |" in text
     assert "- attention fwd fp32-ieee D=64 M=64 N=16 w=8 s=2 on sm_90 (aligned)" in text  # the first config spills
-    assert "| sm_90 | D=64 | 300 | 330 | – | 660 | – | 2.20 | – | 2.00 |" in text
+    assert "| sm_90 | D=64 | aligned | 300 | 330 | – | 660 | – | 2.20 | – | 2.00 |" in text
 
 
 @pytest.mark.parametrize("head_dim, keys", [(64, 197), (80, 32), (16, 7)])  # a partial last key tile, none, one only
