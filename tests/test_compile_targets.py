@@ -6,8 +6,8 @@ module's ``compile_specs()`` is compiled here for real targets, with no GPU (DES
 the specialization Triton's launcher derives from a B=4 H=16 N=4096 launch. Every config must
 fit the target's shared memory and registers (sm_80 and sm_90); the first config of each tile list
 (kernel, dtype and precision, head dim), the only one that runs with autotuning off, must also be
-free of register spills and fit the 99 KB of sm_86/sm_89 (RTX 30/40, A10, L4), where it is compiled
-too. The full matrix (every target, the odd-length specialization, SASS counts) is the census:
+free of register spills and fit the 99 KB of sm_86/sm_89 (RTX 30/40, A10, L4), and is compiled for
+sm_86 too. The full matrix (every target, the odd-length specialization, SASS counts) is the census:
 ``python -m benchmarks.ptxas_census``.
 """
 
@@ -77,14 +77,16 @@ def test_compiles_for_sm80_and_sm90(module):
 
 
 @pytest.mark.parametrize("module", [m for m in KERNEL_MODULES if "attention" in m])
-def test_first_configs_on_sm86_and_sm89(module):
-    """The tiled attention kernels' first configs, compiled for sm_86 and sm_89 themselves: ptxas
-    allocates registers there differently from sm_80 (a config spill-free on one spilled on the other)."""
+def test_first_configs_on_sm86(module):
+    """The tiled attention kernels' first configs, compiled for sm_86 itself: ptxas allocates
+    registers there differently from sm_80 (configs spill-free on sm_80 spilled 4-56 bytes there).
+    sm_89 compiles exactly as sm_86 (the census: the same registers, spills, shared memory and SASS
+    for every first config), so it is left to the census to keep this test within about a minute."""
     if not triton_package.AVAILABLE:
         pytest.skip(triton_package.UNAVAILABLE_REASON)
-    results = compile_for_gpu_targets(module, "--registers", "--first", "--targets", "86,89",
-                                      "--specializations", "aligned")  # fmt: skip
-    failures = [r for r in results if not r["ok"]]
+    results = compile_for_gpu_targets(module, "--registers", "--first", "--targets", "86", "--specializations",
+                                      "aligned")  # fmt: skip
+    failures = [r for r in results if not r["ok"] and (module, tile_list(r["spec"])) not in EXCEPTIONS]
     assert not failures, "\n".join(str(f) for f in failures[:10])
     problems = _first_config_problems(results, module)
     assert problems.keys() <= EXCEPTIONS.keys(), problems
