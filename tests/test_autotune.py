@@ -41,7 +41,8 @@ def test_lengths_in_one_bucket_share_the_key(tuner, lengths):
 
 
 def test_configs_over_the_devices_shared_memory_are_dropped(monkeypatch):
-    """In order, and with autotuning off (one wanted) the first that fits runs; none fitting is\n    Triton's OutOfResources (the second-order attention then falls back on torch ops)."""
+    """In order, and with autotuning off (one wanted) the first that fits runs; none fitting is
+    Triton's OutOfResources (the second-order attention then falls back on torch ops)."""
 
     class Kernel:
         def warmup(self, grid, **kwargs):

@@ -328,10 +328,11 @@ def _attention_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class (see tile_class) and padded
-# head dim. Chosen without a GPU, from the census (benchmarks/results/ptxas-2026-12-02: every
-# config compiled as a B=4 H=16 N=4096 launch specializes it, every feature on): the first config
-# of each list, the only one that runs with autotuning off, is the largest tile that ptxas compiles
-# without register spills on sm_80, sm_86, sm_89 and sm_90 and within 99 KB of shared memory
+# head dim. Chosen without a GPU, from ptxas's counts for each config compiled as a B=4 H=16
+# N=4096 launch specializes it, every feature on (every config on sm_80/sm_90, the first ones on six
+# targets: benchmarks/results/ptxas-2026-12-02): the first config of each list, the only one that
+# runs with autotuning off, is the largest tile found that ptxas compiles without register spills
+# on sm_80, sm_86, sm_89 and sm_90 and within 99 KB of shared memory
 # (sm_86/89); tests/test_compile_targets.py holds every list to that. The others are alternatives
 # for the autotuner (some spill a little or need more than 99 KB; none spills 1 KB or more), which
 # at launch drops those over the device's shared memory. fp32 tiles take twice the shared memory
