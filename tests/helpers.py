@@ -64,10 +64,11 @@ def grads(output, inputs, grad_output):
 
 
 def compile_for_gpu_targets(module: str, *options: str) -> list[dict]:
-    """Compile every kernel spec of ``module`` for sm_80 and sm_90 in a subprocess.
+    """Compile the kernel specs of ``module`` for GPU targets in a subprocess.
 
     It runs without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled); returns one
-    result per (spec, target), as printed by ``tangent_kernels.triton.compile_check`` with ``options``.
+    result per (spec, target, specialization), as printed by ``tangent_kernels.triton.compile_check``
+    with ``options`` (which choose the targets, specializations and specs).
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     process = subprocess.run(

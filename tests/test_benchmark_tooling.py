@@ -3,6 +3,7 @@ the record of measured linear paths. (Timings themselves are never asserted.)"""
 
 import json
 
+import pytest
 import torch
 
 from benchmarks.linear_paths import update
@@ -11,6 +12,8 @@ from benchmarks.ptxas_census import summary
 from benchmarks.report import markdown_table
 from benchmarks.run import format_table, run_case
 from benchmarks.suites import Case
+
+import tangent_kernels.triton as triton_package
 
 
 def synthetic_case():
@@ -49,12 +52,32 @@ def test_linear_paths_follow_the_measurement():
 
 
 def test_ptxas_census_summary():
+    def row(kernel, config, target, spill, shared=1000, instructions=None):
+        return {"kernel": kernel, "config": config, "target": target, "specialization": "aligned", "registers": 255,
+                "spill_bytes": spill, "shared_bytes": shared, "fits": True, "mma": "wgmma",
+                "sass_instructions_per_tile": instructions}  # fmt: skip
+
     rows = [
-        {"module": "tangent_kernels.triton.attention", "spec": "fwd fp32-ieee D=64 M=64 N=16 w=8 s=2",
-         "target": "sm_90", "registers": 255, "spill_bytes": 16},
-        {"module": "tangent_kernels.triton.attention", "spec": "fwd fp32-ieee D=64 M=32 N=16 w=4 s=2",
-         "target": "sm_90", "registers": 32, "spill_bytes": 20000},
+        row("attention fwd", "fp32-ieee D=64 M=64 N=16 w=8 s=2", "sm_90", 16),
+        row("attention fwd", "fp32-ieee D=64 M=32 N=16 w=4 s=2", "sm_90", 0, shared=120000),
+        row("ptxas_census reference", "fp16 D=64 M=128 N=64 w=8 s=3", "sm_90", 0, instructions=330),
+        row("ptxas_census fwd+tangent", "fp16 D=64 M=128 N=64 w=8 s=3", "sm_90", 0, instructions=660),
     ]
-    text = summary(rows, "versions")
-    assert "| attention | fwd | fp32-ieee | sm_90 | 2 | 20000 |" in text
-    assert "- sm_90 fwd fp32-ieee D=64 M=32 N=16 w=4 s=2: 32 registers, 20000 bytes" in text
+    tutorial = [{"target": "sm_90", "D": 64, "loop_instructions": 300}]
+    text = summary(rows, "versions", 60.0, "python -m benchmarks.ptxas_census", tutorial)
+    assert "| attention fwd | fp32-ieee | sm_90 | aligned | 2 | 0 | 1 | 16 | 255 |" in text
+    assert "- attention fwd fp32-ieee D=64 M=64 N=16 w=8 s=2 on sm_90 (aligned)" in text  # the first config spills
+    assert "| sm_90 | D=64 | aligned | 300 | 330 | – | 660 | – | 2.20 | – | 2.00 |" in text
+
+
+@pytest.mark.parametrize("head_dim, keys", [(64, 197), (80, 32), (16, 7)])  # a partial last key tile, none, one only
+def test_flash_reference_matches_sdpa(device, head_dim, keys):
+    """The census's yardstick forward computes attention (under the interpreter on a CPU)."""
+    if not triton_package.AVAILABLE:
+        pytest.skip(triton_package.UNAVAILABLE_REASON)
+    from benchmarks.flash_reference import flash_forward
+
+    q = torch.randn(2, 3, 33, head_dim, device=device)
+    k, v = torch.randn(2, 2, 3, keys, head_dim, device=device).unbind(0)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    torch.testing.assert_close(flash_forward(q, k, v, block_m=16, block_n=16).double(), expected, atol=1e-5, rtol=1e-5)

@@ -94,22 +94,91 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
     return ""
 
 
-def autotune(configs, key, prune):
-    """``triton.autotune`` over the configs that ``prune(configs, named_args, **kwargs)`` keeps.
+def length_bucket(length: int) -> int:
+    """The power of two at or above ``length``: autotuning keys hold it, not the length itself, so
+    variable-length inputs (text, image sizes) tune once per bucket, not once per length."""
+    return 1 << max(int(length) - 1, 0).bit_length()
+
+
+class _BucketedCache(dict):
+    """An autotuner's cache of the best config per key, with the key's entries at ``positions``
+    (sequence lengths) replaced by their ``length_bucket``."""
+
+    def __init__(self, positions):
+        super().__init__()
+        self.positions = positions
+
+    def bucketed(self, key: tuple) -> tuple:
+        return tuple(length_bucket(v) if i in self.positions else v for i, v in enumerate(key))
+
+    def __contains__(self, key):
+        return super().__contains__(self.bucketed(key))
+
+    def __getitem__(self, key):
+        return super().__getitem__(self.bucketed(key))
+
+    def __setitem__(self, key, value):
+        super().__setitem__(self.bucketed(key), value)
+
+    def get(self, key, default=None):
+        return super().get(self.bucketed(key), default)
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Opt-in shared memory per block of ``device``; ``None`` off CUDA (the interpreter has no limit)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def fitting_configs(kernel, configs, args: dict, wanted: int | None = None) -> list:
+    """The first ``wanted`` (all if ``None``) of ``configs`` whose compile for a launch of ``kernel``
+    with ``args`` fits the launch device's shared memory, in order (Triton's ``warmup`` compiles
+    without launching; the autotuner would compile each config anyway). Off CUDA all fit; if none
+    fits, Triton's ``OutOfResources`` (callers fall back on it)."""
+    device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
+    limit = shared_memory_limit(device)
+    if limit is None:
+        return configs[:wanted]
+    kept, too_big = [], []
+    for config in configs:
+        if wanted is not None and len(kept) == wanted:
+            break
+        shared = kernel.warmup(grid=(1,), **args, **config.all_kwargs()).metadata.shared
+        (kept if shared <= limit else too_big).append(config if shared <= limit else shared)
+    if not kept:
+        from triton.runtime.errors import OutOfResources
+
+        raise OutOfResources(min(too_big), limit, "shared memory")
+    return kept
+
+
+def autotune(configs, key, prune, lengths=()):
+    """``triton.autotune`` over the configs that ``prune(configs, named_args, **kwargs)`` keeps and
+    that fit the launch device's shared memory (``fitting_configs``), keyed on ``key`` with the
+    arguments named in ``lengths`` bucketed (``length_bucket``).
 
     With tuning off (the interpreter, or ``TANGENT_KERNELS_AUTOTUNE=0`` as the tests set) only the
     first kept config runs, so a test exercises exactly one config and never benchmarks.
     """
+    unknown = set(lengths) - set(key)
+    if unknown:
+        raise ValueError(f"lengths: {sorted(unknown)} are not in key {key}")
 
-    def first_only(configs_, named_args, **kwargs):
-        return prune(configs_, named_args, **kwargs)[:1]
+    def decorate(kernel):
+        def early_config_prune(configs_, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            return fitting_configs(kernel, prune(configs_, named_args, **kwargs), args, None if TUNING else 1)
 
-    return triton.autotune(
-        configs=configs,
-        key=key,
-        prune_configs_by={"early_config_prune": prune if TUNING else first_only},
-    )
+        tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_config_prune})
+        tuner = tuner(kernel)
+        # The tuner's key lists ``key`` in order (every name is an argument of each launch).
+        tuner.cache = _BucketedCache({i for i, name in enumerate(key) if name in lengths})
+        return tuner
+
+    return decorate
 
 
-# Opt-in dynamic shared memory per block (CUDA programming guide, compute capabilities table).
-SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+# Opt-in shared memory per block by compute capability (CUDA programming guide, the table of
+# technical specifications: 163 KB on 8.0, 99 KB on 8.6, 8.9 and 12.x, 227 KB on 9.0 and 10.0).
+SHARED_MEMORY_PER_BLOCK = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}

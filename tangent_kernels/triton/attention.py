@@ -328,82 +328,84 @@ def _attention_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class (see tile_class) and padded
-# head dim; each entry compiles for sm_80 and sm_90 within shared memory
-# (tests/test_compile_targets.py). fp32 tiles take twice the shared memory of fp16/bf16 ones, so
-# they get smaller tiles. Exact (IEEE) fp32 products run on the FMA units, and every thread then
-# holds far more of each tile: the TF32-sized tiles compiled to 32 registers and 10-72 KB of
-# spills per thread under ptxas 12.9 for head dims >= 64, so the IEEE class lists the tiles that
-# spill least by ptxas's own count (sm_90, all features on), which is all a machine without a
-# GPU can measure; with autotuning on, the GPU picks among them. Each list starts with a config
-# that stays out of ptxas's 32-register mode on both targets (with autotuning off only the first
-# runs); benchmarks/results/ptxas-2026-11-24 has the census.
+# head dim. Chosen without a GPU, from ptxas's counts for each config compiled as a B=4 H=16
+# N=4096 launch specializes it, every feature on (every config on sm_80/sm_90, the first ones on six
+# targets: benchmarks/results/ptxas-2026-12-02): the first config of each list, the only one that
+# runs with autotuning off, is the largest tile found that ptxas compiles without register spills
+# on sm_80, sm_86, sm_89 and sm_90 and within 99 KB of shared memory
+# (sm_86/89); tests/test_compile_targets.py holds every list to that. The others are alternatives
+# for the autotuner (some spill a little or need more than 99 KB; none spills 1 KB or more), which
+# at launch drops those over the device's shared memory. fp32 tiles take twice the shared memory
+# of 16-bit ones; exact (IEEE) fp32 products run on the FMA units, where every thread holds far
+# more of each tile, so that class has the smallest tiles. Exception: IEEE fp32 at head dim 256,
+# where even 16×16 spills (632 bytes at 8 warps, the least found).
 
 _FWD_CONFIGS = {
     "16-bit": {
-        16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        16: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+        32: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
         64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
-        256: [(32, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 1)],
+        128: [(64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
+        256: [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
     },
     "tf32": {
         16: [(64, 64, 4, 3), (128, 64, 4, 3)],
         32: [(64, 64, 4, 3), (128, 64, 4, 3)],
         64: [(64, 32, 4, 2), (32, 64, 4, 2)],
-        128: [(32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)],  # the last: 84 KB, for sm_86/89 (99 KB)
-        256: [(16, 32, 8, 1), (16, 16, 8, 1)],
+        128: [(32, 16, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 8, 2)],
+        256: [(16, 16, 8, 1), (16, 32, 8, 1)],
     },
     "ieee": {
         16: [(32, 64, 8, 2), (64, 32, 8, 2)],
         32: [(64, 16, 8, 2), (16, 32, 8, 2)],
-        64: [(64, 16, 8, 2), (32, 16, 4, 2)],
+        64: [(32, 16, 4, 2), (64, 16, 8, 2)],
         128: [(16, 16, 8, 2), (16, 32, 8, 1)],
-        256: [(16, 16, 8, 1)],  # (32, 16, 8, 1): 32 registers, 18 KB of spills on sm_80
+        256: [(16, 16, 8, 1)],
     },
 }
 _DKDV_CONFIGS = {
     "16-bit": {
         16: [(32, 128, 4, 3), (64, 64, 4, 3)],
-        32: [(32, 128, 4, 3), (64, 64, 4, 3)],
-        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
-        128: [(32, 128, 8, 2), (64, 64, 4, 2)],
-        256: [(32, 32, 4, 2), (32, 64, 4, 1)],
+        32: [(64, 64, 4, 3), (32, 128, 4, 3)],
+        64: [(32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+        128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
+        256: [(32, 32, 8, 1), (16, 32, 8, 2)],
     },
     "tf32": {
-        16: [(32, 128, 4, 3), (64, 64, 4, 3)],
-        32: [(32, 128, 4, 3), (64, 64, 4, 3)],
-        64: [(32, 128, 4, 3), (64, 64, 4, 3)],
-        128: [(32, 64, 8, 1), (32, 32, 4, 2)],
-        256: [(16, 32, 8, 1), (16, 16, 4, 1)],
+        16: [(64, 64, 4, 3), (32, 128, 4, 3)],
+        32: [(64, 64, 4, 3), (32, 128, 4, 3)],
+        64: [(64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3)],
+        128: [(32, 32, 4, 2), (32, 64, 8, 1)],
+        256: [(16, 16, 4, 1), (16, 32, 8, 1)],
     },
     "ieee": {
         16: [(64, 64, 8, 2), (32, 64, 8, 2)],
         32: [(32, 64, 8, 2), (64, 32, 4, 1)],
         64: [(32, 64, 8, 1), (64, 32, 8, 1)],
-        128: [(16, 64, 8, 1), (16, 32, 4, 1)],
-        256: [(16, 32, 8, 1), (16, 16, 4, 1)],
+        128: [(16, 32, 4, 1), (16, 64, 8, 1)],
+        256: [(16, 16, 4, 1), (16, 32, 8, 1)],
     },
 }
 _DQ_CONFIGS = {
     "16-bit": {
         16: [(128, 32, 4, 3), (64, 64, 4, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3)],
-        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 2)],
+        64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
         128: [(128, 32, 8, 2), (64, 64, 4, 2)],
-        256: [(64, 32, 4, 1), (32, 32, 4, 2)],
+        256: [(32, 32, 4, 2), (64, 32, 4, 1)],
     },
     "tf32": {
         16: [(128, 32, 4, 3), (64, 64, 4, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3)],
-        64: [(128, 32, 4, 3), (64, 64, 4, 3)],
-        128: [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],  # the last: 64 KB, for sm_86/89 (99 KB)
-        256: [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 8, 1)],  # the last: 64 KB, for sm_86/89
+        64: [(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        128: [(32, 32, 4, 1), (64, 64, 4, 2), (64, 32, 4, 2)],
+        256: [(16, 16, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1)],
     },
     "ieee": {
-        16: [(64, 64, 4, 2), (32, 64, 4, 2)],
+        16: [(32, 64, 4, 2), (64, 64, 4, 2)],
         32: [(64, 64, 8, 2), (32, 64, 4, 2)],
-        64: [(64, 32, 8, 2), (32, 32, 4, 2)],
-        128: [(32, 32, 4, 1), (64, 16, 8, 1)],
+        64: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        128: [(64, 16, 8, 1), (32, 32, 4, 1)],
         256: [(16, 32, 8, 1), (32, 16, 8, 1)],
     },
 }
@@ -434,11 +436,20 @@ def _pruner(table):
     return prune
 
 
+LENGTHS = ("q_len", "k_len")  # autotuned per power-of-two bucket of these
 _FWD_KEY = ["q_len", "k_len", "head_dim", "HAS_Q_T", "HAS_K_T", "HAS_V_T", "MASK_KIND", "IS_CAUSAL", "DOT_PRECISION"]
 _BWD_KEY = ["q_len", "k_len", "head_dim", "MASK_KIND", "IS_CAUSAL", "DOT_PRECISION"]
-_attention_jvp_fwd = autotune(_configs(_FWD_CONFIGS), _FWD_KEY, _pruner(_FWD_CONFIGS))(_attention_jvp_fwd_kernel)
-_attention_bwd_dkdv = autotune(_configs(_DKDV_CONFIGS), _BWD_KEY, _pruner(_DKDV_CONFIGS))(_attention_bwd_dkdv_kernel)
-_attention_bwd_dq = autotune(_configs(_DQ_CONFIGS), _BWD_KEY, _pruner(_DQ_CONFIGS))(_attention_bwd_dq_kernel)
+
+
+def tuned(kernel, table, key):
+    """``kernel`` autotuned over the configs of ``table`` (``_pruner``), keyed on ``key`` with the
+    sequence lengths bucketed."""
+    return autotune(_configs(table), key, _pruner(table), LENGTHS)(kernel)
+
+
+_attention_jvp_fwd = tuned(_attention_jvp_fwd_kernel, _FWD_CONFIGS, _FWD_KEY)
+_attention_bwd_dkdv = tuned(_attention_bwd_dkdv_kernel, _DKDV_CONFIGS, _BWD_KEY)
+_attention_bwd_dq = tuned(_attention_bwd_dq_kernel, _DQ_CONFIGS, _BWD_KEY)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -557,36 +568,52 @@ def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq
     return dq, dk, dv
 
 
-def tiled_specs(kernels, fp32_pointers):
-    """Compile specs of tiled attention kernels: for ``(name, kernel, config table, constexpr
-    flags)`` in ``kernels``, every config of its tile class in every compiled variant; pointers
-    named in ``fp32_pointers`` are fp32 (row statistics), ``MASK`` is bytes, other pointers are in
-    the variant's dtype."""
+# The launch the compile checks specialize for: batch and heads of a mid-size model (B=4, H=16).
+BATCH, HEADS = 4, 16
+
+
+def launch_args(kernel, dtype, tokens, head_dim, fp32_pointers, constexprs):
+    """Launch values of every argument of an attention kernel over contiguous ``(B, H, tokens,
+    head_dim)`` tensors in ``dtype`` (``compile_check``: a tensor is its dtype); pointers named in
+    ``fp32_pointers`` are fp32 row statistics, ``MASK`` a boolean key mask as bytes."""
+    strides = {"b": HEADS * tokens * head_dim, "h": tokens * head_dim, "m": head_dim, "n": head_dim}
+    ints = {"num_q_heads": HEADS, "num_kv_heads": HEADS, "num_heads": HEADS, "group_size": 1, "q_len": tokens,
+            "k_len": tokens, "head_dim": head_dim, "stride_mask_b": tokens, "stride_mask_n": 1}  # fmt: skip
+    args = {}
+    for arg in kernel.arg_names:
+        if arg in constexprs:
+            args[arg] = constexprs[arg]
+        elif arg in fp32_pointers:
+            args[arg] = torch.float32
+        elif arg == "MASK":
+            args[arg] = torch.uint8
+        elif arg.isupper():
+            args[arg] = dtype
+        elif arg == "scale":
+            args[arg] = head_dim**-0.5
+        else:
+            args[arg] = ints[arg] if arg in ints else strides[arg[-1]]
+    return args
+
+
+def tiled_specs(kernels, fp32_pointers, tokens):
+    """Compile specs of tiled attention kernels over ``tokens`` queries and keys: for ``(name,
+    kernel, config table, constexpr flags)`` in ``kernels``, every config of its tile class in
+    every compiled variant (``launch_args`` for the pointers)."""
     for dtype, precision, label in compiled_variants():
-        name = DTYPE_NAMES[dtype]
         for kernel_name, kernel, table, flags in kernels:
             for block_d, entries in table[tile_class(dtype.itemsize, precision)].items():
                 for block_m, block_n, warps, stages in entries:
                     constexprs = {**flags, "DOT_PRECISION": precision, "BLOCK_M": block_m,
                                   "BLOCK_N": block_n, "BLOCK_D": block_d}  # fmt: skip
-                    signature = {}
-                    for arg in kernel.arg_names:
-                        if arg in constexprs:
-                            continue
-                        if arg in fp32_pointers:
-                            signature[arg] = "*fp32"
-                        elif arg == "MASK":
-                            signature[arg] = "*u8"
-                        elif arg.isupper():
-                            signature[arg] = f"*{name}"
-                        else:
-                            signature[arg] = "fp32" if arg == "scale" else "i32"
+                    args = launch_args(kernel, dtype, tokens, block_d, fp32_pointers, constexprs)
                     yield (f"{kernel_name} {label} D={block_d} M={block_m} N={block_n} w={warps} s={stages}",
-                           kernel, signature, constexprs, warps, stages)  # fmt: skip
+                           kernel, args, warps, stages)  # fmt: skip
 
 
-def compile_specs():
-    """Every (kernel, signature, constexprs, num_warps, num_stages) this module can launch.
+def compile_specs(tokens):
+    """Every (name, kernel, launch args, num_warps, num_stages) this module can launch, over
+    ``tokens`` queries and keys.
 
     The forward is checked with every feature on (all tangents, a boolean key mask, causal),
     which holds the most tiles at once; the backward kernels likewise.
@@ -598,10 +625,9 @@ def compile_specs():
         ("dkdv", _attention_bwd_dkdv_kernel, _DKDV_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
         ("dq", _attention_bwd_dq_kernel, _DQ_CONFIGS, dict(MASK_KIND=MASK_BOOL, IS_CAUSAL=True)),
     )  # fmt: skip
-    yield from tiled_specs(kernels, fp32_pointers)
+    yield from tiled_specs(kernels, fp32_pointers, tokens)
     for dtype, name in DTYPE_NAMES.items():
-        signature = {arg: ("*fp32" if arg == "DELTA" else f"*{name}") if arg.isupper() else "i32"
-                     for arg in _attention_bwd_delta_kernel.arg_names if arg not in ("BLOCK_M", "BLOCK_D")}  # fmt: skip
         for block_d in _FWD_CONFIGS["16-bit"]:
-            yield (f"delta {name} D={block_d}", _attention_bwd_delta_kernel, signature,
-                   {"BLOCK_M": 64, "BLOCK_D": block_d}, 4)  # fmt: skip
+            args = launch_args(_attention_bwd_delta_kernel, dtype, tokens, block_d, {"DELTA"},
+                               {"BLOCK_M": 64, "BLOCK_D": block_d})  # fmt: skip
+            yield f"delta {name} D={block_d}", _attention_bwd_delta_kernel, args, 4, 3

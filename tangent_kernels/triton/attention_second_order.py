@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autotune, check_served, dot_precision, tile_class, unit_last_stride
-from .attention import MASK_BOOL, _configs, _mask_arguments, _masked_scores, _pruner, head_dim_block, tiled_specs
+from . import check_served, dot_precision, tile_class, unit_last_stride
+from .attention import MASK_BOOL, _mask_arguments, _masked_scores, head_dim_block, tiled_specs, tuned
 from .math import dot
 
 
@@ -351,25 +351,26 @@ def _second_order_dkdv_kernel(
 
 # ----------------------------------------------------------------------------------------------
 # configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class and padded head dim, as in
-# attention.py. A program here holds about twice the tiles of the flash backward's (k, v, k_t, v_t
-# on the key side; q, q_t, G, G_o on the query side) and makes about twice its products, so the
-# tiles are smaller and most configs take 8 warps. Chosen without a GPU: the largest tile that
-# ptxas (12.9, every feature on) compiles without spills on sm_80 and sm_90, within shared memory;
-# where none was found the one that spills least (IEEE fp32 at head dim 128: 16 to 576 bytes; 16-bit
-# stats at 256: 8 bytes). fp32 tiles at head dim 256 do not fit (up to 229 KB of shared memory, or
-# 10 KB of spills): ``serves`` leaves them to the torch recomputation. The key-tile kernel's fp32
-# TF32 tiles at head dim 128 take 112 KB of shared memory, more than sm_86/sm_89 give a block (99 KB).
+# attention.py (the first config of each list is spill-free on sm_80/86/89/90 and within 99 KB).
+# A program here holds about twice the tiles of the flash backward's (k, v, k_t, v_t on the key
+# side; q, q_t, G, G_o on the query side) and makes about twice its products, so the tiles are
+# smaller and most configs take 8 warps. Exceptions, from the census (no spill-free or fitting
+# tile found): IEEE fp32 at head dim 128 spills even at 16×16 (dq 268 bytes, dkdv 476; 16 warps
+# spill more), and the key-tile kernel's fp32 TF32 tiles at head dim 128 take 112 KB of shared
+# memory at any tile size (the eight 16×128 fp32 tiles), more than sm_86/89/120 give a block: there
+# the launch raises OutOfResources and the torch recomputation serves. fp32 tiles at head dim 256
+# do not fit at all: ``serves`` leaves them to the torch recomputation.
 
 _STATS_CONFIGS = {
-    "16-bit": {16: [(64, 64, 8, 2)], 32: [(64, 64, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(16, 32, 8, 2)],
+    "16-bit": {16: [(64, 64, 8, 2)], 32: [(64, 64, 8, 2)], 64: [(64, 32, 4, 2)], 128: [(16, 32, 8, 2)],
                256: [(16, 16, 8, 1)]},
-    "tf32": {16: [(64, 32, 4, 2)], 32: [(64, 32, 8, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 8, 1)]},
+    "tf32": {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(32, 32, 4, 2)], 128: [(16, 32, 8, 1)]},
     "ieee": {16: [(32, 32, 4, 2)], 32: [(32, 32, 4, 2)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1)]},
 }  # fmt: skip
 _DQ_CONFIGS = {
-    "16-bit": {16: [(64, 64, 4, 2)], 32: [(64, 64, 4, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)],
+    "16-bit": {16: [(64, 64, 4, 2)], 32: [(64, 64, 8, 2)], 64: [(64, 32, 8, 2)], 128: [(32, 32, 8, 1)],
                256: [(16, 32, 8, 1)]},
-    "tf32": {16: [(64, 32, 4, 2)], 32: [(64, 32, 4, 2)], 64: [(32, 32, 8, 2)], 128: [(16, 16, 8, 1)]},
+    "tf32": {16: [(64, 32, 4, 2)], 32: [(64, 32, 8, 2)], 64: [(32, 32, 8, 2)], 128: [(16, 16, 8, 1)]},
     "ieee": {16: [(32, 32, 4, 2)], 32: [(32, 32, 8, 1)], 64: [(16, 16, 8, 1)], 128: [(16, 16, 8, 1)]},
 }  # fmt: skip
 _DKDV_CONFIGS = {
@@ -387,11 +388,9 @@ def serves(dtype: torch.dtype, head_dim: int) -> bool:
 
 _KEY = ["q_len", "k_len", "head_dim", "HAS_Q_T", "HAS_K_T", "HAS_V_T", "HAS_GO", "MASK_KIND", "IS_CAUSAL",
         "DOT_PRECISION"]  # fmt: skip
-_stats = autotune(_configs(_STATS_CONFIGS), _KEY, _pruner(_STATS_CONFIGS))(_second_order_stats_kernel)
-_dq = autotune(_configs(_DQ_CONFIGS), _KEY, _pruner(_DQ_CONFIGS))(_second_order_dq_kernel)
-_dkdv = autotune(_configs(_DKDV_CONFIGS), [*_KEY, "MASK_GRAD"], _pruner(_DKDV_CONFIGS))(
-    _second_order_dkdv_kernel
-)
+_stats = tuned(_second_order_stats_kernel, _STATS_CONFIGS, _KEY)
+_dq = tuned(_second_order_dq_kernel, _DQ_CONFIGS, _KEY)
+_dkdv = tuned(_second_order_dkdv_kernel, _DKDV_CONFIGS, [*_KEY, "MASK_GRAD"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,8 +463,9 @@ def primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, scale, causal
     return dq, dk, dv, d_mask
 
 
-def compile_specs():
-    """Every (kernel, signature, constexprs, num_warps, num_stages) this module can launch, each with
+def compile_specs(tokens):
+    """Every (name, kernel, launch args, num_warps, num_stages) this module can launch over ``tokens``
+    queries and keys, each with
     every feature on (all tangents, both upstream streams, a boolean mask, causal; for the key-tile
     kernel also the mask gradient), which holds the most tiles at once."""
     fp32_pointers = {"LSE", "R", "C", "DELTA", "D_BIAS"}
@@ -473,4 +473,4 @@ def compile_specs():
     kernels = (("stats", _second_order_stats_kernel, _STATS_CONFIGS, flags),
                ("dq", _second_order_dq_kernel, _DQ_CONFIGS, flags),
                ("dkdv", _second_order_dkdv_kernel, _DKDV_CONFIGS, {**flags, "MASK_GRAD": True}))  # fmt: skip
-    yield from tiled_specs(kernels, fp32_pointers)
+    yield from tiled_specs(kernels, fp32_pointers, tokens)

@@ -70,12 +70,13 @@ def forward(h, h_t, bias, d_bias, approximate):
     return a, (a_t if has_tangent else None), derivative
 
 
-def compile_specs():
-    """The kernel for every dtype and both GELU forms, with every input present."""
-    for dtype, name in DTYPE_NAMES.items():
-        ptr = f"*{name}"
-        signature = {"H": ptr, "H_T": ptr, "BIAS": ptr, "D_BIAS": ptr, "A": ptr, "A_T": ptr, "DERIVATIVE": ptr,
-                     "numel": "i64", "N": "i32"}  # fmt: skip
+def compile_specs(tokens):
+    """The kernel for every dtype and both GELU forms, with every input present, over ``4 · tokens``
+    rows of 3072 features (``compile_check``: a tensor is its dtype)."""
+    features = 3072
+    for dtype in DTYPE_NAMES:
+        tensors = dict.fromkeys(("H", "H_T", "BIAS", "D_BIAS", "A", "A_T", "DERIVATIVE"), dtype)
         for tanh in (False, True):
-            constexprs = dict(HAS_H_T=True, HAS_BIAS=True, HAS_D_BIAS=True, TANH=tanh, BLOCK=BLOCK)
-            yield (f"gelu {dtype} tanh={tanh}", _gelu_jvp_kernel, signature, constexprs, NUM_WARPS)
+            args = dict(**tensors, numel=4 * tokens * features, N=features, HAS_H_T=True, HAS_BIAS=True,
+                        HAS_D_BIAS=True, TANH=tanh, BLOCK=BLOCK)  # fmt: skip
+            yield f"gelu {dtype} tanh={tanh}", _gelu_jvp_kernel, args, NUM_WARPS, 3

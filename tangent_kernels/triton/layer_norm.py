@@ -234,28 +234,22 @@ def _parallel_programs(device: torch.device) -> int:
     return 4  # the interpreter runs programs one after another; few programs mean few partials
 
 
-def compile_specs():
-    """Every (kernel, signature, constexprs, num_warps) this module can launch, for target checks."""
+def compile_specs(tokens):
+    """Every (name, kernel, launch args, num_warps, num_stages) this module can launch, over
+    ``4 · tokens`` rows as wide as each row tile (``compile_check``: a tensor is its dtype)."""
     flags_fwd = dict(HAS_X_T=True, HAS_W=True, HAS_B=True, HAS_D_W=True, HAS_D_B=True)
     flags_bwd = dict(HAS_W=True, INPUT_GRAD=True, PARAM_GRADS=True)
+    rows = 4 * tokens
     block = 16
     while block <= MAX_FEATURES:
-        for dtype, name in DTYPE_NAMES.items():
-            ptr = f"*{name}"
-            fwd_sig = {
-                "X": ptr, "X_T": ptr, "W": ptr, "B": ptr, "D_W": ptr, "D_B": ptr,
-                "Y": ptr, "Y_T": ptr, "MEAN": "*fp32", "RSTD": "*fp32",
-                "stride_x": "i32", "stride_x_t": "i32", "stride_y": "i32", "stride_y_t": "i32",
-                "N": "i32", "eps": "fp32",
-            }  # fmt: skip
-            bwd_sig = {
-                "G": ptr, "X": ptr, "W": ptr, "MEAN": "*fp32", "RSTD": "*fp32",
-                "G_X": ptr, "G_W_PARTIAL": "*fp32", "G_B_PARTIAL": "*fp32",
-                "stride_g": "i32", "stride_x": "i32", "stride_g_x": "i32",
-                "M": "i32", "N": "i32", "rows_per_program": "i32",
-            }  # fmt: skip
-            yield (f"fwd {dtype} BLOCK_N={block}", _layer_norm_jvp_fwd_kernel, fwd_sig,
-                   {**flags_fwd, "BLOCK_N": block}, num_warps(block))  # fmt: skip
-            yield (f"bwd {dtype} BLOCK_N={block}", _layer_norm_bwd_kernel, bwd_sig,
-                   {**flags_bwd, "BLOCK_N": block}, num_warps(block))  # fmt: skip
+        for dtype in DTYPE_NAMES:
+            stats = dict(MEAN=torch.float32, RSTD=torch.float32)
+            fwd = dict(**dict.fromkeys(("X", "X_T", "W", "B", "D_W", "D_B", "Y", "Y_T"), dtype), **stats,
+                       stride_x=block, stride_x_t=block, stride_y=block, stride_y_t=block, N=block, eps=1e-6,
+                       **flags_fwd, BLOCK_N=block)  # fmt: skip
+            bwd = dict(**dict.fromkeys(("G", "X", "W", "G_X"), dtype), **stats, G_W_PARTIAL=torch.float32,
+                       G_B_PARTIAL=torch.float32, stride_g=block, stride_x=block, stride_g_x=block, M=rows,
+                       N=block, rows_per_program=rows // 512 + 1, **flags_bwd, BLOCK_N=block)  # fmt: skip
+            yield f"fwd {dtype} BLOCK_N={block}", _layer_norm_jvp_fwd_kernel, fwd, num_warps(block), 3
+            yield f"bwd {dtype} BLOCK_N={block}", _layer_norm_bwd_kernel, bwd, num_warps(block), 3
         block *= 2
