@@ -49,19 +49,96 @@ def _masked_scores(
     stride_mask_n,
     MASK_KIND: tl.constexpr,
     IS_CAUSAL: tl.constexpr,
+    BOUNDED: tl.constexpr = True,
 ):
-    """Scores in log2 units with masked positions at -inf (keys past k_len, causal, padding)."""
+    """Scores in log2 units with masked positions at -inf (keys past k_len, causal, padding).
+
+    ``BOUNDED=False`` is for a tile with every key inside ``k_len`` and (causal) at or before every
+    query row: only the key-padding mask applies there.
+    """
     s = s * qk_scale
-    valid = cols[None, :] < k_len
     if MASK_KIND == 1:
         padding = tl.load(mask_row + cols * stride_mask_n, mask=cols < k_len, other=1)
-        valid = valid & (padding == 0)[None, :]
     if MASK_KIND == 2:
-        bias = tl.load(mask_row + cols * stride_mask_n, mask=cols < k_len, other=0.0).to(tl.float32)
-        s = s + bias[None, :] * 1.4426950408889634
-    if IS_CAUSAL:
-        valid = valid & (rows[:, None] >= cols[None, :])
-    return tl.where(valid, s, float("-inf"))
+        bias = tl.load(mask_row + cols * stride_mask_n, mask=cols < k_len, other=0.0)
+        s = s + bias.to(tl.float32)[None, :] * 1.4426950408889634
+    if BOUNDED:
+        valid = (cols < k_len)[None, :]
+        if IS_CAUSAL:
+            valid = valid & (rows[:, None] >= cols[None, :])
+        if MASK_KIND == 1:
+            valid = valid & (padding == 0)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+    elif MASK_KIND == 1:
+        s = tl.where((padding == 0)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _load_rows(
+    base,  # [1, BLOCK_D] pointers to row 0 of a tile's source
+    rows,  # [BLOCK] the rows to read
+    stride,  # stride between rows
+    num_rows,  # rows past this read as 0 (only if BOUNDED)
+    d_ok,  # [BLOCK_D] columns inside the head dim
+    BOUNDED: tl.constexpr,
+):
+    """A ``[BLOCK, BLOCK_D]`` tile; the row bound is checked only on tiles that can cross it."""
+    mask = d_ok[None, :]
+    if BOUNDED:
+        mask = mask & (rows < num_rows)[:, None]
+    return tl.load(base + rows[:, None] * stride, mask=mask, other=0.0)
+
+
+@triton.jit
+def _fwd_tiles(
+    acc, acc_t, m_i, l_i, r_i, c_i,  # running sums and row statistics (module docstring)
+    q, q_t,  # [BLOCK_M, BLOCK_D] query tiles (q_t read only if HAS_Q_T)
+    k_base, v_base, k_t_base, v_t_base,  # [1, BLOCK_D] pointers to key/value row 0 (tangents if given)
+    stride_kn, stride_vn, stride_ktn, stride_vtn,
+    lo, hi,  # the key tiles [lo, hi) to visit
+    rows, d_ok, k_len, scale, qk_scale, mask_row, stride_mask_n,
+    HAS_Q_T: tl.constexpr, HAS_K_T: tl.constexpr, HAS_V_T: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BOUNDED: tl.constexpr,
+):  # fmt: skip
+    """The forward over key tiles ``[lo, hi)``: the online-softmax update of both streams.
+    ``BOUNDED``: the tiles may reach past ``k_len`` or (causal) past a query row, so are masked."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, cols, stride_kn, k_len, d_ok, BOUNDED)
+        s = dot(q, tl.trans(k), None, DOT_PRECISION)
+        if HAS_Q_T or HAS_K_T:
+            s_t = tl.zeros(s.shape, dtype=tl.float32)
+            if HAS_Q_T:
+                s_t = dot(q_t, tl.trans(k), s_t, DOT_PRECISION)
+            if HAS_K_T:
+                k_t = _load_rows(k_t_base, cols, stride_ktn, k_len, d_ok, BOUNDED)
+                s_t = dot(q, tl.trans(k_t), s_t, DOT_PRECISION)
+        s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL, BOUNDED)
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep p = 0, α = 0
+        alpha = tl.exp2(m_i - m_shift)
+        p = tl.exp2(s - m_shift[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc_t = acc_t * alpha[:, None]
+        if HAS_Q_T or HAS_K_T:
+            p_s_t = p * (s_t * scale)
+            r_i = r_i * alpha + tl.sum(p_s_t, axis=1)
+            c_new = r_i / tl.where(l_i == 0.0, 1.0, l_i)  # all masked so far: r = 0, c = 0
+            acc_t -= (c_new - c_i)[:, None] * acc  # re-center what is summed so far on c_new
+            c_i = c_new
+        v = _load_rows(v_base, cols, stride_vn, k_len, d_ok, BOUNDED)
+        acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION)
+        if HAS_Q_T or HAS_K_T:
+            acc_t = dot((p_s_t - c_i[:, None] * p).to(v.dtype), v, acc_t, DOT_PRECISION)
+        if HAS_V_T:
+            v_t = _load_rows(v_t_base, cols, stride_vtn, k_len, d_ok, BOUNDED)
+            acc_t = dot(p.to(v_t.dtype), v_t, acc_t, DOT_PRECISION)
+        m_i = m_new
+    return acc, acc_t, m_i, l_i, r_i, c_i
 
 
 @triton.jit
@@ -96,7 +173,6 @@ def _attention_jvp_fwd_kernel(
     kv_h = h // group_size
 
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
     d_ok = offs_d < head_dim
@@ -104,6 +180,7 @@ def _attention_jvp_fwd_kernel(
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
                 mask=q_tile_mask, other=0.0)  # fmt: skip
+    q_t = q
     if HAS_Q_T:
         q_t = tl.load(Q_T + b * stride_qtb + h * stride_qth + rows[:, None] * stride_qtm + offs_d[None, :],
                       mask=q_tile_mask, other=0.0)  # fmt: skip
@@ -121,44 +198,21 @@ def _attention_jvp_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Key tiles [0, full) lie inside k_len and (causal) before every row of this query tile: they
+    # run unmasked; the rest, up to hi (the last partial tile, the causal diagonal), masked.
     hi = k_len
+    full = k_len // BLOCK_N * BLOCK_N
     if IS_CAUSAL:
         hi = tl.minimum(k_len, (start_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_tile_mask = (cols < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_tile_mask, other=0.0)
-        s = dot(q, tl.trans(k), None, DOT_PRECISION)
-        if HAS_Q_T or HAS_K_T:
-            s_t = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            if HAS_Q_T:
-                s_t = dot(q_t, tl.trans(k), s_t, DOT_PRECISION)
-            if HAS_K_T:
-                k_t = tl.load(k_t_base + cols[:, None] * stride_ktn, mask=kv_tile_mask, other=0.0)
-                s_t = dot(q, tl.trans(k_t), s_t, DOT_PRECISION)
-        s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL)
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep p = 0, α = 0
-        alpha = tl.exp2(m_i - m_shift)
-        p = tl.exp2(s - m_shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None]
-        acc_t = acc_t * alpha[:, None]
-        if HAS_Q_T or HAS_K_T:
-            p_s_t = p * (s_t * scale)
-            r_i = r_i * alpha + tl.sum(p_s_t, axis=1)
-            c_new = r_i / tl.where(l_i == 0.0, 1.0, l_i)  # all masked so far: r = 0, c = 0
-            acc_t -= (c_new - c_i)[:, None] * acc  # re-center what is summed so far on c_new
-            c_i = c_new
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_tile_mask, other=0.0)
-        acc = dot(p.to(v.dtype), v, acc, DOT_PRECISION)
-        if HAS_Q_T or HAS_K_T:
-            acc_t = dot((p_s_t - c_i[:, None] * p).to(v.dtype), v, acc_t, DOT_PRECISION)
-        if HAS_V_T:
-            v_t = tl.load(v_t_base + cols[:, None] * stride_vtn, mask=kv_tile_mask, other=0.0)
-            acc_t = dot(p.to(v_t.dtype), v_t, acc_t, DOT_PRECISION)
-        m_i = m_new
+        full = tl.minimum(k_len, start_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    acc, acc_t, m_i, l_i, r_i, c_i = _fwd_tiles(
+        acc, acc_t, m_i, l_i, r_i, c_i, q, q_t, k_base, v_base, k_t_base, v_t_base,
+        stride_kn, stride_vn, stride_ktn, stride_vtn, 0, full, rows, d_ok, k_len, scale, qk_scale, mask_row,
+        stride_mask_n, HAS_Q_T, HAS_K_T, HAS_V_T, MASK_KIND, IS_CAUSAL, DOT_PRECISION, BLOCK_N, False)  # fmt: skip
+    acc, acc_t, m_i, l_i, r_i, c_i = _fwd_tiles(
+        acc, acc_t, m_i, l_i, r_i, c_i, q, q_t, k_base, v_base, k_t_base, v_t_base,
+        stride_kn, stride_vn, stride_ktn, stride_vtn, full, hi, rows, d_ok, k_len, scale, qk_scale, mask_row,
+        stride_mask_n, HAS_Q_T, HAS_K_T, HAS_V_T, MASK_KIND, IS_CAUSAL, DOT_PRECISION, BLOCK_N, True)  # fmt: skip
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a fully masked row: acc is 0, so O is 0
     o = acc / l_safe[:, None]
@@ -195,6 +249,41 @@ def _attention_bwd_delta_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_d[None, :],
                  mask=tile_mask, other=0.0).to(tl.float32)  # fmt: skip
     tl.store(DELTA + bh.to(tl.int64) * q_len + rows, tl.sum(o * do, axis=1), mask=rows < q_len)
+
+
+@triton.jit
+def _dkdv_tiles(
+    dk, dv,  # [BLOCK_N, BLOCK_D] fp32 running gradients of this key tile
+    k, v,  # [BLOCK_N, BLOCK_D] this key tile
+    q_base, do_base,  # [1, BLOCK_D] pointers to row 0 of this query head's Q and dO
+    stride_qm, stride_dom,
+    lse_row, delta_row,  # pointers to this query head's LSE and DELTA rows
+    lo, hi, gap_at, gap,  # the query tiles [lo, hi), those from gap_at on moved up by gap
+    cols, q_len, k_len, d_ok, qk_scale, mask_row, stride_mask_n,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BOUNDED: tl.constexpr,
+):  # fmt: skip
+    """Accumulate ``dK, dV`` over query tiles. ``BOUNDED``: the tiles may reach past ``q_len`` or
+    (causal) hold queries before some of these keys, so they are masked. Keys past ``k_len`` need
+    no mask here: they reach only their own rows of dK and dV, which are not stored."""
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + tl.where(start_m < gap_at, 0, gap) + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_base, rows, stride_qm, q_len, d_ok, BOUNDED)
+        do = _load_rows(do_base, rows, stride_dom, q_len, d_ok, BOUNDED)
+        if BOUNDED:
+            lse = tl.load(lse_row + rows, mask=rows < q_len, other=float("inf"))
+            delta = tl.load(delta_row + rows, mask=rows < q_len, other=0.0)
+        else:
+            lse = tl.load(lse_row + rows)
+            delta = tl.load(delta_row + rows)
+        s = dot(q, tl.trans(k), None, DOT_PRECISION)
+        s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL, BOUNDED)
+        p = tl.exp2(s - lse[:, None])
+        dv = dot(tl.trans(p.to(do.dtype)), do, dv, DOT_PRECISION)
+        dp = dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk = dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -236,32 +325,55 @@ def _attention_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
+    # Query tiles before lo see none of these keys (causal); those in [lo, diagonal) see some and the
+    # last may be partial: these run masked (one loop, over the gap), the rest [diagonal, full) not.
     lo = 0
+    diagonal = 0
     if IS_CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M  # earlier queries see none of these keys
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diagonal = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_len)
+    full = tl.maximum(q_len // BLOCK_M * BLOCK_M, diagonal)
     for g in range(0, group_size):
         h = kv_h * group_size + g
         q_base = Q + b * stride_qb + h * stride_qh + offs_d[None, :]
         do_base = DO + b * stride_dob + h * stride_doh + offs_d[None, :]
-        stats_base = (b * num_q_heads + h) * q_len
-        for start_m in range(lo, q_len, BLOCK_M):
-            rows = start_m + offs_m
-            q_tile_mask = (rows < q_len)[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qm, mask=q_tile_mask, other=0.0)
-            do = tl.load(do_base + rows[:, None] * stride_dom, mask=q_tile_mask, other=0.0)
-            lse = tl.load(LSE + stats_base + rows, mask=rows < q_len, other=float("inf"))
-            delta = tl.load(DELTA + stats_base + rows, mask=rows < q_len, other=0.0)
-            s = dot(q, tl.trans(k), None, DOT_PRECISION)
-            s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL)
-            p = tl.exp2(s - lse[:, None])
-            dv = dot(tl.trans(p.to(do.dtype)), do, dv, DOT_PRECISION)
-            dp = dot(do, tl.trans(v), None, DOT_PRECISION)
-            ds = p * (dp - delta[:, None])
-            dk = dot(tl.trans(ds.to(q.dtype)), q, dk, DOT_PRECISION)
+        lse_row = LSE + (b * num_q_heads + h) * q_len
+        delta_row = DELTA + (b * num_q_heads + h) * q_len
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_row, delta_row,
+                             diagonal, full, full, 0, cols, q_len, k_len, d_ok, qk_scale, mask_row, stride_mask_n,
+                             MASK_KIND, IS_CAUSAL, DOT_PRECISION, BLOCK_M, False)  # fmt: skip
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, stride_qm, stride_dom, lse_row, delta_row,
+                             lo, diagonal + q_len - full, diagonal, full - diagonal, cols, q_len, k_len, d_ok,
+                             qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL, DOT_PRECISION, BLOCK_M, True)  # fmt: skip
 
     out = bh_kv.to(tl.int64) * k_len * head_dim + cols[:, None] * head_dim + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_tile_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_tile_mask)
+
+
+@triton.jit
+def _dq_tiles(
+    dq,  # [BLOCK_M, BLOCK_D] fp32 running gradient of this query tile
+    q, do, lse, delta,  # this query tile, its dO, and its rows' LSE and delta
+    k_base, v_base,  # [1, BLOCK_D] pointers to key/value row 0
+    stride_kn, stride_vn,
+    lo, hi,  # the key tiles [lo, hi) to visit
+    rows, k_len, d_ok, qk_scale, mask_row, stride_mask_n,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BOUNDED: tl.constexpr,
+):  # fmt: skip
+    """Accumulate ``dQ`` over key tiles ``[lo, hi)``, masked if ``BOUNDED`` (as in the forward)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, cols, stride_kn, k_len, d_ok, BOUNDED)
+        v = _load_rows(v_base, cols, stride_vn, k_len, d_ok, BOUNDED)
+        s = dot(q, tl.trans(k), None, DOT_PRECISION)
+        s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL, BOUNDED)
+        p = tl.exp2(s - lse[:, None])
+        dp = dot(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -290,7 +402,6 @@ def _attention_bwd_dq_kernel(
     kv_h = h // group_size
 
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
     d_ok = offs_d < head_dim
@@ -307,20 +418,16 @@ def _attention_bwd_dq_kernel(
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # unmasked key tiles, then the masked ones (as in the forward)
     hi = k_len
+    full = k_len // BLOCK_N * BLOCK_N
     if IS_CAUSAL:
         hi = tl.minimum(k_len, (start_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kv_tile_mask = (cols < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_tile_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_tile_mask, other=0.0)
-        s = dot(q, tl.trans(k), None, DOT_PRECISION)
-        s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL)
-        p = tl.exp2(s - lse[:, None])
-        dp = dot(do, tl.trans(v), None, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = dot(ds.to(k.dtype), k, dq, DOT_PRECISION)
+        full = tl.minimum(k_len, start_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, 0, full, rows, k_len, d_ok,
+                   qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL, DOT_PRECISION, BLOCK_N, False)  # fmt: skip
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, full, hi, rows, k_len, d_ok,
+                   qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL, DOT_PRECISION, BLOCK_N, True)  # fmt: skip
 
     out = bh.to(tl.int64) * q_len * head_dim + rows[:, None] * head_dim + offs_d[None, :]
     tl.store(DQ + out, (dq * scale).to(DQ.dtype.element_ty), mask=q_tile_mask)
