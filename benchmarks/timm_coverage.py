@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import tangent_kernels as tk
+from tangent_kernels.patching import layer_norm as patched_layer_norm
 from tangent_kernels.patching import sdpa
 
 
@@ -65,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     sdpa.CPU_FUSED_MIN_SCORES = 0  # the models' few tokens would run math SDPA: check the fused kernel
+    patched_layer_norm.CPU_FUSED_MIN_ELEMENTS = 0  # and torch's layer norm
     torch.manual_seed(0)
     seen, rows = set(), []
     names = [name for module in args.modules for name in timm.list_models(module=module)]

@@ -4,8 +4,9 @@ Triton reads ``TRITON_INTERPRET`` when a kernel is defined, so it is set here, b
 imports ``tangent_kernels``: without a GPU, Triton kernels run on CPU tensors in the interpreter.
 Autotuning collapses to one config (``TANGENT_KERNELS_AUTOTUNE=0``); the other configs are
 covered by the compile checks for sm_80 and sm_90 (tests/test_compile_targets.py). The patched
-attention router sends small CPU attention to torch's math SDPA for speed; the tests' attention is
-small, so they switch that off (``TANGENT_KERNELS_CPU_FUSED_MIN_SCORES=0``) to test the kernels.
+attention and layer-norm router sends small CPU calls to torch's own code for speed; the tests'
+calls are small, so they switch that off (``TANGENT_KERNELS_CPU_FUSED_MIN_SCORES=0``,
+``TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS=0``) to test the kernels.
 """
 
 import os
@@ -17,6 +18,7 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TANGENT_KERNELS_AUTOTUNE", "0")
 os.environ.setdefault("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", "0")  # the tests' small attention runs fused too
+os.environ.setdefault("TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS", "0")  # and their small layer norms
 
 import pytest  # noqa: E402
 

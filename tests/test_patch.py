@@ -288,7 +288,7 @@ def test_sdpa_without_tangents_is_torch_sdpa():
 
 
 def test_small_cpu_attention_runs_math_sdpa_quietly(monkeypatch):
-    """Below CPU_FUSED_MIN_SCORES scores per head, math SDPA is faster on the CPU: it serves the
+    """Below CPU_FUSED_MIN_SCORES scores in a call, math SDPA is faster on the CPU: it serves the
     call, exactly, with no fallback warning and no hand-written-attention warning."""
     from tangent_kernels.patching import sdpa
 
@@ -296,12 +296,13 @@ def test_small_cpu_attention_runs_math_sdpa_quietly(monkeypatch):
     tangents = tuple(torch.randn_like(t) for t in (q, k, v))
     with sdpa_kernel(SDPBackend.MATH):
         expected = jvp(F.scaled_dot_product_attention, (q, k, v), tangents)
-    monkeypatch.setattr(sdpa, "CPU_FUSED_MIN_SCORES", L * S + 1)
+    scores = q.numel() // q.shape[-1] * k.shape[-2]  # batch × heads × L × S
+    monkeypatch.setattr(sdpa, "CPU_FUSED_MIN_SCORES", scores + 1)
     with fused_jvp(), FusedCalls() as calls, warnings.catch_warnings():
         warnings.simplefilter("error")
         close(jvp(F.scaled_dot_product_attention, (q, k, v), tangents), expected)
     assert calls.count == 0
-    monkeypatch.setattr(sdpa, "CPU_FUSED_MIN_SCORES", L * S)
+    monkeypatch.setattr(sdpa, "CPU_FUSED_MIN_SCORES", scores)
     with fused_jvp(), FusedCalls() as calls:
         close(jvp(F.scaled_dot_product_attention, (q, k, v), tangents), expected)
     assert calls.on_cpp
@@ -589,6 +590,28 @@ def test_layer_norm_forms_the_kernel_does_not_serve_run_torch(case, layer_norm_k
         out = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
     expected = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
     assert torch.equal(out, expected) and layer_norm_kernel_calls == []
+
+
+def test_small_cpu_layer_norm_runs_torch_only_without_a_second_order_term(monkeypatch, layer_norm_kernel_calls):
+    """Below CPU_FUSED_MIN_ELEMENTS torch's own rule serves a layer norm whose primal inputs do not
+    require grad (exact at first order); one whose input requires grad keeps the fused kernel, as
+    torch's second derivative is wrong (pytorch/pytorch#196700)."""
+    from tangent_kernels.patching import layer_norm as patched_layer_norm
+
+    monkeypatch.setattr(patched_layer_norm, "CPU_FUSED_MIN_ELEMENTS", 3 * 7 * 8 + 1)
+    x, x_t, w, b = torch.randn(3, 7, 8, dtype=F64), torch.randn(3, 7, 8, dtype=F64), torch.randn(8, dtype=F64), torch.randn(8, dtype=F64)
+
+    def norm(x):
+        return F.layer_norm(x, (8,), w, b)
+
+    expected = jvp(norm, (x,), (x_t,))
+    with fused_jvp():
+        close(jvp(norm, (x,), (x_t,)), expected)
+    assert layer_norm_kernel_calls == []
+    x.requires_grad_()
+    with fused_jvp():
+        close(jvp(norm, (x,), (x_t,)), expected)
+    assert layer_norm_kernel_calls
 
 
 # ----------------------------------------------------------------------------------------------

@@ -78,18 +78,20 @@ def scaled_dot_product_attention(
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 
-# Below this many scores per head (query length × key length), on the CPU, torch's math SDPA
-# under forward AD is faster than the fused kernel: a fused call pays a fixed cost (an
-# autograd.Function under torch.func: about 0.3 ms) and the C++ kernel's tile set-up, which the
-# few scores do not repay. Measured on 2 cores (fp32, head dim 64, jvp + backward), math/fused
-# time: N=96 0.86x, N=128 1.11x, N=197 and up ≥ 1x (B·H = 8 and 96 alike). The N×N scores it
-# materializes are small here. ``TANGENT_KERNELS_CPU_FUSED_MIN_SCORES`` overrides it (0: always fused).
-CPU_FUSED_MIN_SCORES = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", 128 * 128))
+# Below this many scores in a call (batch × heads × query length × key length), on the CPU,
+# torch's math SDPA under forward AD is faster than the fused kernel: a fused call pays a fixed
+# cost (an autograd.Function under torch.func, and the primal computed once by ``forward`` before
+# ``jvp`` computes both streams) that few scores do not repay. Measured on 2 idle cores (fp32,
+# head dim 64, jvp + backward; math/fused time): B·H = 8: N=197 0.82x, 224 1.11x, 256 1.15x;
+# B·H = 6: N=224 0.82x, 256 1.11x; B·H = 96: N=128 1.28x, 256 1.45x: the crossover is at about
+# 350-400 thousand scores whatever the shape. The scores math SDPA materializes are small here.
+# ``TANGENT_KERNELS_CPU_FUSED_MIN_SCORES`` overrides it (0: always fused).
+CPU_FUSED_MIN_SCORES = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", 6 * 256 * 256))
 
 
 def math_is_faster(q: Tensor, k: Tensor) -> bool:
     """A call the fused kernel would serve, but slower than torch's math SDPA (see above)."""
-    return q.device.type == "cpu" and q.shape[-2] * k.shape[-2] < CPU_FUSED_MIN_SCORES
+    return q.device.type == "cpu" and math.prod(q.shape[:-1]) * k.shape[-2] < CPU_FUSED_MIN_SCORES
 
 
 def fused_form(

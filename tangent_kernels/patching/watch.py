@@ -17,6 +17,7 @@ import threading
 import warnings
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
@@ -28,6 +29,17 @@ fused_calls = 0  # attention calls with tangents served by the fused kernel in t
 def has_tangent(t) -> bool:
     """``t`` is a tensor carrying a forward-AD tangent (``torch.func.jvp`` or ``forward_ad``)."""
     return isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
+
+
+def requires_grad_at_any_level(t: Tensor) -> bool:
+    """``t``, or a tensor it wraps (``torch.func`` transforms wrap tensors one level each, and a
+    wrapper inside ``torch.func.jvp`` says ``requires_grad=False`` for a base that requires grad),
+    requires grad."""
+    while not t.requires_grad:
+        if not torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = torch._C._functorch.get_unwrapped(t)
+    return True
 
 
 def warn_once(key: str, message: str) -> None:
