@@ -614,6 +614,53 @@ def test_small_cpu_layer_norm_runs_torch_only_without_a_second_order_term(monkey
     assert layer_norm_kernel_calls
 
 
+def composite_layer_norm(x, w=None, b=None, eps=1e-5):
+    """Layer norm in plain torch ops: autograd differentiates it to every order exactly."""
+    centered = x - x.mean(-1, keepdim=True)
+    y = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+    return y * w + b if w is not None else y
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_tangent_by_double_backward_has_exact_gradients(affine):
+    """The double-backward form of a JVP (``autograd.functional.jvp(create_graph=True)``) through
+    a routed layer norm: its tangent's gradients (third order through the layer norm) match the
+    composite oracle, where torch's double backward treats mean and rstd as constants
+    (pytorch/pytorch#175754); first order is torch's own."""
+    torch.manual_seed(0)
+    x, v = torch.randn(3, 5, 7, dtype=F64, requires_grad=True), torch.randn(3, 5, 7, dtype=F64)
+    w, b = (torch.randn(7, dtype=F64, requires_grad=True) if affine else None for _ in range(2))
+    inputs = tuple(t for t in (x, w, b) if t is not None)
+
+    def tangent(norm):
+        def f(x, *wb):
+            return torch.autograd.functional.jvp(lambda x: norm(x, *wb), x, v, create_graph=True)[1]
+
+        return f
+
+    def routed(x, w=None, b=None):
+        with fused_jvp():
+            return F.layer_norm(x, (7,), w, b)
+
+    assert torch.autograd.gradcheck(tangent(routed), inputs)
+    close(tangent(routed)(*inputs), tangent(composite_layer_norm)(*inputs))
+    g = torch.randn(3, 5, 7, dtype=F64)
+    ours = torch.autograd.grad(routed(*inputs), inputs, g)
+    close(ours, torch.autograd.grad(F.layer_norm(x, (7,), w, b), inputs, g))
+    assert torch.autograd.gradgradcheck(routed, inputs)
+
+
+def test_layer_norm_second_order_route_keeps_16_bit_statistics_in_float32():
+    x = torch.randn(4, 33, dtype=torch.bfloat16, requires_grad=True)
+    with fused_jvp():
+        y = F.layer_norm(x, (33,))
+    g = torch.randn(4, 33)
+    (grad,) = torch.autograd.grad((y.float() * g).sum(), x, create_graph=True)
+    x64 = x.detach().double().requires_grad_()
+    (expected,) = torch.autograd.grad((composite_layer_norm(x64) * g.double()).sum(), x64)
+    assert grad.dtype == torch.bfloat16 and max_relative_error(grad, expected) < 2e-2
+
+
 # ----------------------------------------------------------------------------------------------
 # patch(): transactional, reversible, nested
 

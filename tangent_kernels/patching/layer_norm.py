@@ -7,6 +7,13 @@ routing mode serves ``F.layer_norm`` calls with tangents here: the primal is tor
 it does not serve run torch's own: no tangent, a norm over more than the last dimension, mixed
 dtypes, autocast (which casts layer norms on CUDA), or a small CPU call that cannot need a
 second-order term (below).
+
+Calls without tangents whose inputs require grad (plain autograd, no ``torch.func`` transform)
+run ``_LayerNormExactHigherOrder``: torch's forward and backward, but a backward that is itself
+differentiable when differentiated (``create_graph=True``). torch's double backward of layer norm
+treats the saved mean and rstd as constants when it is differentiated again, so third-order
+terms, e.g. the gradient of ``torch.autograd.functional.jvp(..., create_graph=True)``'s tangent
+(the double-backward form of MeanFlow's JVP), are silently wrong (pytorch/pytorch#175754).
 """
 
 from __future__ import annotations
@@ -52,6 +59,63 @@ class _FusedLayerNorm(torch.autograd.Function):
         return (torch.zeros_like(x) if y_t is None else y_t), None, None
 
 
+def _differentiable_backward(grad_y, x, weight, bias, eps, needs):
+    """Layer norm's gradients in plain differentiable ops, mean and rstd recomputed from ``x``
+    (16-bit inputs in float32, as torch's kernels compute their statistics)."""
+    dtypes = [t.dtype if t is not None else None for t in (x, weight, bias)]
+    if x.dtype in (torch.float16, torch.bfloat16):
+        grad_y, x = grad_y.float(), x.float()
+        weight = None if weight is None else weight.float()
+    centered = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+    x_hat = centered * rstd
+    rows = tuple(range(x.dim() - 1))
+    g = grad_y if weight is None else grad_y * weight
+    grads = [
+        rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) if needs[0] else None,
+        (grad_y * x_hat).sum(rows) if needs[1] and weight is not None else None,
+        grad_y.sum(rows) if needs[2] and bias is not None else None,
+    ]
+    return [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes)]
+
+
+class _LayerNormExactHigherOrder(torch.autograd.Function):
+    """torch's layer norm over the last dim whose backward, when it is to be differentiated
+    (``create_graph=True``), is written in differentiable ops (see the module docstring)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, eps = inputs
+        _, mean, rstd = output
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: this gradient will be differentiated
+            return *_differentiable_backward(grad_y, x, weight, bias, ctx.eps, needs), None
+        grads = torch.ops.aten.native_layer_norm_backward(grad_y, x, (x.shape[-1],), mean, rstd, weight, bias, list(needs))
+        return *grads, None
+
+
+def _needs_exact_higher_order(tensors: list[Tensor]) -> bool:
+    """A call that builds a plain autograd graph (no ``torch.func`` transform around it)."""
+    return (
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+    )
+
+
 # Below this many elements, on the CPU, torch's own forward-AD rule is faster than the fused call,
 # whose fixed cost (an autograd.Function under torch.func, ~0.4 ms) the few rows do not repay.
 # Measured on 2 cores (fp32, jvp + backward, torch/fused time): 394×256 0.83x, 197×768 1.28x,
@@ -83,17 +147,21 @@ def layer_norm(
 ) -> Tensor:
     """``torch.nn.functional.layer_norm``, its tangent by the fused kernel where it serves the call."""
     tensors = [t for t in (input, weight, bias) if t is not None]
-    served = (
-        any(watch.has_tangent(t) for t in tensors)
-        and tuple(normalized_shape) == tuple(input.shape[-1:])
+    servable = (
+        tuple(normalized_shape) == tuple(input.shape[-1:])
         and input.is_floating_point()
         and all(t.dtype == input.dtype and t.device == input.device for t in tensors)
         and not (
             torch.amp.is_autocast_available(input.device.type)
             and torch.is_autocast_enabled(input.device.type)
         )
-        and not _torch_is_faster(tensors)
     )
-    if not served:
+    if not servable:
         return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-    return _FusedLayerNorm.apply(input, weight, bias, float(eps), backend)[0]
+    if any(watch.has_tangent(t) for t in tensors):
+        if _torch_is_faster(tensors):
+            return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+        return _FusedLayerNorm.apply(input, weight, bias, float(eps), backend)[0]
+    if _needs_exact_higher_order(tensors):
+        return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
+    return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)

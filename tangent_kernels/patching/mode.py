@@ -92,23 +92,22 @@ def fused_jvp(backend: str = "auto"):
 class RoutedForward:
     """A module's forward run inside ``fused_jvp()`` (what ``patch()`` installs as ``module.forward``).
 
-    ``skip_without_tangents``: run the original forward outside the mode when no argument and no
-    parameter of the module carries a tangent, so it is exactly the unpatched module (for
-    ``nn.MultiheadAttention``: torch's fast path included, which no call inside a mode takes).
+    ``route_if(tensors)``: route only calls for which it holds, given the call's tensor arguments
+    and the module's parameters; other calls run the original forward outside the mode, exactly
+    the unpatched module (for ``nn.MultiheadAttention``: torch's fast path included, which no
+    call inside a mode takes). ``None``: route every call.
     """
 
-    def __init__(self, module: torch.nn.Module, forward, skip_without_tangents: bool = False):
-        self.module, self.forward, self.skip_without_tangents = module, forward, skip_without_tangents
+    def __init__(self, module: torch.nn.Module, forward, route_if=None):
+        self.module, self.forward, self.route_if = module, forward, route_if
 
     def __call__(self, *args, **kwargs):
-        if self.skip_without_tangents and not self._tangents(args, kwargs):
-            return self.forward(*args, **kwargs)
+        if self.route_if is not None:
+            tensors = [t for t in (*args, *kwargs.values(), *self.module.parameters()) if isinstance(t, torch.Tensor)]
+            if not self.route_if(tensors):
+                return self.forward(*args, **kwargs)
         with fused_jvp():
             return self.forward(*args, **kwargs)
-
-    def _tangents(self, args, kwargs) -> bool:
-        tensors = (*args, *kwargs.values(), *self.module.parameters())
-        return any(watch.has_tangent(t) for t in tensors)
 
 
 def is_routed(module: torch.nn.Module) -> bool:
