@@ -13,8 +13,8 @@ in, one mechanism (the routing mode of ``mode.py``):
   ``nn.MultiheadAttention`` or ``F.layer_norm`` itself (and for copies of a model made before
   ``patch``).
 
-``fused_attention`` is the op underneath: attention as an ``autograd.Function`` whose ``jvp``
-rule runs the one-pass kernel. Warnings say (once) when a call runs torch's math attention and
+``fused_attention`` is the op underneath: under forward AD it runs the one-pass kernel once for
+both streams (differentiable), otherwise the flash forward with a backward that has a backward. Warnings say (once) when a call runs torch's math attention and
 why, when attention written by hand meets tangents, and when an unpatched copy of a patched
 model runs under forward AD (``watch.py``).
 """

@@ -1,22 +1,29 @@
-"""``fused_attention``: softmax attention as an ``autograd.Function`` whose ``jvp`` rule is the
-one-pass primal + tangent kernel, and whose tangent is differentiable (reverse mode through
-``o_t`` reaches the tangents' sources, e.g. the ``dparams`` of a ``LinearizedModel``)."""
+"""``fused_attention``: softmax attention whose forward-AD tangent is the one-pass primal + tangent
+kernel, differentiable (reverse mode through ``o_t`` reaches the tangents' sources, e.g. the
+``dparams`` of a ``LinearizedModel``, and the primal inputs: second order).
+
+Under forward AD the call unpacks the dual inputs at the current level and runs the differentiable
+``functional.attention_jvp`` once, for both streams, and packs ``(o, o_t)`` back into a dual
+tensor. An ``autograd.Function`` with a ``jvp`` rule would compute the primal twice: torch runs
+its ``forward`` before its ``jvp`` (a third of the fused call's time at 256 tokens on the CPU).
+Calls without a tangent at the current level run ``_FusedAttention``, whose backward has a
+backward.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .. import backends, functional, ops, validation
 from . import watch
 
 
 class _FusedAttention(torch.autograd.Function):
-    """``softmax(s·QKᵀ + mask)V`` with the flash backward and the fused kernel as its JVP rule.
-
-    The mask is a constant: callers pass only masks without a tangent and not requiring grad
-    (``torch.func.jvp`` still hands ``jvp`` a materialized zero tangent for it, which is ignored).
-    """
+    """``softmax(s·QKᵀ + mask)V`` with the flash backward (itself differentiable), for calls
+    without tangents. The mask is a constant: callers pass only masks without a tangent and not
+    requiring grad."""
 
     @staticmethod
     def forward(q, k, v, key_padding_mask, scale, causal, backend):
@@ -29,7 +36,6 @@ class _FusedAttention(torch.autograd.Function):
         o, lse = output
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, o, lse, mask)
-        ctx.save_for_forward(q, k, v, mask)
         ctx.scale, ctx.causal, ctx.backend = scale, causal, backend
 
     @staticmethod
@@ -60,22 +66,14 @@ class _FusedAttention(torch.autograd.Function):
             None,
         )
 
-    @staticmethod
-    def jvp(ctx, q_t, k_t, v_t, _mask_t, *_):
-        q, k, v, mask = ctx.saved_tensors
-        _, o_t = functional.attention_jvp(
-            q,
-            k,
-            v,
-            q_t,
-            k_t,
-            v_t,
-            scale=ctx.scale,
-            causal=ctx.causal,
-            key_padding_mask=mask,
-            backend=ctx.backend,
-        )
-        return (torch.zeros_like(q) if o_t is None else o_t), None
+
+def _dual_attention(duals, key_padding_mask, scale, causal, backend) -> Tensor:
+    """Both streams by one differentiable fused call, returned as a dual tensor ``(o, o_t)``."""
+    (q, q_t), (k, k_t), (v, v_t) = duals
+    o, o_t = functional.attention_jvp(
+        q, k, v, q_t, k_t, v_t, scale=scale, causal=causal, key_padding_mask=key_padding_mask, backend=backend
+    )
+    return forward_ad.make_dual(o, o_t)
 
 
 def autocast_inputs(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -119,8 +117,8 @@ def fused_attention(
 ) -> Tensor:
     """Attention on ``(B, H, N, D)`` tensors through the fused kernels, with a forward-mode rule.
 
-    ``torch.func.jvp`` and ``torch.autograd.forward_ad`` through it compute the tangent with the
-    one-pass kernel. Arguments as ``functional.attention_jvp`` (``key_padding_mask``: ``(B, Lk)``,
+    ``torch.func.jvp`` and ``torch.autograd.forward_ad`` through it compute both streams with one
+    call of the one-pass kernel (see the module docstring). Arguments as ``functional.attention_jvp`` (``key_padding_mask``: ``(B, Lk)``,
     bool with True = padding, or floating and added to the scores). Under ``torch.autocast`` the
     inputs are cast as autocast casts them for ``scaled_dot_product_attention``. A floating mask
     with a tangent, or requiring grad, runs the reference (its tangent and gradient are exact there).
@@ -147,4 +145,7 @@ def fused_attention(
         return functional.attention_jvp(
             q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask, backend="reference"
         )[0]
+    duals = [forward_ad.unpack_dual(t) for t in (q, k, v)]
+    if any(tangent is not None for _, tangent in duals):
+        return _dual_attention(duals, key_padding_mask, scale, causal, chosen)
     return _FusedAttention.apply(q, k, v, key_padding_mask, scale, causal, chosen)[0]
