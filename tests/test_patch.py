@@ -650,6 +650,32 @@ def test_layer_norm_tangent_by_double_backward_has_exact_gradients(affine):
     assert torch.autograd.gradgradcheck(routed, inputs)
 
 
+@pytest.mark.parametrize("form", ["torch.func.jvp", "forward_ad"])
+def test_layer_norm_tangent_by_forward_ad_has_exact_gradients(form):
+    """The fused tangent of a routed layer norm is differentiable with respect to every primal and
+    tangent input (gradcheck in float64), where torch's own rule drops terms (pytorch/pytorch#196700)."""
+    torch.manual_seed(0)
+    primals = (torch.randn(3, 5, 7, dtype=F64), torch.randn(7, dtype=F64), torch.randn(7, dtype=F64))
+    tangents = tuple(torch.randn_like(t) for t in primals)
+
+    def routed(x, w, b):
+        with fused_jvp():
+            return F.layer_norm(x, (7,), w, b)
+
+    def tangent(*inputs):
+        x, w, b, x_t, w_t, b_t = inputs
+        if form == "torch.func.jvp":
+            return jvp(routed, (x, w, b), (x_t, w_t, b_t))[1]
+        with forward_ad.dual_level():
+            duals = (forward_ad.make_dual(p, t) for p, t in ((x, x_t), (w, w_t), (b, b_t)))
+            return forward_ad.unpack_dual(routed(*duals)).tangent
+
+    inputs = tuple(t.requires_grad_() for t in (*primals, *tangents))
+    assert torch.autograd.gradcheck(tangent, inputs)
+    composite = jvp(composite_layer_norm, primals, tangents)[1]
+    close(tangent(*inputs), composite)
+
+
 def test_layer_norm_second_order_route_keeps_16_bit_statistics_in_float32():
     x = torch.randn(4, 33, dtype=torch.bfloat16, requires_grad=True)
     with fused_jvp():

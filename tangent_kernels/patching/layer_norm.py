@@ -2,8 +2,8 @@
 
 torch's forward-AD rule for ``layer_norm`` is a chain of element-wise ops: on the CPU it costs
 about 100× the fused ``layer_norm_jvp`` (40 ms against 0.4 ms for 3152×384 float32 rows), so the
-routing mode serves ``F.layer_norm`` calls with tangents here: the primal is torch's own
-``native_layer_norm`` (and its backward), the tangent is ``functional.layer_norm_jvp``. Calls
+routing mode serves ``F.layer_norm`` calls with tangents here: both streams by one call of the
+differentiable ``functional.layer_norm_jvp`` on the unpacked dual inputs. Calls
 it does not serve run torch's own: no tangent, a norm over more than the last dimension, mixed
 dtypes, autocast (which casts layer norms on CUDA), or a small CPU call that cannot need a
 second-order term (below).
@@ -23,40 +23,21 @@ import os
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .. import functional
 from . import watch
 
 
-class _FusedLayerNorm(torch.autograd.Function):
-    """Layer norm over the last dimension with the fused kernel as its JVP rule."""
-
-    @staticmethod
-    def forward(x, weight, bias, eps, backend):
-        return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, eps, backend = inputs
-        _, mean, rstd = output
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.save_for_forward(x, weight, bias)
-        ctx.eps, ctx.backend = eps, backend
-
-    @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        grads = torch.ops.aten.native_layer_norm_backward(
-            grad_y, x, (x.shape[-1],), mean, rstd, weight, bias, list(ctx.needs_input_grad[:3])
-        )
-        return *grads, None, None
-
-    @staticmethod
-    def jvp(ctx, x_t, weight_t, bias_t, *_):
-        x, weight, bias = ctx.saved_tensors
-        _, y_t = functional.layer_norm_jvp(x, x_t, weight, bias, weight_t, bias_t, ctx.eps, ctx.backend)
-        return (torch.zeros_like(x) if y_t is None else y_t), None, None
+def _dual_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str) -> Tensor:
+    """Both streams by one differentiable fused call on the inputs' primals and tangents at the
+    current forward-AD level, returned as a dual tensor ``(y, y_t)`` (an ``autograd.Function``'s
+    ``jvp`` rule would compute the primal twice: forward, then jvp)."""
+    (x, x_t), (weight, weight_t), (bias, bias_t) = (
+        forward_ad.unpack_dual(t) if t is not None else (None, None) for t in (x, weight, bias)
+    )
+    y, y_t = functional.layer_norm_jvp(x, x_t, weight, bias, weight_t, bias_t, eps, backend)
+    return forward_ad.make_dual(y, y_t)
 
 
 def _differentiable_backward(grad_y, x, weight, bias, eps, needs):
@@ -161,7 +142,7 @@ def layer_norm(
     if any(watch.has_tangent(t) for t in tensors):
         if _torch_is_faster(tensors):
             return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-        return _FusedLayerNorm.apply(input, weight, bias, float(eps), backend)[0]
+        return _dual_layer_norm(input, weight, bias, float(eps), backend)
     if _needs_exact_higher_order(tensors):
         return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
     return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
