@@ -62,6 +62,20 @@ def _save(fig, result: dict, path: pathlib.Path) -> bool:
     return True
 
 
+def _layout(fig, title: str, legend_from=None, ncol: int = 2) -> None:
+    """The question as the title, the legend (of ``legend_from``'s lines) under it, never over the
+    data, and the panels below both."""
+    handles, labels = legend_from.get_legend_handles_labels() if legend_from is not None else ([], [])
+    height, title_height = fig.get_figheight(), 0.22 * (title.count("\n") + 1) + 0.1
+    legend_height = (0.2 * -(-len(labels) // ncol) + 0.1) if labels else 0.0
+    fig.suptitle(title, y=1 - 0.05 / height, va="top")
+    if labels:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 1 - title_height / height), ncol=ncol,
+                   fontsize=8, frameon=False)  # fmt: skip
+    fig.tight_layout()
+    fig.subplots_adjust(top=1 - (title_height + legend_height + 0.3) / height)  # 0.3 in: the panels' own titles
+
+
 def _times(a: float, b: float) -> str:
     return f"{a / b:.1f}×" if a / b < 10 else f"{a / b:.0f}×"
 
@@ -86,14 +100,15 @@ def attention_time_memory(result: dict, path: pathlib.Path) -> bool:
                        label=f"FLOP floor: forward + tangent FLOPs at the measured matmul rate ({rate:.2f} TFLOP/s)")  # fmt: skip
     jvp = {r["n"]: r for r in lines.get("torch.func.jvp (math SDPA)", [])}
     both = [r for r in lines.get("ours", []) if r["n"] in jvp]
-    if both:  # the answer, written at the largest N both ran
+    if both:  # the answer, written right of the largest N both ran, half-way (in log) between the two
         ours_row, jvp_row = both[-1], jvp[both[-1]["n"]]
-        time_ax.annotate(f"{_times(jvp_row['median_ms'], ours_row['median_ms'])} faster",
-                         (ours_row["n"], ours_row["median_ms"]), textcoords="offset points", xytext=(-8, -28),
-                         ha="right", color=OURS, fontsize=9, fontweight="bold")  # fmt: skip
-        memory_ax.annotate(f"{_times(jvp_row['peak_memory_bytes'], ours_row['peak_memory_bytes'])} less memory",
-                           (ours_row["n"], ours_row["peak_memory_bytes"] / 2**20), textcoords="offset points",
-                           xytext=(-8, 10), ha="right", color=OURS, fontsize=9, fontweight="bold")  # fmt: skip
+        for ax, key, scale, what in ((time_ax, "median_ms", 1, "faster"),
+                                     (memory_ax, "peak_memory_bytes", 2**-20, "less\nmemory")):  # fmt: skip
+            low, high = ours_row[key] * scale, jvp_row[key] * scale
+            ax.annotate("", (ours_row["n"], low), (ours_row["n"], high), arrowprops={"arrowstyle": "<->", "color": OURS})
+            ax.annotate(f"{_times(high, low)}\n{what}", (ours_row["n"], (low * high) ** 0.5), xytext=(6, 0),
+                        textcoords="offset points", va="center", color=OURS, fontsize=9, fontweight="bold")  # fmt: skip
+            ax.set_xlim(right=ours_row["n"] * 2.2)
     shape = rows[0]
     time_ax.set_title("time per call")
     time_ax.set_ylabel("time per call (ms, median)")
@@ -105,11 +120,9 @@ def attention_time_memory(result: dict, path: pathlib.Path) -> bool:
         ax.set_xticks(lengths, [str(n) for n in lengths])
         ax.minorticks_off()
         ax.grid(alpha=0.3, which="major")
-    fig.suptitle(f"Attention forward + tangent: how much faster and leaner than torch.func.jvp?\n"
+    _layout(fig, f"Attention forward + tangent: how much faster and leaner than torch.func.jvp?\n"
                  f"B={shape.get('batch')}, H={shape.get('heads')}, d={shape.get('head_dim')}, "
-                 f"{str(shape.get('dtype', '')).removeprefix('torch.')}")  # fmt: skip
-    time_ax.legend(loc="upper left", fontsize=7)
-    fig.tight_layout()
+                 f"{str(shape.get('dtype', '')).removeprefix('torch.')}", time_ax)  # fmt: skip
     return _save(fig, result, path)
 
 
@@ -128,10 +141,10 @@ def layer_norm_bandwidth(result: dict, path: pathlib.Path) -> bool:
         xs = [c + (i - 1) * width for c, case in enumerate(cases) if case in by_case]
         values = [by_case[case] for case in cases if case in by_case]
         bars = ax.bar(xs, values, width, color=colour, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.bar_label(bars, [f"{v:.3g}" for v in values], fontsize=7)
     copy = result.get("environment", {}).get("copy_gb_per_s")
     if copy:
-        ax.axhline(copy, color=FLOOR, linestyle=":", label=f"tensor copy (read + write): {copy:.0f} GB/s")
+        ax.axhline(copy, color=FLOOR, linestyle=":", label=f"tensor copy (read + write): {copy:.3g} GB/s")
     labels = []
     for case in cases:
         r = next(r for r in rows if r["case"] == case)
@@ -175,9 +188,8 @@ def vit_steps(result: dict, path: pathlib.Path) -> bool:
         saved_ax.set_title(f"{first.get('model', case)}, batch {first.get('batch')}: memory", fontsize=9)
         time_ax.set_xlabel("time per call (ms, median; in brackets: relative to the TAFT step, ours)")
         saved_ax.set_xlabel("bytes saved for the backward (MiB, weights not counted)")
-    fig.suptitle("Whole ViT: how much faster and leaner than torch.func.jvp is a TAFT step?\n"
+    _layout(fig, "Whole ViT: how much faster and leaner than torch.func.jvp is a TAFT step?\n"
                  "(last block, final norm and head trained; random weights)")  # fmt: skip
-    fig.tight_layout()
     return _save(fig, result, path)
 
 
@@ -220,9 +232,7 @@ def third_party_patched(result: dict, path: pathlib.Path) -> bool:
     for ax in (time_ax, memory_ax):
         ax.margins(x=0.3)
         ax.grid(alpha=0.3, axis="x")
-    fig.suptitle("Third-party torch.func.jvp training steps: what does tk.patch change?")
-    memory_ax.legend(*time_ax.get_legend_handles_labels(), loc="lower right", fontsize=7)
-    fig.tight_layout()
+    _layout(fig, "Third-party torch.func.jvp training steps: what does tk.patch change?", time_ax)
     return _save(fig, result, path)
 
 
@@ -244,11 +254,14 @@ def attention_tflops(result: dict, path: pathlib.Path) -> bool:
     if env.get("matmul_tflops_per_s"):
         ax.axhline(env["matmul_tflops_per_s"], color=FLOOR, linestyle=":",
                    label=f"measured matmul rate: {env['matmul_tflops_per_s']:.0f} TFLOP/s")  # fmt: skip
+    lengths = sorted({r["n"] for r in rows})
+    ax.set_xticks(lengths, [str(n) for n in lengths])
+    ax.minorticks_off()
     ax.set_xlabel("sequence length N (tokens)")
     ax.set_ylabel("TFLOP/s (each mode's FLOP formula / time)")
     ax.set_title("Attention on the GPU: how close to the device's peak?")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return _save(fig, result, path)
