@@ -18,7 +18,7 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)
 
 
-def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: int = 7, max_repeats: int = 200) -> dict:
+def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: int = 5, max_repeats: int = 200) -> dict:
     """``{"median_ms", "p20_ms", "p80_ms", "repeats"}`` for calling ``fn()``.
 
     On the CPU, two warm-up calls first (lazy imports, and the allocator's first large blocks:
