@@ -227,9 +227,13 @@ def environment_lines(result: dict) -> list[str]:
     if env.get("matmul_tflops_per_s"):
         lines.append(f"| measured matmul rate (the FLOP floor's yardstick) | {env['matmul_tflops_per_s']:.3g} TFLOP/s "
                      f"({env.get('matmul')}) |")  # fmt: skip
+    else:
+        lines.append("| measured matmul rate | not measured in this run (no FLOP floor drawn) |")
     if env.get("copy_gb_per_s"):
         lines.append(f"| measured copy bandwidth | {env['copy_gb_per_s']:.3g} GB/s (read + write of "
                      f"{env.get('copy_bytes', 0) / 2 / 2**20:.0f} MiB) |")  # fmt: skip
+    else:
+        lines.append("| measured copy bandwidth | not measured in this run (no copy line drawn) |")
     if noise:
         start, end = noise["calibration_start"], noise["calibration_end"]
         spread = noise.get("median_row_spread")
