@@ -26,7 +26,7 @@ def synthetic_case():
     )  # fmt: skip
 
 
-def test_rows_table_report_and_plot(tmp_path):
+def test_rows_table_report_and_figure(tmp_path):
     rows = run_case(synthetic_case(), torch.device("cpu"))
     ours = next(r for r in rows if r["mode"] == "ours")
     assert ours["correct"] is False, "an error above tolerance must be reported as wrong"
