@@ -95,7 +95,7 @@ def _attention(rows: list[dict], env: dict) -> list[str]:
         floor = ""
         if env.get("matmul_tflops_per_s") and a.get("tflops_per_s"):
             floor = (f"; it reaches {a['tflops_per_s'] / env['matmul_tflops_per_s']:.0%} of the measured matmul rate "
-                     f"({env['matmul_tflops_per_s']:.2f} TFLOP/s)")  # fmt: skip
+                     f"({env['matmul_tflops_per_s']:.3g} TFLOP/s)")  # fmt: skip
         sentences.append(f"Forward + tangent does 3× the FLOPs of a forward, and at N={a['n']} ours takes "
                          f"{_x(a['median_ms'], flash['median_ms'])} the time of torch's flash forward{floor}.")  # fmt: skip
     return sentences
@@ -108,12 +108,12 @@ def _layer_norm(rows: list[dict], env: dict) -> list[str]:
     jvp, plain = _timed(rows, "torch.func.jvp", a["case"]), _timed(rows, "plain forward", a["case"])
     copy = env.get("copy_gb_per_s")
     share = f", {a['gb_per_s'] / copy:.0%} of the measured copy bandwidth ({copy:.0f} GB/s)" if copy and "gb_per_s" in a else ""
-    sentences = [f"At {a.get('rows')}×{a.get('width')} ours moves the bytes forward + tangent must move at "
+    sentences = [f"At {a.get('rows')}×{a.get('width')} ours moves the least traffic forward + tangent needs (read x, x_t; write y, y_t) at "
                  f"{a.get('gb_per_s', float('nan')):.0f} GB/s{share}"
                  + (f", {_faster(a['median_ms'], jvp['median_ms'])} than torch.func.jvp." if jvp else ".")]  # fmt: skip
     if plain:
         sentences.append(f"It takes {_x(a['median_ms'], plain['median_ms'])} the time of the plain forward, "
-                         f"which moves half the bytes.")  # fmt: skip
+                         f"which moves half those bytes.")  # fmt: skip
     return sentences
 
 
