@@ -18,11 +18,12 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)
 
 
-def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: int = 7, max_repeats: int = 200) -> dict:
+def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: int = 5, max_repeats: int = 200) -> dict:
     """``{"median_ms", "p20_ms", "p80_ms", "repeats"}`` for calling ``fn()``.
 
     On the CPU, two warm-up calls first (lazy imports, and the allocator's first large blocks:
-    glibc raises its mmap threshold only after freeing one), then at least ``min_repeats`` calls.
+    glibc raises its mmap threshold only after freeing one), then at least ``min_repeats`` calls
+    and more until ``min_seconds`` have passed (at most ``max_repeats``).
     """
     if device.type == "cuda":
         import triton.testing
@@ -66,6 +67,19 @@ def peak_memory(fn, device: torch.device) -> int:
         current += event.nbytes()
         peak = max(peak, current)
     return peak
+
+
+COPY_BYTES = {"cpu": 64 * 2**20, "cuda": 2**30}  # one tensor's size: far beyond the CPU's caches, a GPU's L2
+
+
+def copy_bandwidth(device: torch.device) -> dict:
+    """The machine's copy rate: a large float32 tensor copied into another, counting the bytes read
+    and written (the yardstick for memory-bound kernels such as layer norm)."""
+    elements = COPY_BYTES[device.type] // 4
+    source, target = torch.randn(elements, device=device), torch.empty(elements, device=device)
+    timing = time_call(lambda: target.copy_(source), device, min_seconds=0.2, min_repeats=10)
+    return {"copy_bytes": 2 * COPY_BYTES[device.type], "copy_ms": timing["median_ms"],
+            "copy_gb_per_s": 2 * COPY_BYTES[device.type] / (timing["median_ms"] / 1e3) / 1e9}  # fmt: skip
 
 
 def environment(device: torch.device) -> dict:

@@ -1,12 +1,19 @@
-"""The main job: benchmark and verify every suite, print the ratios, store JSON and a plot.
+"""The main job: benchmark and verify every suite, print the ratios, store JSON and a report.
 
     python -m benchmarks.run                  # small default suite on this machine's device
     python -m benchmarks.run --full           # the full suite (the default on a GPU)
     python -m benchmarks.run --suite attention layer_norm --out benchmarks/results/my-run
+    python -m benchmarks.run --strict         # exit 2 when the machine was too busy to trust the timings
 
 Each row holds the time (median, p20, p80), FLOP/s or bytes/s where the case defines them, peak
 memory, and the error against the float64 reference, with the device, versions and commit of
-the run, so every ratio in the table can be recomputed from the JSON.
+the run, so every ratio in the table can be recomputed from the JSON. The environment adds the
+machine's measured matmul rate and copy bandwidth (the yardsticks of the figures), and the
+``noise`` section the load and timing spread that decide whether the run can be trusted
+(benchmarks/noise.py). Beside results.json: table.md, report.md and its figures.
+
+Exit status: 1 when one of our results is wrong, 2 under ``--strict`` when the timings are not
+trustworthy, else 0.
 """
 
 from __future__ import annotations
@@ -21,9 +28,9 @@ import sys
 import torch
 from tqdm import tqdm
 
-from .measure import environment, peak_memory, time_call
-from .plot import plot_results
-from .report import markdown_table
+from .measure import copy_bandwidth, environment, peak_memory, time_call
+from .noise import MAX_OTHER_LOAD, Probe
+from .report import markdown_table, noise_warning, write_report
 
 SUITES = ("attention", "layer_norm", "mlp", "vit", "patched", "taft_data")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -114,27 +121,45 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", nargs="+", choices=SUITES, default=list(SUITES))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="the full suite (default on a GPU)")
-    parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for results.json and the plot")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for results.json and the report")
+    parser.add_argument("--strict", action="store_true", help="exit 2 when the timings are not trustworthy")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     full = args.full or device.type == "cuda"
     out = args.out or RESULTS / f"latest-{device.type}"
 
+    probe = Probe(device)  # the load before the run and the first calibration
+    if device.type == "cpu" and probe.load_before[0] > MAX_OTHER_LOAD:
+        print(f"note: the machine is already busy (1-minute load average {probe.load_before[0]:.2f}); "
+              "this run's timings will likely not be trustworthy", file=sys.stderr)  # fmt: skip
+    yardsticks = {"matmul": probe.calibration_start["matmul"],
+                  "matmul_tflops_per_s": probe.calibration_start["tflops_per_s"], **copy_bandwidth(device)}  # fmt: skip
     cases = [case for suite in args.suite for case in importlib.import_module(f"benchmarks.suites.{suite}").cases(device, full)]
     rows = []
     for case in tqdm(cases, desc="benchmarks", unit="case", file=sys.stderr):
         rows.extend(run_case(case, device))
+    noise = probe.finish(rows)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"environment": environment(device), "full": full, "rows": rows}
+    result = {"environment": {**environment(device), **yardsticks}, "full": full, "noise": noise, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1))
-    plot_results(result, out / "plot.png")
     (out / "table.md").write_text(markdown_table(result) + "\n")
+    written = write_report(result, out)
     print(format_table(rows))
-    print(f"\nwrote {out / 'results.json'}, {out / 'table.md'} and {out / 'plot.png'}")
+    print(f"\nwrote {out}/: results.json, table.md, " + ", ".join(written) + f" ({noise['wall_seconds']:.0f} s)")
     wrong = [r for r in rows if r.get("correct") is False and r["mode"] == "ours"]
     if wrong:
         print(f"{len(wrong)} case(s) where our result is WRONG", file=sys.stderr)
-    return 1 if wrong else 0
+    warning = noise_warning(result)
+    if warning:
+        print(f"\nWARNING: {warning}", file=sys.stderr)
+    return exit_status(result, args.strict)
+
+
+def exit_status(result: dict, strict: bool) -> int:
+    """1 when one of our results is wrong; 2 when ``strict`` and the timings are not trustworthy; else 0."""
+    if any(r.get("correct") is False and r["mode"] == "ours" for r in result["rows"]):
+        return 1
+    return 2 if strict and not result.get("noise", {}).get("trustworthy", True) else 0
 
 
 if __name__ == "__main__":

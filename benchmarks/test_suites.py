@@ -3,7 +3,7 @@
     python -m pytest benchmarks/test_suites.py --benchmark-json=out.json [--benchmark-only]
 
 The same cases as ``python -m benchmarks.run`` (the main job, which adds FLOP rates, peak and
-saved memory, correctness and plots); this is for pytest-benchmark's comparison tooling
+saved memory, correctness, figures and report.md); this is for pytest-benchmark's comparison tooling
 (``pytest-benchmark compare``). Not part of the test suite: timings are not tests.
 """
 

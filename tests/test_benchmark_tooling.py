@@ -1,4 +1,4 @@
-"""The main job's tooling on a synthetic case: rows, ratios, the table, the report, the plot, and
+"""The main job's tooling on a synthetic case: rows, ratios, the table, the report, a figure, and
 the record of measured linear paths. (Timings themselves are never asserted.)"""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.linear_paths import update
-from benchmarks.plot import plot_results
+from benchmarks.figures import write_figures
 from benchmarks.ptxas_census import summary
 from benchmarks.report import markdown_table
 from benchmarks.run import format_table, run_case
@@ -26,7 +26,7 @@ def synthetic_case():
     )  # fmt: skip
 
 
-def test_rows_table_report_and_plot(tmp_path):
+def test_rows_table_report_and_figure(tmp_path):
     rows = run_case(synthetic_case(), torch.device("cpu"))
     ours = next(r for r in rows if r["mode"] == "ours")
     assert ours["correct"] is False, "an error above tolerance must be reported as wrong"
@@ -36,8 +36,8 @@ def test_rows_table_report_and_plot(tmp_path):
     result = {"environment": {"device": "cpu", "cpu_threads": 2, "torch": "x", "triton": "y", "commit": "abc",
                               "time_utc": "now"}, "rows": rows}  # fmt: skip
     assert "| attention | synthetic | ours [reference] |" in markdown_table(result)
-    plot_results(json.loads(json.dumps(result)), tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 0
+    assert write_figures(json.loads(json.dumps(result)), tmp_path) == ["attention_time_memory.png"]
+    assert (tmp_path / "attention_time_memory.png").stat().st_size > 0
 
 
 def test_linear_paths_follow_the_measurement():
