@@ -57,7 +57,7 @@ def _differentiable_backward(grad_y, x, weight, bias, eps, needs):
         (grad_y * x_hat).sum(rows) if needs[1] and weight is not None else None,
         grad_y.sum(rows) if needs[2] and bias is not None else None,
     ]
-    return [None if g is None else g.to(dtype) for g, dtype in zip(grads, dtypes)]
+    return [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes)]
 
 
 class _LayerNormExactHigherOrder(torch.autograd.Function):
@@ -98,9 +98,9 @@ def _needs_exact_higher_order(tensors: list[Tensor]) -> bool:
 
 
 # Below this many elements, on the CPU, torch's own forward-AD rule is faster than the fused call,
-# whose fixed cost (an autograd.Function under torch.func, ~0.4 ms) the few rows do not repay.
-# Measured on 2 cores (fp32, jvp + backward, torch/fused time): 394×256 0.83x, 197×768 1.28x,
-# 788×256 1.30x, 3152×768 3.5x. Torch's rule has a wrong second derivative (pytorch/pytorch#196700),
+# whose fixed cost (the routing and the custom op's dispatch) the few rows do not repay. Measured
+# on one thread (fp32, jvp + backward to a weight tangent, torch/fused time, best of 7): 197×256
+# 0.83x, 512×192 0.93x, 394×256 0.95x, 788×256 1.98x, 394×768 2.27x. Torch's rule has a wrong second derivative (pytorch/pytorch#196700),
 # so it serves only calls whose primal inputs do not require grad (no second-order term can be
 # asked for). ``TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS`` overrides it (0: always fused).
 CPU_FUSED_MIN_ELEMENTS = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS", 128 * 1024))
