@@ -676,6 +676,41 @@ def test_layer_norm_tangent_by_forward_ad_has_exact_gradients(form):
     close(tangent(*inputs), composite)
 
 
+TRANSFORMS = {
+    "jvp of jvp": lambda f, x, t: jvp(lambda *x: jvp(f, x, t)[1], x, t)[1],
+    "grad of jvp": lambda f, x, t: torch.func.grad(lambda q: jvp(f, (q, *x[1:]), t)[1].square().sum())(x[0]),
+    "jvp of grad": lambda f, x, t: jvp(torch.func.grad(lambda q: f(q, *x[1:]).square().sum()), x[:1], t[:1])[1],
+    "hessian": lambda f, x, t: torch.func.hessian(lambda q: f(q, *x[1:]).square().sum())(x[0]),
+    "jacfwd": lambda f, x, t: torch.func.jacfwd(lambda q: f(q, *x[1:]))(x[0]),
+    "vmap of jvp": lambda f, x, t: torch.func.vmap(lambda a: jvp(f, x, (a, *t[1:]))[1])(torch.stack([t[0], x[0]])),
+}
+
+
+@pytest.mark.parametrize("op", ["attention", "layer norm"])
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_routed_calls_under_composed_torch_func_transforms(op, transform):
+    """Nested forward AD and the other torch.func stacks the fused ops do not serve run plain
+    torch ops: exact (before, ``jvp`` of ``jvp`` silently gave zeros: the fused op has no
+    forward-AD rule, so the outer tangent was dropped)."""
+    torch.manual_seed(0)
+    x = tuple(torch.randn(1, 2, 5, 4, dtype=F64) for _ in range(3))
+    t = tuple(torch.randn_like(a) for a in x)
+    if op == "attention":
+        plain = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v  # noqa: E731
+        routed_op = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
+    else:
+        plain = lambda q, k, v: composite_layer_norm(q) * k + v  # noqa: E731
+        routed_op = lambda q, k, v: F.layer_norm(q, (4,)) * k + v  # noqa: E731
+
+    def routed(*inputs):
+        with fused_jvp():
+            return routed_op(*inputs)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-process note that plain ops run
+        close(TRANSFORMS[transform](routed, x, t), TRANSFORMS[transform](plain, x, t))
+
+
 def test_layer_norm_second_order_route_keeps_16_bit_statistics_in_float32():
     x = torch.randn(4, 33, dtype=torch.bfloat16, requires_grad=True)
     with fused_jvp():

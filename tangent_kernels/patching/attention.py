@@ -132,6 +132,12 @@ def fused_attention(
     key_padding_mask = validation.attention(q, k, v, None, None, None, key_padding_mask)
     scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = _kernel_backend(q, backend)
+    if chosen != "reference" and not watch.fused_ops_serve_transforms():
+        if backend != "auto":
+            raise backends.BackendUnavailableError(
+                f"backend {backend!r}: under these torch.func transforms attention runs on the reference only"
+            )
+        chosen = "reference"
     if key_padding_mask is not None and (
         key_padding_mask.requires_grad or watch.has_tangent(key_padding_mask)
     ):

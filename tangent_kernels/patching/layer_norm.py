@@ -142,6 +142,8 @@ def layer_norm(
     if any(watch.has_tangent(t) for t in tensors):
         if _torch_is_faster(tensors):
             return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+        if not watch.fused_ops_serve_transforms():  # plain ops, differentiated by torch
+            return functional.layer_norm_jvp(input, None, weight, bias, eps=float(eps), backend="reference")[0]
         return _dual_layer_norm(input, weight, bias, float(eps), backend)
     if _needs_exact_higher_order(tensors):
         return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]

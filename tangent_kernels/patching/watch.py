@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch import Tensor, nn
 from torch.autograd import forward_ad
 
@@ -40,6 +42,24 @@ def requires_grad_at_any_level(t: Tensor) -> bool:
             return False
         t = torch._C._functorch.get_unwrapped(t)
     return True
+
+
+def fused_ops_serve_transforms() -> bool:
+    """The ``torch.func`` transforms around this call are none or a single ``jvp``: the stacks the
+    fused ops serve. Under any other (``jvp`` of ``jvp``, ``grad`` of ``jvp``, ``jvp`` of
+    ``grad``, ``hessian``, ``vmap``) the routed calls run plain torch ops (the reference) and torch
+    differentiates them: the fused ops have no forward-AD rule of their own, so an outer level's
+    tangent would be silently dropped, and ``torch.func`` refuses their registered backward."""
+    kinds = [i.key() for i in retrieve_all_functorch_interpreters()]
+    if kinds in ([], [TransformType.Jvp]):
+        return True
+    warn_once(
+        "transforms " + " ".join(map(str, kinds)),
+        f"tangent_kernels: under the torch.func transforms {[k.name for k in kinds]} (outermost first) "
+        "attention and layer norms run plain torch ops (exact, N×N attention memory): the fused "
+        "kernels serve plain autograd and a single jvp",
+    )
+    return False
 
 
 def warn_once(key: str, message: str) -> None:
