@@ -29,7 +29,6 @@ whose keys are all masked gives zeros.
 
 from __future__ import annotations
 
-import itertools
 
 import torch
 import triton
@@ -178,7 +177,13 @@ def _fwd_tiles(
         s = _masked_scores(s, rows, cols, k_len, qk_scale, mask_row, stride_mask_n, MASK_KIND, IS_CAUSAL, BOUNDED)
 
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep p = 0, α = 0
+        # Every score of an unmasked tile without a mask is finite (for finite inputs): the row max
+        # is then finite and l > 0 from the first tile on, so the guards below are needed only
+        # where a row can have seen nothing but -inf (masked tiles, a padding or additive mask).
+        GUARDED: tl.constexpr = BOUNDED or MASK_KIND != 0
+        m_shift = m_new
+        if GUARDED:
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep p = 0, α = 0
         alpha = tl.exp2(m_i - m_shift)
         p = tl.exp2(s - m_shift[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -187,7 +192,10 @@ def _fwd_tiles(
         if HAS_Q_T or HAS_K_T:
             p_s_t = p * (s_t * scale)
             r_i = r_i * alpha + tl.sum(p_s_t, axis=1)
-            c_new = r_i / tl.where(l_i == 0.0, 1.0, l_i)  # all masked so far: r = 0, c = 0
+            l_safe = l_i
+            if GUARDED:
+                l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # all masked so far: r = 0, c = 0
+            c_new = r_i / l_safe
             shift = c_new - c_i  # re-center what is summed so far on c_new
             c_i = c_new
             p_c = p_s_t - c_i[:, None] * p
@@ -535,39 +543,53 @@ def _attention_bwd_dq_kernel(
         _store_rows(out_row0, rows, head_dim, q_len, offs_d2, head_dim, dq2 * scale)
 
 # ----------------------------------------------------------------------------------------------
-# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class (see tile_class) and padded
-# head dim. Chosen without a GPU, from ptxas's counts for each config compiled as a B=4 H=16
-# N=4096 launch specializes it, every feature on (every config on sm_80/sm_90, the first ones on six
-# targets: benchmarks/results/ptxas-2026-12-02): the first config of each list, the only one that
-# runs with autotuning off, is the largest tile found that ptxas compiles without register spills
-# on sm_80, sm_86, sm_89 and sm_90 and within 99 KB of shared memory
-# (sm_86/89); tests/test_compile_targets.py holds every list to that. The others are alternatives
-# for the autotuner (some spill a little or need more than 99 KB; none spills 1 KB or more), which
-# at launch drops those over the device's shared memory. fp32 tiles take twice the shared memory
-# of 16-bit ones; exact (IEEE) fp32 products run on the FMA units, where every thread holds far
-# more of each tile, so that class has the smallest tiles. Exception: IEEE fp32 at head dim 256,
-# where even 16×16 spills (632 bytes at 8 warps, the least found).
+# configs: (BLOCK_M, BLOCK_N, num_warps, num_stages) per tile class (see tile_class) and head-dim
+# width (``tile_width``: a power of two, or 48 / 96 / 192 for a head dim split in two blocks of
+# columns, whose loop bodies hold both blocks' tiles). Chosen without a GPU, from ptxas's counts for
+# each config compiled as a B=4 H=16 N=4096 launch specializes it, every feature on (every config on
+# sm_80/sm_90; the first ones on sm_80, sm_86 and sm_90, and on six targets in the census:
+# benchmarks/results/ptxas-2026-12-02b): the first config of each list, the only one that runs with
+# autotuning off, is the largest tile found that ptxas compiles without register spills on sm_80,
+# sm_86, sm_89 and sm_90 and within 99 KB of shared memory (sm_86/89); tests/test_compile_targets.py
+# holds every list to that. The others are alternatives for the autotuner (some spill a little or
+# need more than 99 KB), which at launch drops those over the device's shared memory. With the
+# masked key tiles in a loop of their own, the forward with every tangent sits at 255 registers on
+# sm_80/86 from head dim 64 up, and its former first tiles there (128×64, 64×32) spilled 4-96
+# bytes: its first configs are smaller, and the larger tiles, spill-free on sm_90 (where wgmma reads
+# the query tiles from shared memory) and fewer instructions per key, follow for the autotuner.
+# fp32 tiles take twice the shared memory of 16-bit ones; exact (IEEE) fp32 products run on the FMA
+# units, where every thread holds far more of each tile, so that class has the smallest tiles.
+# Exception: IEEE fp32 at head dim 256, where even 16×16 spills (the least found).
 
 _FWD_CONFIGS = {
     "16-bit": {
-        16: [(128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
-        32: [(64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
-        64: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        128: [(64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
+        16: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)],
+        32: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3)],
+        48: [(128, 32, 8, 3), (64, 32, 4, 2), (128, 64, 8, 3)],
+        64: [(64, 32, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        96: [(64, 16, 4, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
+        128: [(32, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
+        192: [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
         256: [(32, 32, 8, 2), (16, 32, 4, 2), (64, 32, 8, 2)],
     },
     "tf32": {
-        16: [(64, 64, 4, 3), (128, 64, 4, 3)],
+        16: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
         32: [(64, 64, 4, 3), (128, 64, 4, 3)],
+        48: [(64, 32, 4, 2), (32, 64, 4, 2)],
         64: [(64, 32, 4, 2), (32, 64, 4, 2)],
+        96: [(16, 32, 8, 2), (32, 16, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
         128: [(32, 16, 4, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 8, 2)],
+        192: [(16, 16, 8, 2), (16, 16, 8, 1), (16, 32, 8, 1)],
         256: [(16, 16, 8, 1), (16, 32, 8, 1)],
     },
     "ieee": {
         16: [(32, 64, 8, 2), (64, 32, 8, 2)],
         32: [(64, 16, 8, 2), (16, 32, 8, 2)],
+        48: [(32, 16, 4, 2), (64, 16, 8, 2)],
         64: [(32, 16, 4, 2), (64, 16, 8, 2)],
+        96: [(16, 16, 8, 1), (16, 16, 4, 2), (16, 16, 8, 2)],
         128: [(16, 16, 8, 2), (16, 32, 8, 1)],
+        192: [(16, 16, 8, 2), (16, 16, 8, 1)],
         256: [(16, 16, 8, 1)],
     },
 }
@@ -575,45 +597,63 @@ _DKDV_CONFIGS = {
     "16-bit": {
         16: [(32, 128, 4, 3), (64, 64, 4, 3)],
         32: [(64, 64, 4, 3), (32, 128, 4, 3)],
-        64: [(32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+        48: [(32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3)],
+        64: [(32, 64, 8, 3), (32, 64, 4, 3), (64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 8, 2)],
+        96: [(16, 32, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
         128: [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2)],
+        192: [(16, 32, 8, 2), (32, 32, 8, 1)],
         256: [(32, 32, 8, 1), (16, 32, 8, 2)],
     },
     "tf32": {
         16: [(64, 64, 4, 3), (32, 128, 4, 3)],
         32: [(64, 64, 4, 3), (32, 128, 4, 3)],
-        64: [(64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3)],
+        48: [(64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3)],
+        64: [(64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3)],
+        96: [(16, 16, 4, 2), (32, 32, 4, 2), (32, 64, 8, 1)],
         128: [(32, 32, 4, 2), (32, 64, 8, 1)],
+        192: [(16, 16, 4, 1), (16, 32, 8, 1)],
         256: [(16, 16, 4, 1), (16, 32, 8, 1)],
     },
     "ieee": {
-        16: [(64, 64, 8, 2), (32, 64, 8, 2)],
-        32: [(32, 64, 8, 2), (64, 32, 4, 1)],
+        16: [(64, 64, 8, 1), (64, 64, 8, 2), (32, 64, 8, 2)],
+        32: [(32, 64, 8, 1), (32, 64, 8, 2), (64, 32, 4, 1)],
+        48: [(32, 64, 8, 1), (64, 32, 8, 1)],
         64: [(32, 64, 8, 1), (64, 32, 8, 1)],
-        128: [(16, 32, 4, 1), (16, 64, 8, 1)],
-        256: [(16, 16, 4, 1), (16, 32, 8, 1)],
+        96: [(16, 16, 4, 1), (16, 32, 4, 1), (16, 64, 8, 1)],
+        128: [(16, 64, 8, 1), (16, 32, 4, 1), (16, 32, 8, 1)],
+        192: [(16, 32, 8, 1), (16, 16, 4, 1)],
+        256: [(16, 16, 8, 2), (16, 16, 4, 1), (16, 32, 8, 1)],
     },
 }
 _DQ_CONFIGS = {
     "16-bit": {
         16: [(128, 32, 4, 3), (64, 64, 4, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        48: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
         64: [(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)],
+        96: [(128, 32, 8, 2), (64, 64, 4, 2)],
         128: [(128, 32, 8, 2), (64, 64, 4, 2)],
-        256: [(32, 32, 4, 2), (64, 32, 4, 1)],
+        192: [(32, 32, 8, 2), (32, 32, 4, 2)],
+        256: [(32, 32, 8, 2), (32, 32, 4, 2), (64, 32, 4, 1)],
     },
     "tf32": {
-        16: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        16: [(128, 32, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3)],
+        48: [(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
         64: [(64, 32, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
+        96: [(64, 16, 8, 2), (32, 16, 8, 1), (32, 32, 4, 1), (64, 32, 4, 2)],
         128: [(32, 32, 4, 1), (64, 64, 4, 2), (64, 32, 4, 2)],
+        192: [(16, 32, 8, 1), (16, 16, 4, 1), (32, 32, 4, 2)],
         256: [(16, 16, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1)],
     },
     "ieee": {
         16: [(32, 64, 4, 2), (64, 64, 4, 2)],
         32: [(64, 64, 8, 2), (32, 64, 4, 2)],
-        64: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        48: [(32, 32, 4, 2), (64, 32, 8, 2)],
+        64: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2)],
+        96: [(16, 16, 8, 1), (64, 16, 8, 2), (32, 16, 4, 1)],
         128: [(64, 16, 8, 1), (32, 32, 4, 1)],
+        192: [(16, 16, 8, 2), (16, 32, 8, 1), (32, 16, 8, 1)],
         256: [(16, 32, 8, 1), (32, 16, 8, 1)],
     },
 }
@@ -632,13 +672,23 @@ def _configs(table):
     return list(configs.values())
 
 
+def tile_width(block_d: int, block_d2: int = 0) -> int:
+    """The key of a head dim's tile list: its block width ``block_d``, or for a head dim split in two
+    blocks (``head_dim_blocks``) one and a half times the first, the widest split it holds (48 =
+    32 + 16, 96 = 64 + 32 for 72/80/96, 192 = 128 + 64): a split runs both blocks' tiles in one loop
+    body, so it has lists of its own, not those of its padded width."""
+    return block_d * 3 // 2 if block_d2 else block_d
+
+
 def _pruner(table):
-    """Keep the configs listed for the call's element width and padded head dim, in order (a head dim
-    split in two blocks takes the configs of its padded width, which hold at least its tiles)."""
+    """Keep the configs listed for the call's element width and head-dim blocks (``tile_width``), in
+    order; a kernel without split lists (no ``BLOCK_D2``) takes those of the padded head dim."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        wanted = table[tile_class(args["Q"].element_size(), args["DOT_PRECISION"])][head_dim_block(args["head_dim"])]
+        by_width = table[tile_class(args["Q"].element_size(), args["DOT_PRECISION"])]
+        width = tile_width(args.get("BLOCK_D", 0), args.get("BLOCK_D2", 0))
+        wanted = by_width[width] if width in by_width else by_width[head_dim_block(args["head_dim"])]
         by_key = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages): c for c in configs}
         return [by_key[entry] for entry in wanted]
 
@@ -821,15 +871,14 @@ def launch_args(kernel, dtype, tokens, head_dim, fp32_pointers, constexprs):
     return args
 
 
-def _head_dim_variants(kernel, block_d):
-    """``(head-dim block constexprs, name suffix)`` that ``kernel`` launches with for the tile list
-    of padded width ``block_d``: one padded block, and for kernels that split the head dim, the widest
-    split of that list (64 + 32 for 65-96 at 128; the narrower splits hold less)."""
-    if "BLOCK_D2" not in kernel.arg_names:
-        return [({"BLOCK_D": block_d}, "")]
-    first, second = head_dim_blocks(block_d * 3 // 4)
-    split = [({"BLOCK_D": first, "BLOCK_D2": second}, f" split={first}+{second}")] if second else []
-    return [({"BLOCK_D": block_d, "BLOCK_D2": 0}, "")] + split
+def _head_dim_blocks_of_list(kernel, width):
+    """``(head-dim block constexprs, name suffix)`` that ``kernel`` launches with for its tile list
+    ``width`` (``tile_width``): one block of a power-of-two width, or the widest split of a split
+    list (64 + 32 for 96, which holds 72 and 80 as 64 + 16)."""
+    if width & (width - 1) == 0:
+        return {"BLOCK_D": width, **({"BLOCK_D2": 0} if "BLOCK_D2" in kernel.arg_names else {})}, ""
+    first, second = width * 2 // 3, width // 3
+    return {"BLOCK_D": first, "BLOCK_D2": second}, f" split={first}+{second}"
 
 
 def tiled_specs(kernels, fp32_pointers, tokens):
@@ -839,8 +888,8 @@ def tiled_specs(kernels, fp32_pointers, tokens):
     for dtype, precision, label in compiled_variants():
         for kernel_name, kernel, table, flags in kernels:
             for block_d, entries in table[tile_class(dtype.itemsize, precision)].items():
-                for (block_m, block_n, warps, stages), (blocks, split) in itertools.product(
-                        entries, _head_dim_variants(kernel, block_d)):
+                blocks, split = _head_dim_blocks_of_list(kernel, block_d)
+                for block_m, block_n, warps, stages in entries:
                     constexprs = {**flags, "DOT_PRECISION": precision, "BLOCK_M": block_m,
                                   "BLOCK_N": block_n, **blocks}  # fmt: skip
                     head_dim = blocks["BLOCK_D"] + blocks.get("BLOCK_D2", 0)
@@ -865,7 +914,7 @@ def compile_specs(tokens):
     )  # fmt: skip
     yield from tiled_specs(kernels, fp32_pointers, tokens)
     for dtype, name in DTYPE_NAMES.items():
-        for block_d in _FWD_CONFIGS["16-bit"]:
+        for block_d in (width for width in _FWD_CONFIGS["16-bit"] if width & (width - 1) == 0):
             args = launch_args(_attention_bwd_delta_kernel, dtype, tokens, block_d, {"DELTA"},
                                {"BLOCK_M": 64, "BLOCK_D": block_d})  # fmt: skip
             yield f"delta {name} D={block_d}", _attention_bwd_delta_kernel, args, 4, 3
