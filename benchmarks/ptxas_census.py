@@ -7,9 +7,10 @@ Compiles every shipped config (``tangent_kernels.triton.compile_check``) for eac
 launch specialization, and writes one JSON line per (kernel, config, target, specialization) to
 FOLDER/census.jsonl: ``kernel``, ``config``, ``target``, ``specialization``, ``registers``,
 ``spill_bytes``, ``shared_bytes``, ``fits`` (the target's shared memory and 255 registers),
-``mma`` and ``sass_instructions_per_tile`` (the SASS instructions of the kernel's innermost
+``mma``, ``sass_instructions_per_tile`` (the SASS instructions of the kernel's largest innermost
 tile loop: one key tile of an attention kernel, one K tile of the linear kernel; none for kernels
-without a loop), and a summary FOLDER/README.md. This module's own ``compile_specs`` adds the
+without a loop) and ``sass_instructions_per_steady_tile`` (those of the first innermost loop: for
+the attention kernels, the loop over the tiles that run unmasked), and a summary FOLDER/README.md. This module's own ``compile_specs`` adds the
 yardstick: the plain flash forward of ``benchmarks.flash_reference`` and our forward without mask
 or causality, fp16, 128×64 tiles; ``--tutorial`` adds counts of Triton's tutorial forward made
 elsewhere (its code stays out of the project). Static counts only: nothing here is timed.
@@ -43,11 +44,12 @@ def compile_specs(tokens):
     for head_dim, (block_m, block_n, warps, stages) in YARDSTICK_CONFIGS.items():
         config = f"fp16 D={head_dim} M={block_m} N={block_n} w={warps} s={stages}"
         tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim)
+        ours = dict(tiles, BLOCK_D2=0)
         args = launch_args(_flash_fwd_kernel, torch.float16, tokens, head_dim, (), tiles)
         yield f"reference {config}", _flash_fwd_kernel, args, warps, stages
         for name, tangents in (("fwd+tangent", True), ("fwd-primal", False)):
             flags = dict(HAS_Q_T=tangents, HAS_K_T=tangents, HAS_V_T=tangents, MASK_KIND=MASK_NONE, IS_CAUSAL=False,
-                         DOT_PRECISION="tf32", **tiles)  # fmt: skip
+                         DOT_PRECISION="tf32", **ours)  # fmt: skip
             args = launch_args(_attention_jvp_fwd_kernel, torch.float16, tokens, head_dim, {"LSE"}, flags)
             yield f"{name} {config}", _attention_jvp_fwd_kernel, args, warps, stages
 
@@ -67,13 +69,14 @@ def census(module: str, options: list[str]) -> list[dict]:
                      "specialization": r["specialization"], "registers": r.get("registers"),
                      "spill_bytes": r.get("spill_bytes"), "shared_bytes": r.get("shared"), "fits": r["ok"],
                      "mma": r.get("mma"), "sass_instructions_per_tile": r.get("loop_instructions"),
+                     "sass_instructions_per_steady_tile": r.get("steady_loop_instructions"),
                      **({"error": r["error"]} if "error" in r else {})})  # fmt: skip
     return rows
 
 
 def _yardstick_table(rows: list[dict], tutorial: list[dict]) -> list[str]:
     counts = {(r["kernel"].split()[-1], r["config"].split()[1], r["target"], r["specialization"]):
-              r["sass_instructions_per_tile"] for r in rows if r["kernel"].startswith("ptxas_census")}  # fmt: skip
+              r["sass_instructions_per_steady_tile"] for r in rows if r["kernel"].startswith("ptxas_census")}  # fmt: skip
     counts.update({("tutorial", f"D={t['D']}", t["target"], "aligned"): t["loop_instructions"] for t in tutorial})
     names = ("tutorial", "reference", "fwd-primal", "fwd+tangent")
     lines = ["| target | head dim | launch | tutorial | reference | fwd-primal | fwd+tangent | fwd-primal / tutorial | "
@@ -133,9 +136,11 @@ def summary(rows: list[dict], versions: str, seconds: float, command: str, tutor
         "raw lines in census.jsonl. Each kernel is compiled as a real launch specializes it (Triton's "
         "own binder on launch-shaped arguments, B=4 H=16 bf16/fp16/fp32: `aligned` N=4096, `unaligned` "
         "N=197). Registers and spills are from the ptxas run that built the cubin; "
-        "`sass_instructions_per_tile` counts the SASS instructions (nvdisasm) of the innermost loop, from "
-        "its label to the branch back (both sides of any branch inside). Static counts only; nothing here "
-        "was timed on a GPU.", "",
+        "`sass_instructions_per_tile` counts the SASS instructions (nvdisasm) of the largest innermost loop, "
+        "from its label to the branch back (both sides of any branch inside); for the attention kernels that "
+        "is the masked loop (the last partial tile, the causal diagonal), and the yardstick below counts the "
+        "first loop, over the tiles that run unmasked (`sass_instructions_per_steady_tile`; the reference and "
+        "the tutorial have one loop). Static counts only; nothing here was timed on a GPU.", "",
         "## Yardstick: SASS instructions per 128×64 key tile (fp16, no mask, not causal)", "",
         "`tutorial`: Triton's tutorial 06-fused-attention `_attn_fwd` (block pointers, commit 003da478), compiled "
         "outside the project with the same specialization and tiles; `reference`: benchmarks/flash_reference.py; "

@@ -28,6 +28,8 @@ CASES = [
     (2, 4, 2, 33, 50, 96),  # grouped-query heads, Lq < Lk, head dim 96
     (1, 4, 1, 50, 17, 16),  # multi-query, Lq > Lk, head dim 16
     (1, 2, 2, 9, 70, 256),  # head dim 256
+    (1, 2, 2, 31, 45, 72),  # DiT-XL's head dim: blocks of 64 and 16 columns (8 of them padding)
+    (1, 2, 1, 45, 31, 40),  # 32 + 16 columns, grouped-query heads
 ]
 VARIANTS = ["plain", "causal", "bool_mask", "additive_mask", "causal_bool_mask"]
 
@@ -91,10 +93,22 @@ def test_matches_reference(case, backend, dtype, device, poisoned_outputs):
     check_against_reference(tensors, options, dtype, backend)
 
 
+@pytest.mark.parametrize("head_dim,blocks", [(16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (64, (64, 0)),
+                                             (72, (64, 16)), (80, (64, 16)), (96, (64, 32)), (112, (128, 0)),
+                                             (160, (128, 32))])  # fmt: skip
+def test_head_dims_between_powers_of_two_are_split(head_dim, blocks):
+    """Head dims between powers of two run as two power-of-two blocks of columns where that does
+    less MMA work than padding to the next power of two (80: 64 + 16, not 128)."""
+    pytest.importorskip("triton")
+    from tangent_kernels.triton.attention import head_dim_blocks
+
+    assert head_dim_blocks(head_dim) == blocks
+
+
 @pytest.mark.parametrize("variant", VARIANTS[1:])
 @pytest.mark.parametrize("backend,dtype", [("triton", torch.float32), ("triton", torch.bfloat16),
                                            ("cpp", torch.float32), ("cpp", torch.bfloat16)], ids=str)  # fmt: skip
-@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5]], ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4], CASES[5], CASES[7]], ids=str)
 def test_masks_and_causal(case, backend, dtype, variant, device, poisoned_outputs):
     tensors, options = make_inputs(case, dtype, backend_device(backend, device), variant)
     check_against_reference(tensors, options, dtype, backend)

@@ -56,3 +56,16 @@ def test_configs_over_the_devices_shared_memory_are_dropped(monkeypatch):
     assert fitting_configs(Kernel(), configs, args, wanted=1) == configs[1:2]
     with pytest.raises(OutOfResources):
         fitting_configs(Kernel(), configs[:1], args)
+
+
+@pytest.mark.parametrize("head_dim, width", [(64, 64), (72, 96), (80, 96), (96, 96), (40, 48), (128, 128), (160, 192)])
+def test_split_head_dims_take_their_own_tile_lists(head_dim, width):
+    """A head dim run as two column blocks (``head_dim_blocks``) takes the list of its split width
+    (``tile_width``), whose first config was chosen spill-free for both blocks' tiles."""
+    block_d, block_d2 = attention.head_dim_blocks(head_dim)
+    assert attention.tile_width(block_d, block_d2) == width
+    prune = attention._pruner(attention._FWD_CONFIGS)
+    args = {"Q": torch.empty(1, dtype=torch.bfloat16), "head_dim": head_dim, "DOT_PRECISION": "tf32"}
+    kept = prune(attention._configs(attention._FWD_CONFIGS), args, BLOCK_D=block_d, BLOCK_D2=block_d2)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == \
+        attention._FWD_CONFIGS["16-bit"][width]

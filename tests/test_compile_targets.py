@@ -5,7 +5,8 @@ The interpreter runs the tests on the CPU but accepts code a GPU compile rejects
 module's ``compile_specs()`` is compiled here for real targets, with no GPU (DESIGN.md §4), with
 the specialization Triton's launcher derives from a B=4 H=16 N=4096 launch. Every config must
 fit the target's shared memory and registers (sm_80 and sm_90); the first config of each tile list
-(kernel, dtype and precision, head dim), the only one that runs with autotuning off, must also be
+(kernel, dtype and precision, head-dim width: the split widths 48, 96 and 192 of the attention
+kernels have lists of their own), the only one that runs with autotuning off, must also be
 free of register spills and fit the 99 KB of sm_86/sm_89 (RTX 30/40, A10, L4), and is compiled for
 sm_86 too. The full matrix (every target, the odd-length specialization, SASS counts) is the census:
 ``python -m benchmarks.ptxas_census``.

@@ -142,14 +142,18 @@ def innermost_loops(sass_text: str) -> list[list[str]]:
 
 def sass_census(compiled) -> dict:
     """``loop_instructions``: SASS instructions in the largest innermost loop (the key-tile loop of
-    an attention kernel: one iteration per key tile); ``mma``: its tensor-core instructions
-    (``tcgen05`` on sm_100, ``wgmma`` on sm_90, ``mma.sync`` otherwise; none for FMA-unit products)."""
+    an attention kernel: one iteration per key tile); ``steady_loop_instructions``: in the first
+    innermost loop of the listing, which for the attention kernels is the loop over the tiles that
+    run unmasked (all but the last partial tile and the causal diagonal; the masked loop follows
+    and is the largest); ``mma``: its tensor-core instructions (``tcgen05`` on sm_100, ``wgmma`` on
+    sm_90, ``mma.sync`` otherwise; none for FMA-unit products)."""
     loops = innermost_loops(sass(compiled))
     body = max(loops, key=len) if loops else []
     ptx = compiled.asm["ptx"]
     families = (("tcgen05.mma", "tcgen05"), ("wgmma.mma_async", "wgmma"), ("mma.sync", "mma.sync"))
     mma = next((name for instruction, name in families if instruction in ptx), "none")
-    return {"loop_instructions": len(body) or None, "mma": mma}
+    return {"loop_instructions": len(body) or None, "steady_loop_instructions": len(loops[0]) if loops else None,
+            "mma": mma}
 
 
 def kernel_modules() -> list[str]:
