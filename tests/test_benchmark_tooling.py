@@ -55,7 +55,7 @@ def test_ptxas_census_summary():
     def row(kernel, config, target, spill, shared=1000, instructions=None):
         return {"kernel": kernel, "config": config, "target": target, "specialization": "aligned", "registers": 255,
                 "spill_bytes": spill, "shared_bytes": shared, "fits": True, "mma": "wgmma",
-                "sass_instructions_per_tile": instructions}  # fmt: skip
+                "sass_instructions_per_tile": instructions, "sass_instructions_per_steady_tile": instructions}  # fmt: skip
 
     rows = [
         row("attention fwd", "fp32-ieee D=64 M=64 N=16 w=8 s=2", "sm_90", 16),
