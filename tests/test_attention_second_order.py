@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tangent_kernels as tk
-from helpers import assert_close, backend_device, max_error, max_relative_error
+from helpers import CompositeLayerNorm, assert_close, backend_device, max_error, max_relative_error
 from tangent_kernels import cpp, ops, reference
 from tangent_kernels import functional as F
 from tangent_kernels.attention_second_order import primal_grads
@@ -310,19 +310,6 @@ def meanflow_step(model, z, t, v):
     u, du = torch.autograd.functional.jvp(model, (z, t), (v, torch.ones_like(t)), create_graph=True)
     loss = (u - (v - 0.3 * du)).square().mean() + (u * du).mean()
     return u, du, torch.autograd.grad(loss, list(model.parameters()))
-
-
-class CompositeLayerNorm(nn.Module):
-    """Layer norm in plain torch ops (differentiable to every order; torch's native layer norm's
-    double backward is wrong when differentiated again, pytorch/pytorch#175754)."""
-
-    def __init__(self, eps):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x):
-        centered = x - x.mean(-1, keepdim=True)
-        return centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + self.eps)
 
 
 def test_dit_block_meanflow_jvp_matches_the_float64_oracle():

@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, max_relative_error
+from helpers import assert_close, composite_layer_norm, max_relative_error
 from timm.models.vision_transformer import ParallelScalingBlock, VisionTransformer
 from torch.autograd import forward_ad
 from torch.func import functional_call, jvp
@@ -612,13 +612,6 @@ def test_small_cpu_layer_norm_runs_torch_only_without_a_second_order_term(monkey
     with fused_jvp():
         close(jvp(norm, (x,), (x_t,)), expected)
     assert layer_norm_kernel_calls
-
-
-def composite_layer_norm(x, w=None, b=None, eps=1e-5):
-    """Layer norm in plain torch ops: autograd differentiates it to every order exactly."""
-    centered = x - x.mean(-1, keepdim=True)
-    y = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
-    return y * w + b if w is not None else y
 
 
 @pytest.mark.parametrize("affine", [True, False])

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import max_error
+from helpers import CompositeLayerNorm, max_error
 from torch import nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -304,20 +304,6 @@ def test_meanflow_dit_from_timm_parts():
     with patched(model):
         assert_all_close(meanflow_loss_grads(model, z, t, r, v), expected)
     check_patched(model, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
-
-
-class CompositeLayerNorm(nn.Module):
-    """``nn.LayerNorm`` without affine, by element-wise ops: the oracle's layer norm for second-order
-    terms, which torch's own forward-AD rule for layer norm gets wrong (pytorch/pytorch#196700;
-    finite differences agree with the composite and with ours)."""
-
-    def __init__(self, eps):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x):
-        centered = x - x.mean(-1, keepdim=True)
-        return centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + self.eps)
 
 
 def test_meanflow_dit_second_order():
