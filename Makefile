@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?= -n 2
 
-.PHONY: setup test bench bench-pytest clean
+.PHONY: setup test bench bench-pytest compile-record clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,11 @@ bench: $(STAMP)
 # The same suites under pytest-benchmark (JSON for pytest-benchmark compare).
 bench-pytest: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/test_suites.py -p no:xdist --benchmark-json=benchmarks/results/latest-pytest-benchmark.json
+
+# After a change to a Triton kernel (or Triton): compile every shipped config for sm_80/sm_90 and the
+# first configs for sm_86 (about 45 CPU-minutes) into the record the compile tests check.
+compile-record: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python -m tangent_kernels.triton.compile_check --record tests/compile_record.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info tangent_kernels/*.so

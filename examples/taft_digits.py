@@ -6,7 +6,7 @@
 3. Compose the shards (one model), forget one shard exactly, and train a private version (DP-SGD,
    ε from opacus's accountant).
 
-    python examples/taft_digits.py [--shards 3] [--workers 2] [--backend auto]
+    python examples/taft_digits.py [--shards 3] [--workers 2] [--backend auto] [--epoch-scale 1.0]
 """
 
 from __future__ import annotations
@@ -57,7 +57,13 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1, help="processes training shards in parallel")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--epoch-scale", type=float, default=1.0,
+                        help="multiplies every epoch count (at least one epoch each): 0.05 runs every step quickly")
     args = parser.parse_args()
+
+    def epochs(count: int) -> int:
+        return max(1, round(count * args.epoch_scale))
+
     torch.manual_seed(0)
     rows = []  # (model, test accuracy, seconds)
 
@@ -65,7 +71,7 @@ def main() -> None:
     start = time.perf_counter()
     pre_train, pre_test = digits(range(0, 5))
     base = small_vit(5)
-    taft.train(base, *pre_train, taft.TrainConfig(epochs=30, lr=2e-3, loss="ce"), progress="pre-train")
+    taft.train(base, *pre_train, taft.TrainConfig(epochs=epochs(30), lr=2e-3, loss="ce"), progress="pre-train")
     rows.append(("pre-trained ViT on 0-4", taft.accuracy(base, *pre_test), time.perf_counter() - start))
 
     # 2. digits 5-9: a new head fitted on frozen features (a linear probe), around which the
@@ -77,16 +83,16 @@ def main() -> None:
         p.requires_grad_(False)
     for p in base.head.parameters():
         p.requires_grad_(True)
-    taft.train(base, *train_data, taft.TrainConfig(epochs=20, lr=1e-2, loss="ce"), progress="linear probe")
+    taft.train(base, *train_data, taft.TrainConfig(epochs=epochs(20), lr=1e-2, loss="ce"), progress="linear probe")
     for p in base.parameters():
         p.requires_grad_(True)
     rows.append(("linear probe (head only)", taft.accuracy(base, *test_data), time.perf_counter() - start))
     start = time.perf_counter()
-    tuned = fine_tune_last_block(base, train_data, taft.TrainConfig(epochs=20, lr=2e-3, loss="ce"))
+    tuned = fine_tune_last_block(base, train_data, taft.TrainConfig(epochs=epochs(20), lr=2e-3, loss="ce"))
     rows.append(("fine-tuning (last block, norm, head)", taft.accuracy(tuned, *test_data), time.perf_counter() - start))
 
     linearized = tk.linearize(base, 1, backend=args.backend)
-    config = taft.TrainConfig(epochs=40, lr=5e-3, loss="rsl", kappa=5.0)
+    config = taft.TrainConfig(epochs=epochs(40), lr=5e-3, loss="rsl", kappa=5.0)
     start = time.perf_counter()
     single = copy.deepcopy(linearized)
     taft.train(single, *train_data, config, progress="TAFT")
@@ -114,7 +120,7 @@ def main() -> None:
     with torch.no_grad():
         for p in private.parameters():
             p.zero_()
-    result = taft.train(private, *train_data, taft.TrainConfig(epochs=5, lr=2e-3, kappa=5.0, privacy=privacy),
+    result = taft.train(private, *train_data, taft.TrainConfig(epochs=epochs(5), lr=2e-3, kappa=5.0, privacy=privacy),
                         progress="DP-TAFT")  # fmt: skip
     rows.append((f"DP-TAFT (ε = {result.epsilon:.2f}, δ = {privacy.delta:g})", taft.accuracy(private, *test_data),
                  result.seconds))  # fmt: skip

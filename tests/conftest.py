@@ -19,6 +19,11 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 os.environ.setdefault("TANGENT_KERNELS_AUTOTUNE", "0")
 os.environ.setdefault("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", "0")  # the tests' small attention runs fused too
 os.environ.setdefault("TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS", "0")  # and their small layer norms
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker (and per subprocess it starts): workers × torch's threads per core
+    # oversubscribe the cores, and OpenMP's spinning threads then slow every worker many times over.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

@@ -94,3 +94,32 @@ def test_package_works_without_the_extension():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_cpp_kernels_give_the_same_bits_on_any_thread_count():
+    """The C++ kernels split their work into tasks fixed by the shapes, not by the threads (the
+    tests' workers run one thread each, so this is where several threads run them; 2000 rows make
+    several layer norm and GELU chunks): one and four threads give bit-identical outputs and
+    gradients."""
+    if not cpp.AVAILABLE:
+        pytest.skip(cpp.UNAVAILABLE_REASON)
+
+    def run():
+        torch.manual_seed(0)
+        attention = [torch.randn(2, 3, 37, 16, dtype=torch.float64, requires_grad=True) for _ in range(6)]
+        norm = [torch.randn(2000, 33, requires_grad=True) for _ in range(2)] + [torch.randn(33) for _ in range(2)]
+        gelu = [torch.randn(2000, 65), torch.randn(2000, 65, requires_grad=True)]  # (no second order in gelu)
+        outputs = [*F.attention_jvp(*attention, backend="cpp"), *F.layer_norm_jvp(*norm, backend="cpp"),
+                   *F.gelu_jvp(*gelu, backend="cpp")]  # fmt: skip
+        loss = sum(out.square().sum() for out in outputs)
+        return outputs + list(torch.autograd.grad(loss, attention + norm[:2] + gelu[1:]))
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(4)
+        four = run()
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(a, b) for a, b in zip(one, four, strict=True))

@@ -2,26 +2,39 @@
 launch specializes it, and each tile list starts with a config that runs everywhere.
 
 The interpreter runs the tests on the CPU but accepts code a GPU compile rejects, so each kernel
-module's ``compile_specs()`` is compiled here for real targets, with no GPU (DESIGN.md §4), with
-the specialization Triton's launcher derives from a B=4 H=16 N=4096 launch. Every config must
-fit the target's shared memory and registers (sm_80 and sm_90); the first config of each tile list
+module's ``compile_specs()`` is compiled for real targets, with no GPU (DESIGN.md §4), with the
+specialization Triton's launcher derives from a B=4 H=16 N=4096 launch. Every config must fit the
+target's shared memory and registers (sm_80 and sm_90); the first config of each tile list
 (kernel, dtype and precision, head-dim width: the split widths 48, 96 and 192 of the attention
-kernels have lists of their own), the only one that runs with autotuning off, must also be
-free of register spills and fit the 99 KB of sm_86/sm_89 (RTX 30/40, A10, L4), and is compiled for
-sm_86 too. The full matrix (every target, the odd-length specialization, SASS counts) is the census:
-``python -m benchmarks.ptxas_census``.
+kernels have lists of their own), the only one that runs with autotuning off, must also be free of
+register spills and fit the 99 KB of sm_86/sm_89 (RTX 30/40, A10, L4), compiled for sm_86 too.
+
+Compiling all of that takes about 45 CPU-minutes, so it is kept in ``tests/compile_record.json``
+(``make compile-record`` rewrites it after a kernel change): these tests check that the record is
+of the current kernel sources and Triton, covers every spec, and says what is required; and they
+recompile a sample of it (a different one whenever the kernels change), which must give the
+recorded registers, spills and shared memory. The full matrix (every target, the odd-length
+specialization, SASS counts) is the census: ``python -m benchmarks.ptxas_census``.
 """
 
 import importlib
+import json
+import random
+import re
+from pathlib import Path
 
 import pytest
 
 import tangent_kernels.triton as triton_package
 from helpers import compile_for_gpu_targets
 from tangent_kernels.triton import SHARED_MEMORY_PER_BLOCK
-from tangent_kernels.triton.compile_check import kernel_modules, tile_list
+from tangent_kernels.triton.compile_check import (RECORD_FIRST_CONFIG_TARGETS, RECORD_TARGETS, SPECIALIZATIONS,
+                                                  fingerprint, kernel_modules, tile_list)  # fmt: skip
 
 KERNEL_MODULES = kernel_modules()
+RECORD = Path(__file__).parent / "compile_record.json"
+SAMPLE_SPECS = 4  # per module, recompiled for each record target
+SAMPLE_FIRST_CONFIGS = 2  # per module, recompiled for each first-config target
 
 # Tile lists whose first config cannot be spill-free or within 99 KB, each with what happens
 # instead (the config comments in the kernel modules give the census's numbers).
@@ -45,6 +58,43 @@ def test_every_kernel_module_lists_its_specs():
         assert hasattr(importlib.import_module(module), "compile_specs"), f"{module} has no compile_specs()"
 
 
+@pytest.fixture(scope="module")
+def record() -> dict:
+    if not triton_package.AVAILABLE:
+        pytest.skip(triton_package.UNAVAILABLE_REASON)
+    return json.loads(RECORD.read_text())
+
+
+def _rows(record, module, targets) -> list[dict]:
+    return [r for r in record["results"] if r["module"] == module and int(r["target"][3:]) in targets]
+
+
+def _spec_names(module) -> list[str]:
+    return [spec[0] for spec in importlib.import_module(module).compile_specs(SPECIALIZATIONS["aligned"])]
+
+
+def _first_configs(names) -> list[str]:
+    firsts = {}
+    for name in names:
+        firsts.setdefault(tile_list(name), name)
+    return list(firsts.values())
+
+
+def test_record_is_of_these_kernels(record):
+    assert record["fingerprint"] == fingerprint(), (
+        f"{RECORD.name} was written for other kernel sources or another Triton: run `make compile-record`")
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_record_covers_every_spec(record, module):
+    names = _spec_names(module)
+    expected = {(name, f"sm_{t}") for name in names for t in RECORD_TARGETS}
+    expected |= {(name, f"sm_{t}") for name in _first_configs(names) for t in RECORD_FIRST_CONFIG_TARGETS}
+    recorded = [(r["spec"], r["target"]) for r in record["results"] if r["module"] == module]
+    assert all(r["specialization"] == "aligned" for r in record["results"])
+    assert sorted(recorded) == sorted(expected)
+
+
 def _first_config_problems(results, module) -> dict:
     """``{(module, tile list): [problem, ...]}`` for the first configs that spill or exceed the
     shared memory of sm_86 (sm_90's own limit is checked with every config)."""
@@ -63,12 +113,10 @@ def _first_config_problems(results, module) -> dict:
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)
-def test_compiles_for_sm80_and_sm90(module):
+def test_compiles_for_sm80_and_sm90(record, module):
     """Every config fits sm_80 and sm_90; the first of each tile list is spill-free and within the
     shared memory of sm_86/89 (which compile as sm_80 does but allow 99 KB)."""
-    if not triton_package.AVAILABLE:
-        pytest.skip(triton_package.UNAVAILABLE_REASON)
-    results = compile_for_gpu_targets(module, "--registers", "--targets", "80,90", "--specializations", "aligned")
+    results = _rows(record, module, RECORD_TARGETS)
     failures = [r for r in results if not r["ok"]]
     assert not failures, "\n".join(str(f) for f in failures[:10])
     assert {r["target"] for r in results} == {"sm_80", "sm_90"}
@@ -77,17 +125,37 @@ def test_compiles_for_sm80_and_sm90(module):
     assert problems.keys() == {key for key in EXCEPTIONS if key[0] == module}, problems
 
 
-@pytest.mark.parametrize("module", [m for m in KERNEL_MODULES if "attention" in m])
-def test_first_configs_on_sm86(module):
-    """The tiled attention kernels' first configs, compiled for sm_86 itself: ptxas allocates
-    registers there differently from sm_80 (configs spill-free on sm_80 spilled 4-56 bytes there).
-    sm_89 compiles exactly as sm_86 (the census: the same registers, spills, shared memory and SASS
-    for every first config), so it is left to the census to keep this test within about a minute."""
-    if not triton_package.AVAILABLE:
-        pytest.skip(triton_package.UNAVAILABLE_REASON)
-    results = compile_for_gpu_targets(module, "--registers", "--first", "--targets", "86", "--specializations",
-                                      "aligned")  # fmt: skip
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_first_configs_on_sm86(record, module):
+    """The first configs compiled for sm_86 itself: ptxas allocates registers there differently
+    from sm_80 (configs spill-free on sm_80 spilled 4-56 bytes there). sm_89 compiles exactly as
+    sm_86 (the census: the same registers, spills, shared memory and SASS for every first config)."""
+    results = _rows(record, module, RECORD_FIRST_CONFIG_TARGETS)
     failures = [r for r in results if not r["ok"] and (module, tile_list(r["spec"])) not in EXCEPTIONS]
     assert not failures, "\n".join(str(f) for f in failures[:10])
     problems = _first_config_problems(results, module)
     assert problems.keys() <= EXCEPTIONS.keys(), problems
+
+
+def _recompiled(module, names, targets) -> list[dict]:
+    pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
+    return compile_for_gpu_targets(module, "--registers", "--targets", ",".join(map(str, targets)),
+                                   "--specializations", "aligned", "--match", pattern)  # fmt: skip
+
+
+@pytest.mark.parametrize("module", KERNEL_MODULES)
+def test_record_reproduces(record, module):
+    """A sample of the record, compiled here as a real launch would: the same outcome, registers,
+    spills and shared memory (the sample changes with the kernel sources)."""
+    rng = random.Random(record["fingerprint"]["sources"] + module)
+    names = _spec_names(module)
+    sample = rng.sample(names, min(SAMPLE_SPECS, len(names)))
+    firsts = _first_configs(names)
+    first_sample = rng.sample(firsts, min(SAMPLE_FIRST_CONFIGS, len(firsts)))
+    results = _recompiled(module, sample, RECORD_TARGETS) + _recompiled(module, first_sample, RECORD_FIRST_CONFIG_TARGETS)
+    assert len(results) == len(sample) * len(RECORD_TARGETS) + len(first_sample) * len(RECORD_FIRST_CONFIG_TARGETS)
+    recorded = {(r["spec"], r["target"]): r for r in record["results"] if r["module"] == module}
+    fields = ("ok", "shared", "registers", "spill_bytes")
+    for r in results:
+        expected = recorded[(r["spec"], r["target"])]
+        assert {f: r.get(f) for f in fields} == {f: expected.get(f) for f in fields}, (r["spec"], r["target"])

@@ -153,13 +153,14 @@ def test_parallel_shard_training_matches_serial():
 
 
 def test_digits_example_runs(tmp_path):
-    """The README's example runs end to end (offline data, CPU) and prints its table."""
+    """The README's example runs end to end (offline data, CPU) and prints its table (at a twentieth
+    of its epochs: this checks that every step runs, not the accuracies)."""
     import subprocess
     import sys
     from pathlib import Path
 
     example = Path(__file__).parent.parent / "examples" / "taft_digits.py"
-    result = subprocess.run([sys.executable, str(example), "--shards", "2"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(example), "--shards", "2", "--epoch-scale", "0.05"], capture_output=True, text=True,
                             timeout=600, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "composition after forgetting shard 0" in result.stdout and "DP-TAFT (ε =" in result.stdout

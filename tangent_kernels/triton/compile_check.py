@@ -11,18 +11,25 @@ rows or keys, a tensor given by its ``torch.dtype`` (it is then 16-byte aligned,
 allocator makes it).
 
 Run as ``python -m tangent_kernels.triton.compile_check [--registers] [--sass] [--targets 80,90]
-[--specializations aligned] [--match REGEX] [--first] MODULE [MODULE ...]``; it prints one JSON line per
+[--specializations aligned] [--match REGEX] [--first] MODULE [MODULE ...]`` (or ``--record FILE``); it prints one JSON line per
 (spec, target, specialization) and exits non-zero if any fails to compile or exceeds the target's
 shared memory or registers. ``--registers`` adds ptxas's registers per thread and spilled bytes
 (from the ptxas run that built the cubin), ``--sass`` the instruction count of the key-tile loop
 (``loop_instructions``) and the tensor-core instruction family. It must run without
 ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled): the tests call it in a subprocess.
+
+Compiling every shipped config takes about 45 CPU-minutes, too long for every test run, so it is
+done when a kernel changes and kept: ``--record FILE`` compiles every spec of every module for
+sm_80 and sm_90 and the first config of each tile list for sm_86, and writes the results with the
+``fingerprint`` of what they depend on (the sources of this package and Triton's version). The
+tests check the record against the shipped specs and fingerprint, and recompile a sample of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import io
 import json
@@ -34,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import torch
 
@@ -214,12 +222,44 @@ def check_module(module_name, targets=TARGETS, specializations=tuple(SPECIALIZAT
         yield from pool.map(_compile_one, jobs)
 
 
+# What a record holds: every spec for these targets, and each tile list's first config for these
+# (sm_86 allocates registers differently from sm_80; sm_89 compiles exactly as sm_86: the census).
+RECORD_TARGETS = (80, 90)
+RECORD_FIRST_CONFIG_TARGETS = (86,)
+
+
+def fingerprint() -> dict:
+    """What compile results depend on: Triton's version and the sources of this package (the
+    kernels, their configs and compile specs, and this checker)."""
+    import triton
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")) + sorted(Path(__file__).parent.glob("*.json")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"triton": triton.__version__, "sources": digest.hexdigest()}
+
+
+def write_record(path: str, workers=None) -> list[dict]:
+    """Compile the record's matrix for every kernel module and write it to ``path`` (JSON: the
+    ``fingerprint`` and one result per spec, target and specialization); returns the results that
+    failed to compile or fit (the tests judge them: some are known, see their ``EXCEPTIONS``)."""
+    results = []
+    for module_name in kernel_modules():
+        results += check_module(module_name, RECORD_TARGETS, ("aligned",), registers=True, workers=workers)
+        results += check_module(module_name, RECORD_FIRST_CONFIG_TARGETS, ("aligned",), first=True, registers=True,
+                                workers=workers)  # fmt: skip
+    rows = ",\n".join(json.dumps(r) for r in results)  # one result per line: a change reads as a diff
+    Path(path).write_text(f'{{"fingerprint": {json.dumps(fingerprint())},\n"results": [\n{rows}\n]}}\n')
+    return [r for r in results if not r["ok"]]
+
+
 def main(argv: list[str]) -> int:
     if INTERPRETING:
         print("compile_check must run without TRITON_INTERPRET=1", file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("modules", nargs="+")
+    parser.add_argument("modules", nargs="*")
+    parser.add_argument("--record", metavar="FILE", help="compile the record's matrix of every module into FILE")
     parser.add_argument("--registers", action="store_true")
     parser.add_argument("--sass", action="store_true")
     parser.add_argument("--targets", default=",".join(map(str, TARGETS)))
@@ -227,6 +267,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--match", default="", help="only the specs whose name matches this regular expression")
     parser.add_argument("--first", action="store_true", help="only the first config of each tile list")
     args = parser.parse_args(argv)
+    if args.record:
+        failed = write_record(args.record)
+        print(f"{args.record} written; {len(failed)} failed to compile or fit (`make test` judges them):", file=sys.stderr)
+        for r in failed:
+            why = r.get("error") or f"{r['shared']} bytes of shared memory, {r['registers']} registers"
+            print(f"  {r['module']} {r['spec']} {r['target']}: {why}", file=sys.stderr)
+        return 0
+    if not args.modules:
+        parser.error("name the kernel modules to compile, or --record FILE")
     targets = tuple(int(t) for t in args.targets.split(","))
     specializations = tuple(args.specializations.split(","))
     if any(t not in SHARED_MEMORY_PER_BLOCK for t in targets):
