@@ -24,7 +24,7 @@ CASES = [
     (1, 2, 2, 1, 1, 64),  # a single token
     (2, 3, 3, 7, 7, 32),  # odd length, several batches
     (1, 2, 2, 197, 197, 64),  # ViT-B/16 at 224 px
-    (1, 1, 1, 577, 577, 80),  # ViT at 384 px, head dim 80 (not a power of two)
+    (1, 1, 1, 257, 257, 80),  # longer than every tile list's tiles, a last tile of one row; head dim 80 (64 + 16)
     (2, 4, 2, 33, 50, 96),  # grouped-query heads, Lq < Lk, head dim 96
     (1, 4, 1, 50, 17, 16),  # multi-query, Lq > Lk, head dim 16
     (1, 2, 2, 9, 70, 256),  # head dim 256

@@ -60,9 +60,15 @@ def test_every_kernel_module_lists_its_specs():
 
 @pytest.fixture(scope="module")
 def record() -> dict:
+    """The record; skips on another Triton (the GPU machines carry Triton 3.6, which compiles
+    differently and whose kernels their GPU tests compile and run for real)."""
     if not triton_package.AVAILABLE:
         pytest.skip(triton_package.UNAVAILABLE_REASON)
-    return json.loads(RECORD.read_text())
+    record = json.loads(RECORD.read_text())
+    if record["fingerprint"]["triton"] != fingerprint()["triton"]:
+        pytest.skip(f"{RECORD.name} is of Triton {record['fingerprint']['triton']} (torch 2.14.1's, as in CI); "
+                    f"this is Triton {fingerprint()['triton']}")  # fmt: skip
+    return record
 
 
 def _rows(record, module, targets) -> list[dict]:
@@ -81,8 +87,8 @@ def _first_configs(names) -> list[str]:
 
 
 def test_record_is_of_these_kernels(record):
-    assert record["fingerprint"] == fingerprint(), (
-        f"{RECORD.name} was written for other kernel sources or another Triton: run `make compile-record`")
+    assert record["fingerprint"]["sources"] == fingerprint()["sources"], (
+        f"the Triton kernels changed since {RECORD.name} was written: run `make compile-record`")
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)
