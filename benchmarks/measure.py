@@ -18,20 +18,21 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)
 
 
-def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: int = 5, max_repeats: int = 200) -> dict:
+def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: int = 5, max_repeats: int = 200,
+              warmups: int = 2) -> dict:  # fmt: skip
     """``{"median_ms", "p20_ms", "p80_ms", "repeats"}`` for calling ``fn()``.
 
-    On the CPU, two warm-up calls first (lazy imports, and the allocator's first large blocks:
-    glibc raises its mmap threshold only after freeing one), then at least ``min_repeats`` calls
-    and more until ``min_seconds`` have passed (at most ``max_repeats``).
+    On the CPU, ``warmups`` warm-up calls first (lazy imports, and the allocator's first large
+    blocks: glibc raises its mmap threshold only after freeing one), then at least ``min_repeats``
+    calls and more until ``min_seconds`` have passed (at most ``max_repeats``).
     """
     if device.type == "cuda":
         import triton.testing
 
         median, p20, p80 = triton.testing.do_bench(fn, quantiles=list(QUANTILES))
         return {"median_ms": median, "p20_ms": p20, "p80_ms": p80, "repeats": None}
-    fn()
-    fn()
+    for _ in range(warmups):
+        fn()
     times = []
     start = time.perf_counter()
     while len(times) < min_repeats or (time.perf_counter() - start < min_seconds and len(times) < max_repeats):

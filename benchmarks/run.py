@@ -50,8 +50,8 @@ def run_case(case, device: torch.device) -> list[dict]:
         if check_error:
             row["check_error"] = check_error
         try:
-            row.update(time_call(fn, device))
-            row["peak_memory_bytes"] = peak_memory(fn, device)
+            row["peak_memory_bytes"] = peak_memory(fn, device)  # (also the first warm-up call)
+            row.update(time_call(fn, device, warmups=1))
             if mode in case.extras:
                 row.update(case.extras[mode]())
         except Exception as error:  # a mode that cannot run (e.g. jvp through fused SDPA) is a result
