@@ -6,9 +6,11 @@ thread: one core kept busy by another process stretches every call, and one run 
 linearized ViT at 19× the plain forward (3.0× on a quiet machine) while each row's repeats
 agreed with each other. So the spread of a row alone cannot tell; the guard also looks at
 
-- the load: the 1-minute load average before the run, and the CPU time other processes used
-  during it (``/proc/stat``'s busy time less this process's own; where there is no
-  ``/proc/stat``, the load average after the run less this run's threads);
+- the load: the CPU time other processes use in a one-second sample before the run and during
+  the run (``/proc/stat``'s busy time less this process's own; where there is no ``/proc/stat``,
+  the 1-minute load average before the run, and after it less this run's threads). The load
+  average alone remembers the last minute: a fresh clone's ``make bench`` read 1.65 from its own
+  set-up, with nothing else running;
 - a calibration: one fixed matmul timed at the start and at the end of the run. A machine that
   slowed down (or sped up) in between moves it; a busy one spreads it.
 
@@ -75,6 +77,16 @@ def _own_seconds() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
+def other_load(seconds: float = 1.0) -> float | None:
+    """Cores' worth of CPU time other processes use over the next ``seconds`` (``None`` without
+    ``/proc/stat``)."""
+    busy, own, start = _busy_seconds(), _own_seconds(), time.monotonic()
+    if busy is None:
+        return None
+    time.sleep(seconds)
+    return max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / (time.monotonic() - start)
+
+
 class Probe:
     """Started before the suites and finished after them: ``finish(rows)`` gives the ``noise``
     section of results.json (the measurements, the thresholds and the verdict)."""
@@ -82,6 +94,7 @@ class Probe:
     def __init__(self, device: torch.device):
         self.device = device
         self.load_before = list(os.getloadavg())
+        self.other_before = other_load()
         self.wall, self.busy, self.own = time.monotonic(), _busy_seconds(), _own_seconds()
         self.calibration_start = calibrate(device)
 
@@ -101,6 +114,7 @@ class Probe:
             "cpu_cores": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "load_average_before": self.load_before,
+            "other_load_before": self.other_before,
             "load_average_after": load_after,
             "other_load_during": other,
             "other_load_how": how,
@@ -123,14 +137,21 @@ def median_row_spread(rows: list[dict]) -> float | None:
     return statistics.median(spreads) if spreads else None
 
 
+def load_before(noise: dict) -> tuple[float, str]:
+    """The other load before the run and what measured it: the one-second ``/proc/stat`` sample,
+    else the 1-minute load average."""
+    if noise.get("other_load_before") is not None:
+        return noise["other_load_before"], "other processes' cores busy in a 1 s sample"
+    return noise["load_average_before"][0], "1-minute load average"
+
+
 def verdict(noise: dict) -> list[str]:
     """Why this run's timings cannot be trusted: one reason per threshold crossed (none: trusted)."""
     reasons = []
     if noise.get("device_type") == "cpu":
-        before = noise["load_average_before"][0]
+        before, what = load_before(noise)
         if before > MAX_OTHER_LOAD:
-            reasons.append(f"the machine was busy before the run (1-minute load average {before:.2f}, "
-                           f"threshold {MAX_OTHER_LOAD})")  # fmt: skip
+            reasons.append(f"the machine was busy before the run ({what} {before:.2f}, threshold {MAX_OTHER_LOAD})")
         if noise["other_load_during"] > MAX_OTHER_LOAD:
             reasons.append(f"other processes kept {noise['other_load_during']:.2f} cores busy during the run "
                            f"(threshold {MAX_OTHER_LOAD})")  # fmt: skip

@@ -240,6 +240,8 @@ def environment_lines(result: dict) -> list[str]:
         lines += [
             f"| load average before → after (1 min) | {noise['load_average_before'][0]:.2f} → "
             f"{noise['load_average_after'][0]:.2f} on {noise.get('cpu_cores')} cores |",
+            *([f"| other processes in a 1 s sample before the run | {noise['other_load_before']:.2f} cores |"]
+              if noise.get("other_load_before") is not None else []),
             f"| other processes during the run | {noise['other_load_during']:.2f} cores ({noise.get('other_load_how')}) |",
             f"| calibration matmul, start → end | {start['median_ms']:.2f} → {end['median_ms']:.2f} ms |",
             f"| median spread of a row's repeats (p80/p20) | {spread:.3f} |" if spread else "| median spread | – |",

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from .measure import copy_bandwidth, environment, peak_memory, time_call
-from .noise import MAX_OTHER_LOAD, Probe
+from .noise import MAX_OTHER_LOAD, Probe, load_before
 from .report import markdown_table, noise_warning, write_report
 
 SUITES = ("attention", "layer_norm", "mlp", "vit", "patched", "taft_data")
@@ -129,8 +129,9 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / f"latest-{device.type}"
 
     probe = Probe(device)  # the load before the run and the first calibration
-    if device.type == "cpu" and probe.load_before[0] > MAX_OTHER_LOAD:
-        print(f"note: the machine is already busy (1-minute load average {probe.load_before[0]:.2f}); "
+    before, what = load_before({"load_average_before": probe.load_before, "other_load_before": probe.other_before})
+    if device.type == "cpu" and before > MAX_OTHER_LOAD:
+        print(f"note: the machine is already busy ({what} {before:.2f}); "
               "this run's timings will likely not be trustworthy", file=sys.stderr)  # fmt: skip
     yardsticks = {"matmul": probe.calibration_start["matmul"],
                   "matmul_tflops_per_s": probe.calibration_start["tflops_per_s"], **copy_bandwidth(device)}  # fmt: skip

@@ -58,8 +58,9 @@ def calibration(median_ms, spread=1.02):
 
 
 def noise_record(device_type="cpu", before=0.1, during=0.1, start=10.0, end=10.2, calibration_spread=1.02,
-                 row_spread=1.02):  # fmt: skip
+                 row_spread=1.02, sampled_before=None):  # fmt: skip
     record = {"device_type": device_type, "cpu_cores": 2, "threads": 2, "load_average_before": [before, 0.2, 0.2],
+              "other_load_before": sampled_before,
               "load_average_after": [2.0 + during, 1.0, 0.5], "other_load_during": during, "other_load_how": "test",
               "wall_seconds": 100.0, "calibration_start": calibration(start, calibration_spread),
               "calibration_end": calibration(end), "median_row_spread": row_spread}  # fmt: skip
@@ -162,7 +163,9 @@ def test_untrustworthy_run_is_flagged_at_the_top_of_the_report(tmp_path):
     "fields, reason",
     [
         ({}, None),  # a quiet machine
-        ({"before": 1.2}, "busy before the run"),
+        ({"before": 1.2}, "busy before the run (1-minute load average 1.20"),  # without /proc/stat
+        ({"before": 1.65, "sampled_before": 0.02}, None),  # the load average remembers make bench's own set-up
+        ({"before": 0.1, "sampled_before": 0.9}, "busy before the run (other processes' cores busy in a 1 s sample 0.90"),
         ({"during": 0.9}, "other processes kept 0.90 cores busy"),
         ({"start": 10.0, "end": 19.0}, "took 10.00 ms at the start and 19.00 ms at the end"),
         ({"start": 19.0, "end": 10.0}, "took 19.00 ms at the start and 10.00 ms at the end"),  # sped up: also void
