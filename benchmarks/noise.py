@@ -77,6 +77,11 @@ def _own_seconds() -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
+def _other_load_since(busy: float, own: float, start: float) -> float:
+    """Cores' worth of CPU time other processes used since ``busy``, ``own`` and ``start`` were read."""
+    return max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / (time.monotonic() - start)
+
+
 def other_load(seconds: float = 1.0) -> float | None:
     """Cores' worth of CPU time other processes use over the next ``seconds`` (``None`` without
     ``/proc/stat``)."""
@@ -84,7 +89,7 @@ def other_load(seconds: float = 1.0) -> float | None:
     if busy is None:
         return None
     time.sleep(seconds)
-    return max(0.0, (_busy_seconds() - busy) - (_own_seconds() - own)) / (time.monotonic() - start)
+    return _other_load_since(busy, own, start)
 
 
 class Probe:
@@ -101,10 +106,9 @@ class Probe:
     def finish(self, rows: list[dict]) -> dict:
         calibration_end = calibrate(self.device)
         wall = time.monotonic() - self.wall
-        busy = _busy_seconds()
         load_after = list(os.getloadavg())
-        if busy is not None and self.busy is not None:
-            other = max(0.0, (busy - self.busy) - (_own_seconds() - self.own)) / wall
+        if self.busy is not None:
+            other = _other_load_since(self.busy, self.own, self.wall)
             how = "/proc/stat busy time less this process's CPU time, over the run's wall time"
         else:
             other = max(0.0, load_after[0] - torch.get_num_threads())
@@ -137,19 +141,19 @@ def median_row_spread(rows: list[dict]) -> float | None:
     return statistics.median(spreads) if spreads else None
 
 
-def load_before(noise: dict) -> tuple[float, str]:
+def load_before(sampled: float | None, load_average: float) -> tuple[float, str]:
     """The other load before the run and what measured it: the one-second ``/proc/stat`` sample,
-    else the 1-minute load average."""
-    if noise.get("other_load_before") is not None:
-        return noise["other_load_before"], "other processes' cores busy in a 1 s sample"
-    return noise["load_average_before"][0], "1-minute load average"
+    else (``None``) the 1-minute load average."""
+    if sampled is not None:
+        return sampled, "other processes' cores busy in a 1 s sample"
+    return load_average, "1-minute load average"
 
 
 def verdict(noise: dict) -> list[str]:
     """Why this run's timings cannot be trusted: one reason per threshold crossed (none: trusted)."""
     reasons = []
     if noise.get("device_type") == "cpu":
-        before, what = load_before(noise)
+        before, what = load_before(noise.get("other_load_before"), noise["load_average_before"][0])
         if before > MAX_OTHER_LOAD:
             reasons.append(f"the machine was busy before the run ({what} {before:.2f}, threshold {MAX_OTHER_LOAD})")
         if noise["other_load_during"] > MAX_OTHER_LOAD:

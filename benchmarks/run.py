@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / f"latest-{device.type}"
 
     probe = Probe(device)  # the load before the run and the first calibration
-    before, what = load_before({"load_average_before": probe.load_before, "other_load_before": probe.other_before})
+    before, what = load_before(probe.other_before, probe.load_before[0])
     if device.type == "cpu" and before > MAX_OTHER_LOAD:
         print(f"note: the machine is already busy ({what} {before:.2f}); "
               "this run's timings will likely not be trustworthy", file=sys.stderr)  # fmt: skip

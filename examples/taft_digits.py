@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--epoch-scale", type=float, default=1.0,
                         help="multiplies every epoch count (at least one epoch each): 0.05 runs every step quickly")
     args = parser.parse_args()
+    if not args.epoch_scale > 0:  # (NaN too)
+        parser.error(f"--epoch-scale: expected a positive number, got {args.epoch_scale}")
 
     def epochs(count: int) -> int:
         return max(1, round(count * args.epoch_scale))
