@@ -1,9 +1,11 @@
-// Layer norm primal + tangent on the CPU, parallel over rows (DESIGN.md §1, §2).
+// Layer norm (and RMSNorm) primal + tangent on the CPU, parallel over rows (DESIGN.md §1, §2).
 //
 // Forward, per row: y = g0 * x_hat + b0 and
 //   y_t = g0 * (x_t - mean(x_t) - x_hat * mean(x_hat * x_t)) * rstd + dg * x_hat + db.
 // Backward, for one upstream stream g: the layer-norm input gradient with g0 * g as upstream,
 // and the column sums of g * x_hat and g (per-thread partial sums, added at the end).
+// With centered = false (RMSNorm) the row mean is taken as zero: x_hat = x * rstd with
+// rstd = (mean(x^2) + eps)^-1/2, and the mean(x_t) and mean(g0 * g) terms drop out.
 // Accumulation is in at::opmath_type (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64); rows are
 // processed with ATen's vectors (bf16/fp16 rows converted to fp32 in a per-thread buffer).
 #include <ATen/ATen.h>
@@ -49,13 +51,16 @@ const T* data_or_null(const at::Tensor& t) {
 // One row of the forward, vectorized over features; null pointers are absent inputs/outputs.
 template <typename acc_t>
 void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* b, const acc_t* dw, const acc_t* db,
-                 int64_t n, acc_t eps, acc_t* y, acc_t* y_t, acc_t& mean_out, acc_t& rstd_out) {
+                 int64_t n, acc_t eps, bool centered, acc_t* y, acc_t* y_t, acc_t& mean_out, acc_t& rstd_out) {
   using Vec = at::vec::Vectorized<acc_t>;
   const auto sum = [](Vec& p, Vec& q) { return p + q; };
-  acc_t mean = at::vec::reduce_all<acc_t>(sum, x, n) / n;
-  // one refinement: the rounding of the mean no longer shows as variance (a constant row of
-  // 12345.678 gave x_hat = +-0.7; torch's Welford gives 0)
-  mean += at::vec::map_reduce_all<acc_t>([mean](Vec v) { return v - Vec(mean); }, sum, x, n) / n;
+  acc_t mean = 0;
+  if (centered) {
+    mean = at::vec::reduce_all<acc_t>(sum, x, n) / n;
+    // one refinement: the rounding of the mean no longer shows as variance (a constant row of
+    // 12345.678 gave x_hat = +-0.7; torch's Welford gives 0)
+    mean += at::vec::map_reduce_all<acc_t>([mean](Vec v) { return v - Vec(mean); }, sum, x, n) / n;
+  }
   const acc_t squares = at::vec::map_reduce_all<acc_t>(
       [mean](Vec v) { const Vec c = v - Vec(mean); return c * c; }, sum, x, n);
   acc_t rstd = acc_t(1) / std::sqrt(squares / n + eps);
@@ -66,10 +71,12 @@ void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* 
         [](Vec v) { return v.abs(); }, [](Vec& p, Vec& q) { return at::vec::maximum(p, q); }, x, n);
     if (std::isfinite(peak) && peak > 0) {
       const acc_t inv = acc_t(1) / peak;
-      acc_t mean_scaled =
-          at::vec::map_reduce_all<acc_t>([inv](Vec v) { return v * Vec(inv); }, sum, x, n) / n;
-      mean_scaled += at::vec::map_reduce_all<acc_t>(
-          [inv, mean_scaled](Vec v) { return v * Vec(inv) - Vec(mean_scaled); }, sum, x, n) / n;
+      acc_t mean_scaled = 0;
+      if (centered) {
+        mean_scaled = at::vec::map_reduce_all<acc_t>([inv](Vec v) { return v * Vec(inv); }, sum, x, n) / n;
+        mean_scaled += at::vec::map_reduce_all<acc_t>(
+            [inv, mean_scaled](Vec v) { return v * Vec(inv) - Vec(mean_scaled); }, sum, x, n) / n;
+      }
       const acc_t squares_scaled = at::vec::map_reduce_all<acc_t>(
           [inv, mean_scaled](Vec v) { const Vec c = v * Vec(inv) - Vec(mean_scaled); return c * c; }, sum, x, n);
       mean = mean_scaled * peak;
@@ -83,8 +90,8 @@ void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* 
   acc_t x_t_mean = 0, x_hat_x_t_mean = 0;
   if (x_t) {
     // Σ x_hat is zero only up to rounding, so x_hat · x_t is summed over the centered x_t: a
-    // large mean of x_t times that rounding would swamp y_t.
-    x_t_mean = at::vec::reduce_all<acc_t>(sum, x_t, n) / n;
+    // large mean of x_t times that rounding would swamp y_t. (RMSNorm: no centering.)
+    if (centered) x_t_mean = at::vec::reduce_all<acc_t>(sum, x_t, n) / n;
     x_hat_x_t_mean = at::vec::map2_reduce_all<acc_t>(
         [mean, rstd, x_t_mean](Vec v, Vec t) { return (v - Vec(mean)) * Vec(rstd) * (t - Vec(x_t_mean)); },
         sum, x, x_t, n) / n;
@@ -111,8 +118,8 @@ void forward_row(const acc_t* x, const acc_t* x_t, const acc_t* w, const acc_t* 
 // One row of the backward for upstream g: the input gradient (if g_x) and the partial column
 // sums of g · x_hat and g (if pw, pb).
 template <typename acc_t>
-void backward_row(const acc_t* g, const acc_t* x, const acc_t* w, int64_t n, acc_t mean, acc_t rstd, acc_t* g_x,
-                  acc_t* pw, acc_t* pb) {
+void backward_row(const acc_t* g, const acc_t* x, const acc_t* w, int64_t n, acc_t mean, acc_t rstd, bool centered,
+                  acc_t* g_x, acc_t* pw, acc_t* pb) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec vmean(mean), vrstd(rstd), vone(1);
   acc_t u_sum = 0, u_x_hat_sum = 0;
@@ -135,7 +142,7 @@ void backward_row(const acc_t* g, const acc_t* x, const acc_t* w, int64_t n, acc
   const auto sum = [](Vec& p, Vec& q) { return p + q; };
   u_sum = at::vec::vec_reduce_all<acc_t>(sum, u_acc);
   u_x_hat_sum = at::vec::vec_reduce_all<acc_t>(sum, u_x_hat_acc);
-  const Vec u_mean(u_sum / n), u_x_hat_mean(u_x_hat_sum / n);
+  const Vec u_mean(centered ? u_sum / n : acc_t(0)), u_x_hat_mean(u_x_hat_sum / n);
   for (int64_t j = 0; j < n; j += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), n - j);
     const Vec x_hat = (Vec::loadu(x + j, count) - vmean) * vrstd;
@@ -170,8 +177,8 @@ at::Tensor as_acc(const at::Tensor& t, at::ScalarType acc_type) {
 
 template <typename scalar_t>
 void forward_rows(const at::Tensor& x, const at::Tensor& x_t, const at::Tensor& w_in, const at::Tensor& b_in,
-                  const at::Tensor& dw_in, const at::Tensor& db_in, double eps, at::Tensor& y, at::Tensor& y_t,
-                  at::Tensor& mean_out, at::Tensor& rstd_out) {
+                  const at::Tensor& dw_in, const at::Tensor& db_in, double eps, bool centered, at::Tensor& y,
+                  at::Tensor& y_t, at::Tensor& mean_out, at::Tensor& rstd_out) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const auto acc_type = mean_out.scalar_type();
@@ -194,8 +201,8 @@ void forward_rows(const at::Tensor& x, const at::Tensor& x_t, const at::Tensor& 
       acc_t* yr = same ? reinterpret_cast<acc_t*>(y_data + row * n) : y_buf.data();
       acc_t* y_t_row = !y_t_data ? nullptr : same ? reinterpret_cast<acc_t*>(y_t_data + row * n) : y_t_buf.data();
       forward_row<acc_t>(xr, x_t_row, data_or_null<acc_t>(w), data_or_null<acc_t>(b), data_or_null<acc_t>(dw),
-                         data_or_null<acc_t>(db), n, static_cast<acc_t>(eps), yr, y_t_row, mean_data[row],
-                         rstd_data[row]);
+                         data_or_null<acc_t>(db), n, static_cast<acc_t>(eps), centered, yr, y_t_row,
+                         mean_data[row], rstd_data[row]);
       store_row<scalar_t, acc_t>(yr, n, y_data + row * n);
       if (y_t_row) store_row<scalar_t, acc_t>(y_t_row, n, y_t_data + row * n);
     }
@@ -204,7 +211,8 @@ void forward_rows(const at::Tensor& x, const at::Tensor& x_t, const at::Tensor& 
 
 template <typename scalar_t>
 void backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& mean,
-                   const at::Tensor& rstd, at::Tensor& grad_x, at::Tensor& partial_w, at::Tensor& partial_b) {
+                   const at::Tensor& rstd, bool centered, at::Tensor& grad_x, at::Tensor& partial_w,
+                   at::Tensor& partial_b) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr bool same = std::is_same_v<scalar_t, acc_t>;
   const at::Tensor w = as_acc(w_in, mean.scalar_type());
@@ -228,7 +236,7 @@ void backward_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor
         const acc_t* gr = row_as_acc<scalar_t, acc_t>(g_data + row * n, n, g_buf);
         const acc_t* xr = row_as_acc<scalar_t, acc_t>(x_data + row * n, n, x_buf);
         acc_t* g_x_row = !g_x_data ? nullptr : same ? reinterpret_cast<acc_t*>(g_x_data + row * n) : g_x_buf.data();
-        backward_row<acc_t>(gr, xr, data_or_null<acc_t>(w), n, mean_data[row], rstd_data[row], g_x_row,
+        backward_row<acc_t>(gr, xr, data_or_null<acc_t>(w), n, mean_data[row], rstd_data[row], centered, g_x_row,
                             partial_w_data ? partial_w_data + chunk * n : nullptr,
                             partial_b_data ? partial_b_data + chunk * n : nullptr);
         if (g_x_row) store_row<scalar_t, acc_t>(g_x_row, n, g_x_data + row * n);
@@ -248,7 +256,7 @@ void check_rows(const at::Tensor& x) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_jvp_forward(
     const at::Tensor& x_in, const std::optional<at::Tensor>& x_t_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& d_weight,
-    const std::optional<at::Tensor>& d_bias, double eps) {
+    const std::optional<at::Tensor>& d_bias, double eps, bool centered) {
   check_rows(x_in);
   const at::Tensor x = x_in.contiguous();
   at::Tensor x_t;
@@ -269,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_jvp_forwar
   at::Tensor mean = at::empty({rows}, stats_options);
   at::Tensor rstd = at::empty({rows}, stats_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_jvp_forward", [&] {
-    forward_rows<scalar_t>(x, x_t, w, b, dw, db, eps, y, y_t, mean, rstd);
+    forward_rows<scalar_t>(x, x_t, w, b, dw, db, eps, centered, y, y_t, mean, rstd);
   });
   if (!y_t.defined()) y_t = at::empty({0}, x.options());
   return {y, y_t, mean, rstd};
@@ -278,7 +286,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_jvp_forwar
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& grad_in, const at::Tensor& x_in,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const at::Tensor& mean_in, const at::Tensor& rstd_in,
-                                                                   bool input_grad, bool param_grads) {
+                                                                   bool centered, bool input_grad,
+                                                                   bool param_grads) {
   check_rows(x_in);
   const at::Tensor x = x_in.contiguous();
   check_like_input(grad_in, x, "grad");
@@ -302,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Ten
     partial_b = at::zeros({chunks, n}, mean.options());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "layer_norm_backward", [&] {
-    backward_rows<scalar_t>(grad, x, w, mean, rstd, grad_x, partial_w, partial_b);
+    backward_rows<scalar_t>(grad, x, w, mean, rstd, centered, grad_x, partial_w, partial_b);
   });
   const auto empty = at::empty({0}, x.options());
   const auto param_dtype = w.defined() ? w.scalar_type() : x.scalar_type();

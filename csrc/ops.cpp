@@ -7,13 +7,14 @@
 
 TORCH_LIBRARY(tangent_kernels, m) {
   // (y, y_t, mean, rstd); y_t is an empty tensor when every tangent input and offset is absent.
+  // centered = false: RMSNorm (the mean is zero).
   m.def(
       "layer_norm_jvp_forward(Tensor x, Tensor? x_t, Tensor? weight, Tensor? bias, "
-      "Tensor? d_weight, Tensor? d_bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? d_weight, Tensor? d_bias, float eps, bool centered) -> (Tensor, Tensor, Tensor, Tensor)");
   // (grad input, grad weight, grad bias) for one upstream stream; results not asked for are empty.
   m.def(
       "layer_norm_backward(Tensor grad, Tensor x, Tensor? weight, Tensor mean, Tensor rstd, "
-      "bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
+      "bool centered, bool input_grad, bool param_grads) -> (Tensor, Tensor, Tensor)");
   // (o, o_t, lse); o_t is empty when every tangent is absent; lse is natural-log, +inf for fully
   // masked rows. key_padding_mask is (B, Lk): bool (true = padding) or additive.
   m.def(

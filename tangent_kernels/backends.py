@@ -27,6 +27,7 @@ IMPLEMENTED = {
     "layer_norm_jvp": ("triton", "cpp", "reference"),
     "linear_jvp": ("triton", "cpp", "reference"),
     "mlp_jvp": ("triton", "cpp", "reference"),
+    "rms_norm_jvp": ("triton", "cpp", "reference"),
 }
 
 _last_backend = threading.local()  # per thread: concurrent calls each see their own choice

@@ -36,7 +36,7 @@ def _register_fakes() -> None:
     lib = "tangent_kernels::"
 
     @torch.library.register_fake(lib + "layer_norm_jvp_forward")
-    def _(x, x_t, weight, bias, d_weight, d_bias, eps):
+    def _(x, x_t, weight, bias, d_weight, d_bias, eps, centered):
         validation.one_device(x=x, x_t=x_t, weight=weight, bias=bias, d_weight=d_weight, d_bias=d_bias)
         has_tangent = x_t is not None or d_weight is not None or d_bias is not None
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -44,7 +44,7 @@ def _register_fakes() -> None:
         return y, (torch.empty_like(y) if has_tangent else x.new_empty(0)), _stats(x, rows), _stats(x, rows)
 
     @torch.library.register_fake(lib + "layer_norm_backward")
-    def _(grad, x, weight, mean, rstd, input_grad, param_grads):
+    def _(grad, x, weight, mean, rstd, centered, input_grad, param_grads):
         validation.one_device(x=x, grad=grad, weight=weight, mean=mean, rstd=rstd)
         param_dtype = x.dtype if weight is None else weight.dtype
         param = x.new_empty(x.shape[-1], dtype=param_dtype) if param_grads else x.new_empty(0)
@@ -96,17 +96,17 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
 
 class layer_norm:  # noqa: N801  (a namespace with the launcher interface of triton.layer_norm)
     @staticmethod
-    def forward(x, x_t, weight, bias, d_weight, d_bias, eps):
+    def forward(x, x_t, weight, bias, d_weight, d_bias, eps, centered):
         y, y_t, mean, rstd = torch.ops.tangent_kernels.layer_norm_jvp_forward(
-            x, x_t, weight, bias, d_weight, d_bias, eps
+            x, x_t, weight, bias, d_weight, d_bias, eps, centered
         )
         has_tangent = x_t is not None or d_weight is not None or d_bias is not None
         return y, (y_t if has_tangent else None), mean, rstd
 
     @staticmethod
-    def backward(grad, x, weight, mean, rstd, input_grad, param_grads):
+    def backward(grad, x, weight, mean, rstd, centered, input_grad, param_grads):
         g_x, g_w, g_b = torch.ops.tangent_kernels.layer_norm_backward(
-            grad, x, weight, mean, rstd, input_grad, param_grads
+            grad, x, weight, mean, rstd, centered, input_grad, param_grads
         )
         return (g_x if input_grad else None), (g_w if param_grads else None), (g_b if param_grads else None)
 

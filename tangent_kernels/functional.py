@@ -24,7 +24,7 @@ from torch import Tensor
 from . import backends, ops, reference, validation
 from .backends import last_backend  # noqa: F401  (part of the public API)
 
-__all__ = ["attention_jvp", "gelu_jvp", "last_backend", "layer_norm_jvp", "linear_jvp", "mlp_jvp"]
+__all__ = ["attention_jvp", "gelu_jvp", "last_backend", "layer_norm_jvp", "linear_jvp", "mlp_jvp", "rms_norm_jvp"]
 
 
 def _primal_requires_grad(*tensors: Tensor | None) -> bool:
@@ -56,16 +56,41 @@ def layer_norm_jvp(
     ``d_bias`` their trainable offsets. Note the default ``eps`` is timm's ViT value, 1e-6.
     """
     eps = validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps, no_features_ok=True)
-    chosen = backends.select("layer_norm_jvp", backend, x.device, x.dtype)
+    return _norm_jvp("layer_norm_jvp", x, x_t, weight, bias, d_weight, d_bias, eps, True, backend)
+
+
+def rms_norm_jvp(
+    x: Tensor,
+    x_t: Tensor | None,
+    weight: Tensor | None,
+    d_weight: Tensor | None = None,
+    eps: float | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """RMSNorm over the last dimension (``torch.nn.functional.rms_norm``), primal and tangent in
+    one pass: ``y = g0 · x · rstd`` with ``rstd = (mean(x²) + eps)^-½`` and
+    ``y_t = g0 · (x_t − x̂ · mean(x̂ · x_t)) · rstd + dg · x̂``. ``eps=None`` is torch's default, the
+    machine epsilon of the computation's dtype (float32's for 16-bit and float32 inputs).
+    """
+    if eps is None:
+        validation.tensor("x", x)
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    eps = validation.layer_norm(x, x_t, weight, None, d_weight, None, eps, no_features_ok=True)
+    return _norm_jvp("rms_norm_jvp", x, x_t, weight, None, d_weight, None, eps, False, backend)
+
+
+def _norm_jvp(op, x, x_t, weight, bias, d_weight, d_bias, eps: float, centered: bool, backend: str):
+    """Layer norm (``centered``) or RMSNorm on the chosen backend, after validation."""
+    chosen = backends.select(op, backend, x.device, x.dtype)
     if chosen == "triton" and x.shape[-1] > _triton_layer_norm_max_features():
         chosen = _fall_back(
-            "layer_norm_jvp", backend, x,
+            op, backend, x,
             f"x: the triton layer norm holds a row in registers, up to {_triton_layer_norm_max_features()} "
             f"features; got {x.shape[-1]} (use backend='cpp' or 'reference')",
         )  # fmt: skip
     if chosen == "reference" or x.numel() == 0:
-        return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps)
-    y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, chosen)
+        return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, centered)
+    y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, centered, chosen)
     return y, _none_if(x_t is None and d_weight is None and d_bias is None, y_t)
 
 

@@ -70,16 +70,18 @@ def second_order_error(op: str, argument: str) -> NotImplementedError:
 @torch.library.custom_op(f"{NAMESPACE}::layer_norm_jvp", mutates_args=())
 def layer_norm_jvp(
     x: Tensor, x_t: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-    d_weight: Optional[Tensor], d_bias: Optional[Tensor], eps: float, backend: str,
+    d_weight: Optional[Tensor], d_bias: Optional[Tensor], eps: float, centered: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """``(y, y_t or empty, mean, rstd)`` of a layer norm over the last dimension."""
+    """``(y, y_t or empty, mean, rstd)`` of a layer norm over the last dimension (RMSNorm if not
+    ``centered``: ``mean`` is then zero)."""
     validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps)
-    y, y_t, mean, rstd = _kernels("layer_norm", backend).forward(x, x_t, weight, bias, d_weight, d_bias, eps)
+    y, y_t, mean, rstd = _kernels("layer_norm", backend).forward(x, x_t, weight, bias, d_weight, d_bias, eps,
+                                                                 centered)  # fmt: skip
     return y, _or_empty(y_t, x), mean, rstd
 
 
 @layer_norm_jvp.register_fake
-def _(x, x_t, weight, bias, d_weight, d_bias, eps, backend):
+def _(x, x_t, weight, bias, d_weight, d_bias, eps, centered, backend):
     validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps)
     rows = x.numel() // x.shape[-1]
     stats = x.new_empty(rows, dtype=_stats_dtype(x.dtype, backend))
@@ -90,17 +92,18 @@ def _(x, x_t, weight, bias, d_weight, d_bias, eps, backend):
 
 @torch.library.custom_op(f"{NAMESPACE}::layer_norm_vjp", mutates_args=())
 def layer_norm_vjp(
-    grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor,
+    grad: Tensor, x: Tensor, weight: Optional[Tensor], mean: Tensor, rstd: Tensor, centered: bool,
     input_grad: bool, param_grads: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The layer-norm backward for one upstream stream: ``(grad input, Σ g·x̂, Σ g)`` (empty if not asked)."""
     validation.layer_norm_backward_inputs(grad, x, weight, mean, rstd)
-    g_x, g_w, g_b = _kernels("layer_norm", backend).backward(grad, x, weight, mean, rstd, input_grad, param_grads)
+    g_x, g_w, g_b = _kernels("layer_norm", backend).backward(grad, x, weight, mean, rstd, centered, input_grad,
+                                                             param_grads)  # fmt: skip
     return _or_empty(g_x, x), _or_empty(g_w, x), _or_empty(g_b, x)
 
 
 @layer_norm_vjp.register_fake
-def _(grad, x, weight, mean, rstd, input_grad, param_grads, backend):
+def _(grad, x, weight, mean, rstd, centered, input_grad, param_grads, backend):
     validation.layer_norm_backward_inputs(grad, x, weight, mean, rstd)
     param_dtype = x.dtype if weight is None else weight.dtype
     param = x.new_empty(x.shape[-1], dtype=param_dtype) if param_grads else _empty(x)
@@ -108,7 +111,7 @@ def _(grad, x, weight, mean, rstd, input_grad, param_grads, backend):
 
 
 def _layer_norm_setup(ctx, inputs, output):
-    x, x_t, weight, bias, d_weight, _, eps, backend = inputs
+    x, x_t, weight, bias, d_weight, _, eps, centered, backend = inputs
     y, _, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     primal_needs_grad = _any_requires_grad(x, weight)
@@ -118,7 +121,7 @@ def _layer_norm_setup(ctx, inputs, output):
     # with frozen primal inputs (TAFT) nothing more is saved than for an ordinary layer norm.
     tangents = (x_t, d_weight) if primal_needs_grad else (None, None)
     ctx.save_for_backward(x, weight, mean, rstd, *tangents)
-    ctx.backend, ctx.eps = backend, eps
+    ctx.backend, ctx.eps, ctx.centered = backend, eps, centered
     ctx.set_materialize_grads(False)
 
 
@@ -132,7 +135,7 @@ def _layer_norm_second_order(ctx, grad_y_t, needs_x: bool, needs_w: bool) -> tup
     create_graph = torch.is_grad_enabled()  # a backward runs with grad mode on only under create_graph
     wanted = [t for t, needed in ((x, needs_x), (weight, needs_w)) if needed]
     with torch.enable_grad():
-        _, y_t = reference.layer_norm_jvp(x, x_t, weight, None, d_weight, None, ctx.eps)
+        _, y_t = reference.layer_norm_jvp(x, x_t, weight, None, d_weight, None, ctx.eps, ctx.centered)
         if y_t is None or not y_t.requires_grad:  # only d_bias: y_t does not depend on x or the weight
             return None, None
         found = iter(torch.autograd.grad(y_t, wanted, grad_y_t, create_graph=create_graph, allow_unused=True))
@@ -148,17 +151,19 @@ def _layer_norm_backward(ctx, grad_y, grad_y_t, _grad_mean, _grad_rstd):
         return t if wanted else None
 
     if grad_y is not None and (needs_x or needs_w or needs_b):
-        g_x, g_w, g_b = layer_norm_vjp(grad_y, x, weight, mean, rstd, needs_x, needs_w or needs_b, ctx.backend)
+        g_x, g_w, g_b = layer_norm_vjp(grad_y, x, weight, mean, rstd, ctx.centered, needs_x, needs_w or needs_b,
+                                       ctx.backend)  # fmt: skip
         grads["x"], grads["weight"], grads["bias"] = optional(g_x, needs_x), optional(g_w, needs_w), optional(g_b, needs_b)
     if grad_y_t is not None:
         if needs_x_t or needs_d_w or needs_d_b:
-            g_x, g_w, g_b = layer_norm_vjp(grad_y_t, x, weight, mean, rstd, needs_x_t, needs_d_w or needs_d_b, ctx.backend)
+            g_x, g_w, g_b = layer_norm_vjp(grad_y_t, x, weight, mean, rstd, ctx.centered, needs_x_t,
+                                           needs_d_w or needs_d_b, ctx.backend)  # fmt: skip
             grads["x_t"], grads["d_weight"], grads["d_bias"] = optional(g_x, needs_x_t), optional(g_w, needs_d_w), optional(g_b, needs_d_b)
         if needs_x or needs_w:
             for name, term in zip(("x", "weight"), _layer_norm_second_order(ctx, grad_y_t, needs_x, needs_w)):
                 if term is not None:
                     grads[name] = term if grads[name] is None else grads[name] + term
-    return grads["x"], grads["x_t"], grads["weight"], grads["bias"], grads["d_weight"], grads["d_bias"], None, None
+    return grads["x"], grads["x_t"], grads["weight"], grads["bias"], grads["d_weight"], grads["d_bias"], None, None, None
 
 
 layer_norm_jvp.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)

@@ -100,10 +100,11 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none") -> tuple[
     return y, gelu_derivative(x, approximate) * x_t
 
 
-def normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``(x̂, rstd)`` over the last dimension, ``x̂ = (x − mean) · rstd``. A row whose sum or sum of
-    squares would overflow (|x| ~ 1e19 in float32) is normalized divided by its largest magnitude
-    (x̂ does not depend on it); rows holding inf or NaN give NaN. No features: an empty ``x̂``."""
+def normalized(x: Tensor, eps: float, centered: bool = True) -> tuple[Tensor, Tensor]:
+    """``(x̂, rstd)`` over the last dimension, ``x̂ = (x − mean) · rstd`` (RMSNorm, ``centered=False``:
+    the mean taken as zero). A row whose sum or sum of squares would overflow (|x| ~ 1e19 in
+    float32) is normalized divided by its largest magnitude (x̂ does not depend on it); rows holding
+    inf or NaN give NaN. No features: an empty ``x̂``."""
     if x.shape[-1] == 0:
         return x, x.new_ones((*x.shape[:-1], 1))
     # the scale is a constant to autograd (x̂ does not depend on it; its gradient overflowed)
@@ -111,17 +112,18 @@ def normalized(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     safe = torch.finfo(x.dtype).max ** 0.5 / (4 * x.shape[-1])
     scale = torch.where((peak > safe) & peak.isfinite(), peak, torch.ones_like(peak))
     inv_scale = 1.0 / scale
-    scaled = x * inv_scale
-    mean = scaled.mean(dim=-1, keepdim=True)
-    # one refinement: the rounding of the mean no longer shows as variance (a constant row of
-    # 12345.678 gave x̂ = ±0.7; torch's Welford gives 0)
-    mean = mean + (scaled - mean).mean(dim=-1, keepdim=True)
-    centered = scaled - mean
-    variance = (centered * centered).mean(dim=-1, keepdim=True)
+    centered_x = scaled = x * inv_scale
+    if centered:
+        mean = scaled.mean(dim=-1, keepdim=True)
+        # one refinement: the rounding of the mean no longer shows as variance (a constant row of
+        # 12345.678 gave x̂ = ±0.7; torch's Welford gives 0)
+        mean = mean + (scaled - mean).mean(dim=-1, keepdim=True)
+        centered_x = scaled - mean
+    variance = (centered_x * centered_x).mean(dim=-1, keepdim=True)
     # a constant row: x̂ = 0 and rstd = eps^-½ (eps · inv_scale² underflows for a huge row)
     constant = variance == 0
     rstd_scaled = torch.rsqrt(torch.where(constant, eps, variance + eps * (inv_scale * inv_scale)))
-    return centered * rstd_scaled, torch.where(constant, rstd_scaled, rstd_scaled * inv_scale)
+    return centered_x * rstd_scaled, torch.where(constant, rstd_scaled, rstd_scaled * inv_scale)
 
 
 @computes_16bit_in_float32
@@ -133,19 +135,21 @@ def layer_norm_jvp(
     d_weight: Tensor | None = None,
     d_bias: Tensor | None = None,
     eps: float = 1e-6,
+    centered: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Layer norm over the last dimension and its tangent.
 
-    ``y_t = g0 · (x_t − mean(x_t) − x̂ · mean(x̂ · x_t)) / σ + dg · x̂ + db``.
+    ``y_t = g0 · (x_t − mean(x_t) − x̂ · mean(x̂ · x_t)) / σ + dg · x̂ + db``; ``centered=False``
+    is RMSNorm (the means of ``x`` and ``x_t`` taken as zero).
     """
-    x_hat, rstd = normalized(x, eps)
+    x_hat, rstd = normalized(x, eps, centered)
     y = x_hat if weight is None else x_hat * weight
     if bias is not None:
         y = y + bias
 
     x_hat_t = None
     if x_t is not None:
-        x_t_centered = x_t - x_t.mean(dim=-1, keepdim=True)  # Σ x̂ = 0 only up to rounding
+        x_t_centered = x_t - x_t.mean(dim=-1, keepdim=True) if centered else x_t  # Σ x̂ = 0 only up to rounding
         x_hat_t = (x_t_centered - x_hat * (x_hat * x_t_centered).mean(dim=-1, keepdim=True)) * rstd
         if weight is not None:
             x_hat_t = x_hat_t * weight

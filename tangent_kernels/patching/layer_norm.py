@@ -1,4 +1,4 @@
-"""``layer_norm`` with torch's signature and semantics, for calls under forward AD.
+"""``layer_norm`` and ``rms_norm`` with torch's signatures and semantics, for calls under forward AD.
 
 torch's forward-AD rule for ``layer_norm`` is a chain of element-wise ops: on the CPU it costs
 about 100× the fused ``layer_norm_jvp`` (40 ms against 0.4 ms for 3152×384 float32 rows), so the
@@ -14,6 +14,13 @@ differentiable when differentiated (``create_graph=True``). torch's double backw
 treats the saved mean and rstd as constants when it is differentiated again, so third-order
 terms, e.g. the gradient of ``torch.autograd.functional.jvp(..., create_graph=True)``'s tangent
 (the double-backward form of MeanFlow's JVP), are silently wrong (pytorch/pytorch#175754).
+
+``F.rms_norm`` calls with tangents run ``functional.rms_norm_jvp`` the same way. torch's rule for
+it (a chain of element-wise ops on the CPU) is exact to every order, and slower than the fused
+call at every size measured (jvp + backward, fp32, 2 cores, torch/fused: 2×197×256 1.34–1.76×,
+8×197×768 1.25–2.91×, 4×1024×1024 1.83–4.14×; the low figure with tangents on the weight, the
+high one on the input), so every servable call with a tangent is fused and other calls run
+torch's own.
 """
 
 from __future__ import annotations
@@ -29,14 +36,19 @@ from .. import functional
 from . import watch
 
 
-def _dual_layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, backend: str) -> Tensor:
-    """Both streams by one differentiable fused call on the inputs' primals and tangents at the
-    current forward-AD level, returned as a dual tensor ``(y, y_t)`` (an ``autograd.Function``'s
-    ``jvp`` rule would compute the primal twice: forward, then jvp)."""
+def _dual_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float | None, backend: str,
+               centered: bool) -> Tensor:  # fmt: skip
+    """Both streams of a layer norm (``centered``) or an RMSNorm by one differentiable fused call on
+    the inputs' primals and tangents at the current forward-AD level, returned as a dual tensor
+    ``(y, y_t)`` (an ``autograd.Function``'s ``jvp`` rule would compute the primal twice: forward,
+    then jvp)."""
     (x, x_t), (weight, weight_t), (bias, bias_t) = (
         forward_ad.unpack_dual(t) if t is not None else (None, None) for t in (x, weight, bias)
     )
-    y, y_t = functional.layer_norm_jvp(x, x_t, weight, bias, weight_t, bias_t, eps, backend)
+    if centered:
+        y, y_t = functional.layer_norm_jvp(x, x_t, weight, bias, weight_t, bias_t, eps, backend)
+    else:
+        y, y_t = functional.rms_norm_jvp(x, x_t, weight, weight_t, eps, backend)
     return forward_ad.make_dual(y, y_t)
 
 
@@ -128,7 +140,43 @@ def layer_norm(
 ) -> Tensor:
     """``torch.nn.functional.layer_norm``, its tangent by the fused kernel where it serves the call."""
     tensors = [t for t in (input, weight, bias) if t is not None]
-    servable = (
+    if not _servable(input, normalized_shape, tensors):
+        return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+    if any(watch.has_tangent(t) for t in tensors):
+        if _torch_is_faster(tensors):
+            return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+        if not watch.fused_ops_serve_transforms():  # plain ops, differentiated by torch
+            return functional.layer_norm_jvp(input, None, weight, bias, eps=float(eps), backend="reference")[0]
+        return _dual_norm(input, weight, bias, float(eps), backend, centered=True)
+    if _needs_exact_higher_order(tensors):
+        return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
+    return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+@torch.compiler.disable
+def rms_norm(
+    input: Tensor,
+    normalized_shape,
+    weight: Tensor | None = None,
+    eps: float | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``torch.nn.functional.rms_norm``, its tangent by the fused kernel where it serves the call."""
+    tensors = [t for t in (input, weight) if t is not None]
+    if (
+        _servable(input, normalized_shape, tensors)
+        and any(watch.has_tangent(t) for t in tensors)
+        and watch.fused_ops_serve_transforms()
+    ):
+        return _dual_norm(input, weight, None, None if eps is None else float(eps), backend, centered=False)
+    return torch_F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _servable(input: Tensor, normalized_shape, tensors: list[Tensor]) -> bool:
+    """A norm over the last dimension the fused kernels serve: one floating dtype and device, no
+    autocast (which casts norms on CUDA)."""
+    return (
         tuple(normalized_shape) == tuple(input.shape[-1:])
         and input.is_floating_point()
         and all(t.dtype == input.dtype and t.device == input.device for t in tensors)
@@ -137,14 +185,3 @@ def layer_norm(
             and torch.is_autocast_enabled(input.device.type)
         )
     )
-    if not servable:
-        return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-    if any(watch.has_tangent(t) for t in tensors):
-        if _torch_is_faster(tensors):
-            return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-        if not watch.fused_ops_serve_transforms():  # plain ops, differentiated by torch
-            return functional.layer_norm_jvp(input, None, weight, bias, eps=float(eps), backend="reference")[0]
-        return _dual_layer_norm(input, weight, bias, float(eps), backend)
-    if _needs_exact_higher_order(tensors):
-        return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
-    return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)

@@ -1,6 +1,6 @@
 """``fused_jvp()``: the routing mode, for code that calls torch's attention and layer norm itself.
 
-A ``TorchFunctionMode`` serves exactly four kinds of call made inside it, and passes every other
+A ``TorchFunctionMode`` serves exactly five kinds of call made inside it, and passes every other
 one through untouched:
 
 - ``F.scaled_dot_product_attention`` -> ``sdpa.scaled_dot_product_attention``;
@@ -8,6 +8,7 @@ one through untouched:
   ``mha.multi_head_attention_forward``, which calls the SDPA above itself (a mode's handler runs
   with the mode switched off, so nothing inside a passed-through call would be routed);
 - ``F.layer_norm`` -> ``layer_norm.layer_norm``;
+- ``F.rms_norm`` (and ``torch.rms_norm``) -> ``layer_norm.rms_norm``;
 - ``softmax`` on a tensor of 3+ dims with a tangent is counted as hand-written attention (``watch``).
 
 Calls without tangents run torch's own functions, so the mode costs nothing but the dispatch
@@ -24,7 +25,7 @@ import torch.nn.functional as torch_F
 from torch.overrides import TorchFunctionMode
 
 from . import watch
-from .layer_norm import layer_norm
+from .layer_norm import layer_norm, rms_norm
 from .mha import multi_head_attention_forward
 from .sdpa import scaled_dot_product_attention
 
@@ -51,12 +52,15 @@ class _RoutingMode(TorchFunctionMode):
             return multi_head_attention_forward(*args, **kwargs, backend=self.backend)
         if func is torch_F.layer_norm:
             return layer_norm(*args, **kwargs, backend=self.backend)
+        if func in _RMS_NORM:
+            return rms_norm(*args, **kwargs, backend=self.backend)
         if func in _SOFTMAX:
             return _count_softmax(func, args, kwargs)
         return func(*args, **kwargs)
 
 
 _SOFTMAX = frozenset({torch_F.softmax, torch.softmax, torch.Tensor.softmax})
+_RMS_NORM = frozenset({torch_F.rms_norm, torch.rms_norm})
 
 
 def routing_active() -> bool:
@@ -71,8 +75,8 @@ def fused_jvp(backend: str = "auto"):
 
     It serves ``F.scaled_dot_product_attention`` calls (every form: a form the kernel cannot serve,
     e.g. a general ``attn_mask`` or dropout, runs torch's math SDPA, exact under forward AD, and a
-    warning says so once per reason), ``nn.MultiheadAttention`` (``F.multi_head_attention_forward``)
-    and ``F.layer_norm`` over the last dimension. Calls without tangents run torch's own code. If
+    warning says so once per reason), ``nn.MultiheadAttention`` (``F.multi_head_attention_forward``),
+    and ``F.layer_norm`` and ``F.rms_norm`` over the last dimension. Calls without tangents run torch's own code. If
     a forward-AD pass inside reaches no fused attention call (e.g. attention written by hand:
     ``softmax`` on tensors with tangents), a warning says so once.
     ``backend`` picks the fused kernels' backend (``"auto"``, ``"triton"``, ``"cpp"``,
@@ -95,11 +99,14 @@ class RoutedForward:
     ``route_if(tensors)``: route only calls for which it holds, given the call's tensor arguments
     and the module's parameters; other calls run the original forward outside the mode, exactly
     the unpatched module (for ``nn.MultiheadAttention``: torch's fast path included, which no
-    call inside a mode takes). ``None``: route every call.
+    call inside a mode takes). ``None``: route every call. ``routed(module, *args, **kwargs)``:
+    what a routed call runs in the mode instead of the original forward (for modules that compute
+    by hand what a torch function the mode serves computes; a module-level function, so that a
+    deep copy of the module calls it with the copy).
     """
 
-    def __init__(self, module: torch.nn.Module, forward, route_if=None):
-        self.module, self.forward, self.route_if = module, forward, route_if
+    def __init__(self, module: torch.nn.Module, forward, route_if=None, routed=None):
+        self.module, self.forward, self.route_if, self.routed = module, forward, route_if, routed
 
     def __call__(self, *args, **kwargs):
         if self.route_if is not None:
@@ -107,6 +114,8 @@ class RoutedForward:
             if not self.route_if(tensors):
                 return self.forward(*args, **kwargs)
         with fused_jvp():
+            if self.routed is not None:
+                return self.routed(self.module, *args, **kwargs)
             return self.forward(*args, **kwargs)
 
 

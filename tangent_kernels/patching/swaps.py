@@ -115,8 +115,9 @@ def patch(model: nn.Module) -> nn.Module:
     """Route ``model``'s attention through the fused kernels under forward AD (in place; returns ``model``).
 
     It recognizes timm attention modules (those with a ``fused_attn`` flag: the flag is set on and
-    their forward runs in the routing mode), ``nn.MultiheadAttention`` and ``nn.LayerNorm`` (their
-    forward runs in the routing mode when a tangent is present), Hugging Face transformers models that use its
+    their forward runs in the routing mode), ``nn.MultiheadAttention``, ``nn.LayerNorm``,
+    ``nn.RMSNorm`` and timm's ``RmsNorm`` (their forward runs in the routing mode when a tangent is
+    present), Hugging Face transformers models that use its
     ``AttentionInterface`` (their configs select the ``"tangent_kernels"`` attention, HF's SDPA
     attention in the routing mode) and diffusers attention modules (their forward runs in the
     routing mode; the plain ``AttnProcessor`` becomes ``AttnProcessor2_0``). ``list_swaps(model)``

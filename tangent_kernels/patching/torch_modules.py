@@ -1,9 +1,10 @@
-"""torch: ``nn.MultiheadAttention`` (open_clip's attention, ``nn.Transformer*`` layers) and
-``nn.LayerNorm`` (and its subclasses: timm's, open_clip's). ``patch`` runs their forward in the
-routing mode when a tangent is present (and, for layer norms, when a gradient is needed: its
-backward must stay differentiable, ``layer_norm.py``), which serves their
-``F.multi_head_attention_forward`` and ``F.layer_norm`` calls (``mha.py``, ``layer_norm.py``);
-otherwise it is torch's own forward (for ``nn.MultiheadAttention``, its fast path included)."""
+"""torch: ``nn.MultiheadAttention`` (open_clip's attention, ``nn.Transformer*`` layers),
+``nn.LayerNorm`` (and its subclasses: timm's, open_clip's) and ``nn.RMSNorm``. ``patch`` runs
+their forward in the routing mode when a tangent is present (and, for layer norms, when a
+gradient is needed: its backward must stay differentiable, ``layer_norm.py``), which serves their
+``F.multi_head_attention_forward``, ``F.layer_norm`` and ``F.rms_norm`` calls (``mha.py``,
+``layer_norm.py``); otherwise it is torch's own forward (for ``nn.MultiheadAttention``, its fast
+path included)."""
 
 from __future__ import annotations
 
@@ -22,19 +23,22 @@ def _layer_norm_route_if(tensors: list[Tensor]) -> bool:
     return _any_tangent(tensors) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+_ROUTE_IF = {nn.MultiheadAttention: _any_tangent, nn.LayerNorm: _layer_norm_route_if, nn.RMSNorm: _any_tangent}
+
+
 def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
-    if not isinstance(module, (nn.MultiheadAttention, nn.LayerNorm)):
+    kind = next((kind for kind in _ROUTE_IF if isinstance(module, kind)), None)
+    if kind is None:
         return []
-    norm = isinstance(module, nn.LayerNorm)
     return [
         swaps.Swap(
             where,
             module,
             "forward",
-            lambda forward: RoutedForward(module, forward, _layer_norm_route_if if norm else _any_tangent),
+            lambda forward: RoutedForward(module, forward, _ROUTE_IF[kind]),
             f"{type(module).__name__}.forward runs in the routing mode under forward AD"
-            + (" and when it needs a gradient" if norm else ""),
-            attention=isinstance(module, nn.MultiheadAttention),
+            + (" and when it needs a gradient" if kind is nn.LayerNorm else ""),
+            attention=kind is nn.MultiheadAttention,
         )
     ]
 

@@ -1,4 +1,4 @@
-"""Layer norm primal + tangent in one pass per row, and the backward of one upstream stream.
+"""Layer norm (and RMSNorm) primal + tangent in one pass per row, and the backward of one upstream stream.
 
 Forward (DESIGN.md §1): ``y = g0 · x̂ + b0`` and
 ``y_t = g0 · (x_t − mean(x_t) − x̂ · mean(x̂ · x_t)) · rstd + dg · x̂ + db``, with the row's mean
@@ -8,6 +8,9 @@ Backward (DESIGN.md §2): for an upstream gradient ``g`` of either stream, the i
 the ordinary layer-norm input gradient with ``g0 · g`` as upstream, and the parameter gradients
 are the column sums ``Σ g · x̂`` and ``Σ g``. The same kernel serves ``grad y`` (giving the grads
 of ``x``, ``g0``, ``b0``) and ``grad y_t`` (giving the grads of ``x_t``, ``dg``, ``db``).
+
+``CENTERED=False`` is RMSNorm: the row mean is taken as zero (saved as zero), so ``x̂ = x · rstd``
+with ``rstd = (mean(x²) + eps)^-½``, and the ``mean(x_t)`` and ``mean(g0 · g)`` terms drop out.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def _layer_norm_jvp_fwd_kernel(
     HAS_B: tl.constexpr,
     HAS_D_W: tl.constexpr,
     HAS_D_B: tl.constexpr,
+    CENTERED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -60,10 +64,13 @@ def _layer_norm_jvp_fwd_kernel(
     scale = tl.where((peak > OVERFLOW_SAFE) & (peak < float("inf")), peak, 1.0)
     inv_scale = 1.0 / scale
     x_scaled = x * inv_scale
-    mean_scaled = tl.sum(x_scaled, axis=0) / N
-    # one refinement: the rounding of the mean no longer shows as variance (a constant row of
-    # 12345.678 gave x̂ = ±0.7; torch's Welford gives 0)
-    mean_scaled += tl.sum(tl.where(in_row, x_scaled - mean_scaled, 0.0), axis=0) / N
+    if CENTERED:
+        mean_scaled = tl.sum(x_scaled, axis=0) / N
+        # one refinement: the rounding of the mean no longer shows as variance (a constant row of
+        # 12345.678 gave x̂ = ±0.7; torch's Welford gives 0)
+        mean_scaled += tl.sum(tl.where(in_row, x_scaled - mean_scaled, 0.0), axis=0) / N
+    else:
+        mean_scaled = 0.0
     centered = tl.where(in_row, x_scaled - mean_scaled, 0.0)
     variance_scaled = tl.sum(centered * centered, axis=0) / N
     # a constant row: x̂ = 0 and rstd = eps^-½ (eps · inv_scale² underflows for a huge row)
@@ -87,7 +94,7 @@ def _layer_norm_jvp_fwd_kernel(
         y_t = tl.zeros([BLOCK_N], dtype=tl.float32)
         if HAS_X_T:
             x_t = tl.load(X_T + row * stride_x_t + cols, mask=in_row, other=0.0).to(tl.float32)
-            x_t_centered = tl.where(in_row, x_t - tl.sum(x_t, axis=0) / N, 0.0)
+            x_t_centered = tl.where(in_row, x_t - tl.sum(x_t, axis=0) / N, 0.0) if CENTERED else x_t
             # Σ x̂ is zero only up to rounding, so x̂ · x_t is summed over the centered x_t: a large
             # mean of x_t times that rounding would swamp y_t
             y_t = (x_t_centered - x_hat * (tl.sum(x_hat * x_t_centered, axis=0) / N)) * rstd
@@ -119,6 +126,7 @@ def _layer_norm_bwd_kernel(
     HAS_W: tl.constexpr,
     INPUT_GRAD: tl.constexpr,
     PARAM_GRADS: tl.constexpr,
+    CENTERED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -143,9 +151,10 @@ def _layer_norm_bwd_kernel(
                 g_b_sum += g
             if INPUT_GRAD:
                 u = g * w if HAS_W else g
-                u_mean = tl.sum(u, axis=0) / N
                 u_x_hat_mean = tl.sum(u * x_hat, axis=0) / N
-                g_x = (u - u_mean - x_hat * u_x_hat_mean) * rstd
+                if CENTERED:
+                    u = u - tl.sum(u, axis=0) / N
+                g_x = (u - x_hat * u_x_hat_mean) * rstd
                 tl.store(G_X + row * stride_g_x + cols, g_x.to(G_X.dtype.element_ty), mask=in_row)
     if PARAM_GRADS:
         tl.store(G_W_PARTIAL + pid * N + cols, g_w_sum, mask=in_row)
@@ -164,7 +173,7 @@ def num_warps(block: int) -> int:
 
 
 
-def forward(x, x_t, weight, bias, d_weight, d_bias, eps):
+def forward(x, x_t, weight, bias, d_weight, d_bias, eps, centered):
     """Launch the forward kernel: returns ``(y, y_t or None, mean, rstd)``."""
     check_served("x", x)
     weight, bias, d_weight, d_bias = map(dense_vector, (weight, bias, d_weight, d_bias))
@@ -188,13 +197,13 @@ def forward(x, x_t, weight, bias, d_weight, d_bias, eps):
         x2.stride(0), x_t2.stride(0), n, n,
         n, eps,
         HAS_X_T=x_t is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        HAS_D_W=d_weight is not None, HAS_D_B=d_bias is not None,
+        HAS_D_W=d_weight is not None, HAS_D_B=d_bias is not None, CENTERED=centered,
         BLOCK_N=block, num_warps=num_warps(block),
     )  # fmt: skip
     return y, (y_t if has_tangent else None), mean, rstd
 
 
-def backward(grad, x, weight, mean, rstd, input_grad, param_grads):
+def backward(grad, x, weight, mean, rstd, centered, input_grad, param_grads):
     """Launch the backward kernel for one stream: returns ``(grad input, grad weight, grad bias)``.
 
     Results that were not asked for are ``None``.
@@ -217,7 +226,7 @@ def backward(grad, x, weight, mean, rstd, input_grad, param_grads):
         g_x, g_w_partial, g_b_partial,
         g2.stride(0), x2.stride(0), n,
         rows, n, rows_per_program,
-        HAS_W=weight is not None, INPUT_GRAD=input_grad, PARAM_GRADS=param_grads,
+        HAS_W=weight is not None, INPUT_GRAD=input_grad, PARAM_GRADS=param_grads, CENTERED=centered,
         BLOCK_N=block, num_warps=num_warps(block),
     )  # fmt: skip
     grad_input = g_x if input_grad else None
@@ -236,7 +245,8 @@ def _parallel_programs(device: torch.device) -> int:
 
 def compile_specs(tokens):
     """Every (name, kernel, launch args, num_warps, num_stages) this module can launch, over
-    ``4 · tokens`` rows as wide as each row tile (``compile_check``: a tensor is its dtype)."""
+    ``4 · tokens`` rows as wide as each row tile (``compile_check``: a tensor is its dtype); the
+    RMSNorm kernels (``CENTERED=False``, no bias) are named ``rms-fwd`` / ``rms-bwd``."""
     flags_fwd = dict(HAS_X_T=True, HAS_W=True, HAS_B=True, HAS_D_W=True, HAS_D_B=True)
     flags_bwd = dict(HAS_W=True, INPUT_GRAD=True, PARAM_GRADS=True)
     rows = 4 * tokens
@@ -250,6 +260,9 @@ def compile_specs(tokens):
             bwd = dict(**dict.fromkeys(("G", "X", "W", "G_X"), dtype), **stats, G_W_PARTIAL=torch.float32,
                        G_B_PARTIAL=torch.float32, stride_g=block, stride_x=block, stride_g_x=block, M=rows,
                        N=block, rows_per_program=rows // 512 + 1, **flags_bwd, BLOCK_N=block)  # fmt: skip
-            yield f"fwd {dtype} BLOCK_N={block}", _layer_norm_jvp_fwd_kernel, fwd, num_warps(block), 3
-            yield f"bwd {dtype} BLOCK_N={block}", _layer_norm_bwd_kernel, bwd, num_warps(block), 3
+            for prefix, centered in (("", True), ("rms-", False)):
+                yield (f"{prefix}fwd {dtype} BLOCK_N={block}", _layer_norm_jvp_fwd_kernel,
+                       dict(fwd, CENTERED=centered, HAS_B=centered, HAS_D_B=centered), num_warps(block), 3)  # fmt: skip
+                yield (f"{prefix}bwd {dtype} BLOCK_N={block}", _layer_norm_bwd_kernel,
+                       dict(bwd, CENTERED=centered), num_warps(block), 3)  # fmt: skip
         block *= 2
