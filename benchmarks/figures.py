@@ -127,7 +127,7 @@ def attention_time_memory(result: dict, path: pathlib.Path) -> bool:
 
 
 def layer_norm_bandwidth(result: dict, path: pathlib.Path) -> bool:
-    """Each layer-norm mode's bandwidth (bytes it must move / time) against the copy bandwidth."""
+    """Each norm mode's bandwidth (bytes it must move / time) against the copy bandwidth."""
     rows = [r for r in timed(result, "layer_norm") if "gb_per_s" in r]
     if not rows:
         return False
@@ -148,11 +148,12 @@ def layer_norm_bandwidth(result: dict, path: pathlib.Path) -> bool:
     labels = []
     for case in cases:
         r = next(r for r in rows if r["case"] == case)
-        labels.append(f"{r.get('rows')} rows × {r.get('width')}\n{str(r.get('dtype', '')).removeprefix('torch.')}")
+        labels.append(f"{r.get('norm', 'LayerNorm')}\n{r.get('rows')} rows × {r.get('width')}\n"
+                      f"{str(r.get('dtype', '')).removeprefix('torch.')}")
     ax.set_xticks(range(len(cases)), labels)
     ax.set_xlabel("input shape (rows × width)")
     ax.set_ylabel("GB/s of the bytes each must move\n(read inputs, write outputs)")
-    ax.set_title("Layer norm: how close to the copy bandwidth?")
+    ax.set_title("Layer norm and RMSNorm: how close to the copy bandwidth?")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()

@@ -1,7 +1,8 @@
 """Time, peak memory and the environment of a benchmark run.
 
 Time is the median with p20/p80 over repeated calls: ``triton.testing.do_bench`` on a GPU, a
-wall-clock loop on the CPU. Peak memory is what a call allocates above what existed before it:
+wall-clock loop on the CPU; a ratio of two calls' times can be measured side by side, round by
+round (``interleaved_ratio``). Peak memory is what a call allocates above what existed before it:
 the CUDA allocator's peak on a GPU, the profiler's allocation record on the CPU.
 """
 
@@ -41,6 +42,35 @@ def time_call(fn, device: torch.device, min_seconds: float = 0.5, min_repeats: i
         times.append((time.perf_counter() - t0) * 1e3)
     median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
     return {"median_ms": median.item(), "p20_ms": p20.item(), "p80_ms": p80.item(), "repeats": len(times)}
+
+
+def interleaved_ratio(numerator, denominator, device: torch.device, rounds: int) -> dict:
+    """``numerator()``'s time over ``denominator()``'s, measured side by side: each round calls both
+    once (in alternating order) and gives one ratio. A drift in the machine's speed (another
+    process, the clock) slows both calls of a round alike, so it cancels in the ratio, where it
+    would not between two medians timed one after the other. ``{"median", "p20", "p80", "rounds"}``
+    of the rounds' ratios."""
+
+    def seconds(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    ratios = []
+    for round_ in range(rounds):
+        if round_ % 2 == 0:
+            top = seconds(numerator)
+            bottom = seconds(denominator)
+        else:
+            bottom = seconds(denominator)
+            top = seconds(numerator)
+        ratios.append(top / bottom)
+    median, p20, p80 = torch.tensor(ratios, dtype=torch.float64).quantile(torch.tensor(QUANTILES, dtype=torch.float64))
+    return {"median": median.item(), "p20": p20.item(), "p80": p80.item(), "rounds": rounds}
 
 
 def peak_memory(fn, device: torch.device) -> int:

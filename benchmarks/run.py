@@ -28,7 +28,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from .measure import copy_bandwidth, environment, peak_memory, time_call
+from .measure import copy_bandwidth, environment, interleaved_ratio, peak_memory, time_call
 from .noise import MAX_OTHER_LOAD, Probe, load_before
 from .report import markdown_table, noise_warning, write_report
 
@@ -75,9 +75,13 @@ def run_case(case, device: torch.device) -> list[dict]:
     for numerator, denominator in case.ratios:
         a, b = by_mode.get(numerator, {}), by_mode.get(denominator, {})
         if "median_ms" in a and "median_ms" in b:
-            by_mode[denominator].setdefault("ratios", {})[f"time {numerator} / {denominator}"] = (
-                a["median_ms"] / b["median_ms"]
-            )
+            key = f"time {numerator} / {denominator}"
+            b.setdefault("ratios", {})[key] = a["median_ms"] / b["median_ms"]
+            if case.interleaved_rounds:
+                side_by_side = interleaved_ratio(case.modes[numerator], case.modes[denominator], device,
+                                                 case.interleaved_rounds)  # fmt: skip
+                b["ratios"][key] = side_by_side["median"]
+                b.setdefault("interleaved_ratios", {})[key] = side_by_side
     return rows
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from benchmarks import measure
 from benchmarks.linear_paths import update
 from benchmarks.figures import write_figures
 from benchmarks.ptxas_census import summary
@@ -38,6 +39,36 @@ def test_rows_table_report_and_figure(tmp_path):
     assert "| attention | synthetic | ours [reference] |" in markdown_table(result)
     assert write_figures(json.loads(json.dumps(result)), tmp_path) == ["attention_time_memory.png"]
     assert (tmp_path / "attention_time_memory.png").stat().st_size > 0
+
+
+def test_interleaved_ratio_alternates_and_cancels_drift(monkeypatch):
+    """On a fake clock that each call advances (the numerator by 2 units, the denominator by 1, and
+    every call slower than the last, as a machine drifting): each round's ratio is 2 within the
+    drift, where the ratio of two medians timed one after the other would not be; the order
+    alternates round by round. Nothing real is timed."""
+    clock, calls = [0.0], []
+
+    def work(name, units):
+        def fn():
+            calls.append(name)
+            clock[0] += units * (1 + 0.01 * len(calls))
+
+        return fn
+
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: clock[0])
+    ratio = measure.interleaved_ratio(work("a", 2), work("b", 1), torch.device("cpu"), rounds=6)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert ratio["rounds"] == 6 and 1.95 < ratio["p20"] <= ratio["median"] <= ratio["p80"] < 2.05
+
+
+def test_interleaved_rounds_set_the_ratio(monkeypatch):
+    case = synthetic_case()
+    case.interleaved_rounds = 3
+    monkeypatch.setattr("benchmarks.run.interleaved_ratio",
+                        lambda a, b, device, rounds: {"median": 1.5, "p20": 1.4, "p80": 1.6, "rounds": rounds})  # fmt: skip
+    ours = next(r for r in run_case(case, torch.device("cpu")) if r["mode"] == "ours")
+    key = "time torch.func.jvp (math SDPA) / ours"
+    assert ours["ratios"][key] == 1.5 and ours["interleaved_ratios"][key]["rounds"] == 3
 
 
 def test_linear_paths_follow_the_measurement():

@@ -30,6 +30,9 @@ def synthetic_rows():
     rows += [row("layer_norm", "8x16", "plain forward", 0.1, gb_per_s=20.0, **shape),
              row("layer_norm", "8x16", "ours", 0.2, gb_per_s=20.0, **shape),
              row("layer_norm", "8x16", "torch.func.jvp", 1.0, gb_per_s=4.0, **shape)]  # fmt: skip
+    rms = {**shape, "norm": "RMSNorm"}
+    rows += [row("layer_norm", "RMSNorm 8x16", "ours", 0.2, gb_per_s=20.0, **rms),
+             row("layer_norm", "RMSNorm 8x16", "torch.func.jvp", 0.5, gb_per_s=8.0, **rms)]  # fmt: skip
     rows += [row("mlp", "tiny", "plain forward", 1.0), row("mlp", "tiny", "ours", 3.1),
              row("mlp", "tiny", "torch.func.jvp", 3.0)]  # fmt: skip
     vit = {"model": "vit_tiny", "batch": 2}
@@ -148,6 +151,21 @@ def test_report_names_every_suite_and_embeds_the_figures(tmp_path):
     assert "At N=1024 ours takes 20.0 ms against 60.0 ms for torch.func.jvp through math SDPA (3.0× faster), " \
            "with 25× less peak memory" in report  # fmt: skip
     assert "| attention | N=197 | ours [cpp] | 1.000 |" in report  # the full table
+    assert "RMSNorm at 8×16: ours is 2.5× faster than torch.func.jvp of F.rms_norm." in report
+
+
+@pytest.mark.parametrize("p20,p80,verdict", [(1.2, 1.5, "patched faster"), (0.95, 1.04, "patched as fast within the noise"),
+                                             (0.8, 0.9, "patched slower")])  # fmt: skip
+def test_side_by_side_ratio_verdict(tmp_path, p20, p80, verdict):
+    """The third-party sentences read the interleaved ratio's spread, not the two medians."""
+    result = synthetic_result()
+    key = "time unpatched (math attention) / patched"
+    for r in result["rows"]:
+        if r["suite"] == "meanflow" and r["mode"] == "patched":
+            r["interleaved_ratios"] = {key: {"median": (p20 + p80) / 2, "p20": p20, "p80": p80, "rounds": 11}}
+    write_report(result, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert f"DiT MeanFlow step: {verdict}, unpatched/patched time {(p20 + p80) / 2:.2f}× (p20–p80 {p20:.2f}–{p80:.2f}, 11 rounds)" in report
 
 
 def test_untrustworthy_run_is_flagged_at_the_top_of_the_report(tmp_path):

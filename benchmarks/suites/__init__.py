@@ -29,6 +29,9 @@ class Case:
     tolerance: float = 0.0
     # (numerator mode, denominator mode) pairs reported as time ratios in the table.
     ratios: tuple[tuple[str, str], ...] = ()
+    # > 0: each ratio is also measured side by side over this many rounds (``interleaved_ratio``),
+    # for ratios near 1 that two medians timed one after the other cannot resolve.
+    interleaved_rounds: int = 0
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,4 +1,5 @@
-"""Layer norm forward + tangent: ours against torch.func.jvp of F.layer_norm and the plain forward."""
+"""Layer norm and RMSNorm forward + tangent: ours against torch.func.jvp of ``F.layer_norm`` /
+``F.rms_norm`` and the plain forward."""
 
 from __future__ import annotations
 
@@ -14,41 +15,58 @@ from . import Case, relative_error
 # (rows, width): ViT-S/16 and ViT-B/16 at 224 px (197 tokens), batch 8 on the CPU, 64/256 on a GPU.
 CPU_SHAPES = [(8 * 197, 384), (8 * 197, 768)]
 GPU_SHAPES = [(64 * 197, 768), (256 * 197, 768), (64 * 197, 1024), (256 * 197, 1024)]
+NORMS = ("LayerNorm", "RMSNorm")
 
 
 def cases(device: torch.device, full: bool) -> list[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
-    return [_case(rows, width, dtype, device) for rows, width in shapes]
+    return [_case(rows, width, dtype, device, norm) for norm in NORMS for rows, width in shapes]
 
 
-def _case(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> Case:
+def _case(rows: int, width: int, dtype: torch.dtype, device: torch.device, norm: str) -> Case:
+    """One norm at one shape; both streams from tangents on the input and every parameter."""
     x, x_t = (torch.randn(rows, width, device=device, dtype=dtype) for _ in range(2))
     w, b, dw, db = (torch.randn(width, device=device, dtype=dtype) for _ in range(4))
+    if norm == "LayerNorm":
+        primals, tangents, op = (x, w, b), (x_t, dw, db), "layer_norm_jvp"
 
-    def plain():
-        return F.layer_norm(x, (width,), w, b, eps=1e-6)
+        def plain(x=x, w=w, b=b):
+            return F.layer_norm(x, (width,), w, b, eps=1e-6)
 
-    def ours():
-        return functional.layer_norm_jvp(x, x_t, w, b, dw, db, eps=1e-6)
+        def ours():
+            return functional.layer_norm_jvp(x, x_t, w, b, dw, db, eps=1e-6)
+
+        def expected():
+            return reference.layer_norm_jvp(*(t.double() for t in (x, x_t, w, b, dw, db)), eps=1e-6)
+    else:
+        primals, tangents, op = (x, w), (x_t, dw), "rms_norm_jvp"
+
+        def plain(x=x, w=w):
+            return F.rms_norm(x, (width,), w, eps=1e-6)
+
+        def ours():
+            return functional.rms_norm_jvp(x, x_t, w, dw, eps=1e-6)
+
+        def expected():
+            x64, x_t64, w64, dw64 = (t.double() for t in (x, x_t, w, dw))
+            return reference.layer_norm_jvp(x64, x_t64, w64, None, dw64, None, eps=1e-6, centered=False)
 
     def torch_jvp():
-        return jvp(lambda x, w, b: F.layer_norm(x, (width,), w, b, eps=1e-6), (x, w, b), (x_t, dw, db))
+        return jvp(plain, primals, tangents)
 
     def check():
-        expected = reference.layer_norm_jvp(*(t.double() for t in (x, x_t, w, b, dw, db)), eps=1e-6)
-        errors = {}
-        for mode, fn in (("ours", ours), ("torch.func.jvp", torch_jvp)):
-            errors[mode] = max(relative_error(a, e) for a, e in zip(fn(), expected))
-        return errors
+        reference_result = expected()
+        return {mode: max(relative_error(a, e) for a, e in zip(fn(), reference_result))
+                for mode, fn in (("ours", ours), ("torch.func.jvp", torch_jvp))}  # fmt: skip
 
     element_bytes = x.element_size()
     ours()
     return Case(
         suite="layer_norm",
-        name=f"rows={rows} width={width} {str(dtype).removeprefix('torch.')}",
-        params={"rows": rows, "width": width, "dtype": str(dtype), "device": device.type,
-                "backend": tk.last_backend("layer_norm_jvp")},  # fmt: skip
+        name=f"{norm} rows={rows} width={width} {str(dtype).removeprefix('torch.')}",
+        params={"norm": norm, "rows": rows, "width": width, "dtype": str(dtype), "device": device.type,
+                "backend": tk.last_backend(op)},  # fmt: skip
         modes={"plain forward": plain, "ours": ours, "torch.func.jvp": torch_jvp},
         # Bytes that must move: read x (and x_t), write y (and y_t); parameters are negligible.
         bytes={"plain forward": 2 * rows * width * element_bytes,
