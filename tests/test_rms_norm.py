@@ -3,6 +3,7 @@ forward and backward, and its routing: ``F.rms_norm`` in ``fused_jvp()``, ``nn.R
 ``RmsNorm`` under ``patch``."""
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -145,17 +146,31 @@ def test_functional_rms_norm_in_fused_jvp():
         assert_close(a, b, name="two dims")
 
 
+def float64_rms_norm(norm, x):
+    """diffusers' ``RMSNorm`` by torch's ``F.rms_norm`` (the oracle's)."""
+    y = torch_F.rms_norm(x, x.shape[-1:], norm.weight, norm.eps)
+    return y if norm.bias is None else y + norm.bias
+
+
 def test_patched_rms_norm_modules():
-    """``nn.RMSNorm`` and timm's ``RmsNorm`` in a model: patched ``jvp`` along the input and along the
-    parameters (LinearizedModel), and the gradients of a loss on both outputs, equal the unpatched
-    model's in float64; a deep copy of the patched model uses its own weights."""
+    """``nn.RMSNorm``, timm's ``RmsNorm`` and diffusers' ``RMSNorm`` (with a bias, and without
+    affine) in a model: patched ``jvp`` along the input and along the parameters (LinearizedModel),
+    and the gradients of a loss on both outputs, equal the unpatched model's in float64; a deep
+    copy of the patched model uses its own weights."""
     timm_layers = pytest.importorskip("timm.layers")
+    diffusers_norms = pytest.importorskip("diffusers.models.normalization")
     model = nn.Sequential(nn.Linear(24, 40), nn.RMSNorm(40), nn.GELU(), timm_layers.RmsNorm(40, eps=1e-5),
-                          nn.Linear(40, 8)).double()  # fmt: skip
+                          diffusers_norms.RMSNorm(40, eps=1e-6, bias=True),
+                          diffusers_norms.RMSNorm(40, eps=1e-6, elementwise_affine=False), nn.Linear(40, 8)).double()  # fmt: skip
+    with torch.no_grad():
+        model[4].bias.normal_()
+    patched = copy.deepcopy(model)
+    for norm in (model[4], model[5]):  # diffusers' takes the variance in float32 even for float64 inputs
+        norm.forward = functools.partial(float64_rms_norm, norm)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="tangent_kernels.patch: found no attention module")
-        patched = tk.patch(copy.deepcopy(model))
-    assert [line.split(":")[0] for line in list_swaps(patched)] == ["1", "3"]
+        tk.patch(patched)
+    assert [line.split(":")[0] for line in list_swaps(patched)] == ["1", "3", "4", "5"]
     x, x_t = torch.randn(3, 7, 24, dtype=torch.float64), torch.randn(3, 7, 24, dtype=torch.float64)
     F.rms_norm_jvp(x, None, None, backend="reference")  # so that "cpp" below is the patched model's
     for a, b in zip(jvp(patched, (x,), (x_t,)), jvp(model, (x,), (x_t,))):

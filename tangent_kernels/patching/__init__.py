@@ -7,8 +7,8 @@ in, one mechanism (the routing mode of ``mode.py``):
 
 - ``patch(model)`` / ``unpatch(model)`` / ``patched(model)``: swap, reversibly and all or nothing,
   what makes the model's attention modules (timm, ``nn.MultiheadAttention``, Hugging Face
-  transformers, diffusers) and norms (``nn.LayerNorm``, ``nn.RMSNorm``, timm's ``RmsNorm``) run
-  in the routing mode; ``list_swaps(model)`` lists the swaps.
+  transformers, diffusers) and norms (``nn.LayerNorm``, ``nn.RMSNorm``, timm's and diffusers'
+  RMSNorms) run in the routing mode; ``list_swaps(model)`` lists the swaps.
 - ``fused_jvp()``: a context manager for any code that calls ``F.scaled_dot_product_attention``,
   ``nn.MultiheadAttention``, ``F.layer_norm`` or ``F.rms_norm`` itself (and for copies of a model
   made before ``patch``).
@@ -20,7 +20,7 @@ model runs under forward AD (``watch.py``).
 """
 
 # importing the planners registers them with patch()
-from . import diffusers_attention, hf_attention, timm_attention, timm_norms, torch_modules  # noqa: F401
+from . import diffusers_attention, hf_attention, rms_norms, timm_attention, torch_modules  # noqa: F401
 from .attention import fused_attention
 from .mode import fused_jvp
 from .swaps import list_swaps, patch, patched, unpatch

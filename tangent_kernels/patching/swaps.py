@@ -116,7 +116,7 @@ def patch(model: nn.Module) -> nn.Module:
 
     It recognizes timm attention modules (those with a ``fused_attn`` flag: the flag is set on and
     their forward runs in the routing mode), ``nn.MultiheadAttention``, ``nn.LayerNorm``,
-    ``nn.RMSNorm`` and timm's ``RmsNorm`` (their forward runs in the routing mode when a tangent is
+    ``nn.RMSNorm`` and timm's and diffusers' RMSNorms (their forward runs in the routing mode when a tangent is
     present), Hugging Face transformers models that use its
     ``AttentionInterface`` (their configs select the ``"tangent_kernels"`` attention, HF's SDPA
     attention in the routing mode) and diffusers attention modules (their forward runs in the
