@@ -5,7 +5,8 @@ frozen weights ``w0`` of the module it was built from as non-persistent buffers 
 ``<name>0`` (``weight0``, ``bias0``, ...), sharing their storage, and has one trainable offset
 ``dw`` per weight under the original parameter name (``weight``, ``bias``, ``gamma``, ...),
 initialised to zero. So ``parameters()`` are exactly the offsets and ``state_dict()`` keys line up
-with the original module's. Parts without a fused op (other norms, activations, gated MLPs) are
+with the original module's. Parts without a fused op (norms other than LayerNorm and RMSNorm,
+activations, gated MLPs) are
 ``TangentForwardAD``: forward-mode AD of the module's own code, exact but unfused.
 
 ``backend`` names the backend for every op that has one of that name (the others run on
@@ -199,6 +200,34 @@ class TangentLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class TangentRMSNorm(nn.Module):
+    """``nn.RMSNorm`` or timm's ``RmsNorm`` (over the last dimension) linearized, with an offset of
+    its weight."""
+
+    def __init__(self, norm: nn.Module, backend: str = "auto"):
+        super().__init__()
+        if not (_is_rms_norm(norm) and len(norm.normalized_shape) == 1):
+            raise UnsupportedModuleError(
+                f"TangentRMSNorm: expected an nn.RMSNorm or timm RmsNorm over the last dimension, got {norm!r}"
+            )
+        self.normalized_shape, self.eps = tuple(norm.normalized_shape), norm.eps
+        self.backend = checked_backend(backend)
+        _register_linearized(self, "weight", _frozen(norm, "weight"))
+
+    def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
+        args = _cast(_autocast_dtype(x, norm=True), x, x_t, self.weight0, self.weight)
+        return F.rms_norm_jvp(*args, eps=self.eps, backend=_op_backend("rms_norm_jvp", self.backend))
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    from timm.layers import RmsNorm
+
+    return computes_like(module, nn.RMSNorm) or computes_like(module, RmsNorm)
 
 
 class TangentLayerScale(nn.Module):
@@ -456,6 +485,8 @@ def tangent_module(module: nn.Module, backend: str = "auto") -> nn.Module:
     layer_norm = computes_like(module, nn.LayerNorm) or computes_like(module, TimmLayerNorm)
     if layer_norm and len(module.normalized_shape) == 1:
         return TangentLayerNorm(module, backend)
+    if _is_rms_norm(module) and len(module.normalized_shape) == 1:
+        return TangentRMSNorm(module, backend)
     if computes_like(module, LayerScale):
         return TangentLayerScale(module)
     if computes_like(module, Mlp) and isinstance(module.fc1, nn.Linear) and isinstance(module.fc2, nn.Linear):

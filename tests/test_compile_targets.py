@@ -7,7 +7,8 @@ specialization Triton's launcher derives from a B=4 H=16 N=4096 launch. Every co
 target's shared memory and registers (sm_80 and sm_90); the first config of each tile list
 (kernel, dtype and precision, head-dim width: the split widths 48, 96 and 192 of the attention
 kernels have lists of their own), the only one that runs with autotuning off, must also be free of
-register spills and fit the 99 KB of sm_86/sm_89 (RTX 30/40, A10, L4), compiled for sm_86 too.
+register spills and fit the 99 KB of sm_86/sm_89 (RTX 30/40, A10, L4), compiled for sm_86 and
+sm_89 too.
 
 Compiling all of that takes about 45 CPU-minutes, so it is kept in ``tests/compile_record.json``
 (``make compile-record`` rewrites it after a kernel change): these tests check that the record is
@@ -29,7 +30,7 @@ import tangent_kernels.triton as triton_package
 from helpers import compile_for_gpu_targets
 from tangent_kernels.triton import SHARED_MEMORY_PER_BLOCK
 from tangent_kernels.triton.compile_check import (RECORD_FIRST_CONFIG_TARGETS, RECORD_TARGETS, SPECIALIZATIONS,
-                                                  fingerprint, kernel_modules, tile_list)  # fmt: skip
+                                                  fingerprint, first_configs, kernel_modules, tile_list)  # fmt: skip
 
 KERNEL_MODULES = kernel_modules()
 RECORD = Path(__file__).parent / "compile_record.json"
@@ -79,13 +80,6 @@ def _spec_names(module) -> list[str]:
     return [spec[0] for spec in importlib.import_module(module).compile_specs(SPECIALIZATIONS["aligned"])]
 
 
-def _first_configs(names) -> list[str]:
-    firsts = {}
-    for name in names:
-        firsts.setdefault(tile_list(name), name)
-    return list(firsts.values())
-
-
 def test_record_is_of_these_kernels(record):
     assert record["fingerprint"]["sources"] == fingerprint()["sources"], (
         f"the Triton kernels changed since {RECORD.name} was written: run `make compile-record`")
@@ -95,7 +89,7 @@ def test_record_is_of_these_kernels(record):
 def test_record_covers_every_spec(record, module):
     names = _spec_names(module)
     expected = {(name, f"sm_{t}") for name in names for t in RECORD_TARGETS}
-    expected |= {(name, f"sm_{t}") for name in _first_configs(names) for t in RECORD_FIRST_CONFIG_TARGETS}
+    expected |= {(name, f"sm_{t}") for name in first_configs(names) for t in RECORD_FIRST_CONFIG_TARGETS}
     recorded = [(r["spec"], r["target"]) for r in record["results"] if r["module"] == module]
     assert all(r["specialization"] == "aligned" for r in record["results"])
     assert sorted(recorded) == sorted(expected)
@@ -104,11 +98,9 @@ def test_record_covers_every_spec(record, module):
 def _first_config_problems(results, module) -> dict:
     """``{(module, tile list): [problem, ...]}`` for the first configs that spill or exceed the
     shared memory of sm_86 (sm_90's own limit is checked with every config)."""
-    firsts, problems = {}, {}
+    firsts, problems = set(first_configs([r["spec"] for r in results])), {}
     for r in results:
-        firsts.setdefault(tile_list(r["spec"]), r["spec"])
-    for r in results:
-        if firsts[tile_list(r["spec"])] != r["spec"]:
+        if r["spec"] not in firsts:
             continue
         found = problems.setdefault((module, tile_list(r["spec"])), [])
         if r["spill_bytes"]:
@@ -132,10 +124,10 @@ def test_compiles_for_sm80_and_sm90(record, module):
 
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)
-def test_first_configs_on_sm86(record, module):
-    """The first configs compiled for sm_86 itself: ptxas allocates registers there differently
-    from sm_80 (configs spill-free on sm_80 spilled 4-56 bytes there). sm_89 compiles exactly as
-    sm_86 (the census: the same registers, spills, shared memory and SASS for every first config)."""
+def test_first_configs_on_sm86_and_sm89(record, module):
+    """The first configs compiled for sm_86 and sm_89 themselves (RTX 30xx/40xx, A10, L4, L40):
+    ptxas allocates registers there differently from sm_80 (configs spill-free on sm_80 spilled
+    4-56 bytes on sm_86), and they allow 99 KB of shared memory, not sm_80's 163 KB."""
     results = _rows(record, module, RECORD_FIRST_CONFIG_TARGETS)
     failures = [r for r in results if not r["ok"] and (module, tile_list(r["spec"])) not in EXCEPTIONS]
     assert not failures, "\n".join(str(f) for f in failures[:10])
@@ -156,7 +148,7 @@ def test_record_reproduces(record, module):
     rng = random.Random(record["fingerprint"]["sources"] + module)
     names = _spec_names(module)
     sample = rng.sample(names, min(SAMPLE_SPECS, len(names)))
-    firsts = _first_configs(names)
+    firsts = first_configs(names)
     first_sample = rng.sample(firsts, min(SAMPLE_FIRST_CONFIGS, len(firsts)))
     results = _recompiled(module, sample, RECORD_TARGETS) + _recompiled(module, first_sample, RECORD_FIRST_CONFIG_TARGETS)
     assert len(results) == len(sample) * len(RECORD_TARGETS) + len(first_sample) * len(RECORD_FIRST_CONFIG_TARGETS)

@@ -193,3 +193,22 @@ def test_patched_rms_norm_modules():
         model[3].weight.mul_(2)
     for a, b in zip(jvp(twin, (x,), (x_t,)), jvp(model, (x,), (x_t,))):
         assert_close(a, b, name="deep copy")
+
+
+@pytest.mark.parametrize("kind", ["torch", "timm"])
+def test_tangent_rms_norm_module(kind):
+    """``tangent_module`` of ``nn.RMSNorm`` / timm's ``RmsNorm`` is the fused ``TangentRMSNorm``:
+    ``(y, y_t)`` with its weight offset equal ``torch.func.jvp`` along the weight and the input."""
+    timm_layers = pytest.importorskip("timm.layers")
+    norm = (nn.RMSNorm(19, eps=1e-5) if kind == "torch" else timm_layers.RmsNorm(19, eps=1e-5)).double()
+    with torch.no_grad():
+        norm.weight.normal_()
+    tangent = tk.modules.tangent_module(norm)
+    assert isinstance(tangent, tk.modules.TangentRMSNorm)
+    with torch.no_grad():
+        tangent.weight.normal_()
+    x, x_t = torch.randn(2, 5, 19, dtype=torch.float64), torch.randn(2, 5, 19, dtype=torch.float64)
+    expected = jvp(lambda x, w: torch_F.rms_norm(x, (19,), w, 1e-5), (x, norm.weight.detach()),
+                   (x_t, tangent.weight.detach()))  # fmt: skip
+    for a, b in zip(tangent(x, x_t), expected):
+        assert_close(a, b, name=kind)

@@ -180,6 +180,14 @@ def tile_list(spec_name: str) -> str:
     return spec_name.split(" M=")[0]
 
 
+def first_configs(names: list[str]) -> list[str]:
+    """The first spec of each tile list, in order: what runs with autotuning off."""
+    firsts: dict[str, str] = {}
+    for name in names:
+        firsts.setdefault(tile_list(name), name)
+    return list(firsts.values())
+
+
 def _specs(module_name: str, tokens: int) -> list:
     return list(importlib.import_module(module_name).compile_specs(tokens))
 
@@ -211,10 +219,8 @@ def check_module(module_name, targets=TARGETS, specializations=tuple(SPECIALIZAT
     for the specs whose name matches the regular expression ``match`` (with ``first``, only the first
     of each tile list); specs compile in parallel worker processes (one per core by default)."""
     names = [spec[0] for spec in _specs(module_name, SPECIALIZATIONS["aligned"])]
-    firsts = {}
-    for index, name in enumerate(names):
-        firsts.setdefault(tile_list(name), index)
-    chosen = [i for i, name in enumerate(names) if re.search(match, name) and (not first or i in firsts.values())]
+    firsts = set(first_configs(names))
+    chosen = [i for i, name in enumerate(names) if re.search(match, name) and (not first or name in firsts)]
     jobs = [(module_name, index, capability, specialization, registers, with_sass)
             for index in chosen for capability in targets for specialization in specializations]  # fmt: skip
     workers = workers or os.cpu_count() or 1
@@ -223,9 +229,9 @@ def check_module(module_name, targets=TARGETS, specializations=tuple(SPECIALIZAT
 
 
 # What a record holds: every spec for these targets, and each tile list's first config for these
-# (sm_86 allocates registers differently from sm_80; sm_89 compiles exactly as sm_86: the census).
+# (sm_86 allocates registers differently from sm_80; sm_86 and sm_89 allow 99 KB of shared memory).
 RECORD_TARGETS = (80, 90)
-RECORD_FIRST_CONFIG_TARGETS = (86,)
+RECORD_FIRST_CONFIG_TARGETS = (86, 89)
 
 
 def fingerprint() -> dict:
