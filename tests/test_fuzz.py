@@ -1142,7 +1142,7 @@ def raw_layer_norm_calls(draw, backend: str, cpp_op: bool = False) -> Call:
     generator, need = call_generator(draw), [draw(st.booleans()), draw(st.booleans())]
 
     def run():
-        args = (x, t["x"], p["weight"], p["bias"], t["weight"], t["bias"], eps)
+        args = (x, t["x"], p["weight"], p["bias"], t["weight"], t["bias"], eps, True)  # centered: layer norm
         y, y_t, mean, rstd = (
             RAW.layer_norm_jvp_forward(*args) if cpp_op else RAW.layer_norm_jvp(*args, backend)
         )
@@ -1167,7 +1167,7 @@ def raw_layer_norm_calls(draw, backend: str, cpp_op: bool = False) -> Call:
         rstd_in = rstd.half() if stats == "rstd dtype" else rstd
         w = None if p["weight"] is None else p["weight"].detach()
         try:
-            args = (g, x.detach(), w, mean_in, rstd_in, *need)
+            args = (g, x.detach(), w, mean_in, rstd_in, True, *need)
             g_x, g_w, g_b = RAW.layer_norm_backward(*args) if cpp_op else RAW.layer_norm_vjp(*args, backend)
         except RAW_ALLOWED as error:
             assert stats != "ok" and names_one_of(str(error), {"mean", "rstd"}), repr(error)
@@ -1476,7 +1476,7 @@ def test_raw_triton_ops_refuse_what_triton_cannot_run():
     with pytest.raises(TypeError, match="h: the triton backend cannot run it"):
         RAW.gelu_jvp(x, x, None, None, "none", "triton")
     with pytest.raises(TypeError, match="x: the triton backend cannot run it"):
-        RAW.layer_norm_jvp(x, x, None, None, None, None, 1e-5, "triton")
+        RAW.layer_norm_jvp(x, x, None, None, None, None, 1e-5, True, "triton")
 
 
 @needs_cpp
@@ -1485,7 +1485,7 @@ def test_raw_cpp_ops_refuse_integer_tensors_by_name():
     x = torch.ones(2, 2, 2, 2, dtype=torch.int64)
     for call, name in (
         (lambda: RAW.gelu_jvp_forward(x, None, None, None, "none"), "h"),
-        (lambda: RAW.layer_norm_jvp_forward(x, None, None, None, None, None, 1e-5), "x"),
+        (lambda: RAW.layer_norm_jvp_forward(x, None, None, None, None, None, 1e-5, True), "x"),
         (lambda: RAW.attention_jvp_forward(x, x, x, None, None, None, None, 1.0, False), "q"),
     ):
         with pytest.raises(RuntimeError, match=f"{name}: expected a floating-point tensor"):
@@ -1497,7 +1497,7 @@ def test_raw_cpp_layer_norm_backward_of_no_features():
     """A last dimension of 0 divided by zero in C++ (SIGFPE: the process died)."""
     x = torch.randn(3, 0)
     with pytest.raises(RuntimeError, match="x: expected at least one feature"):
-        RAW.layer_norm_backward(x, x, None, torch.zeros(3), torch.zeros(3), True, True)
+        RAW.layer_norm_backward(x, x, None, torch.zeros(3), torch.zeros(3), True, True, True)
 
 
 @pytest.mark.parametrize("backend", ["auto", pytest.param("cpp", marks=needs_cpp), "triton"])

@@ -21,9 +21,9 @@ def op_samples(backend, device):
         return torch.randn(*shape, device=device).requires_grad_(grad)
 
     x, w, b = rand(3, 5, 8), rand(8), rand(8)
-    ln = (x, rand(3, 5, 8, grad=True), w, b, rand(8, grad=True), rand(8, grad=True), 1e-6, backend)
+    ln = (x, rand(3, 5, 8, grad=True), w, b, rand(8, grad=True), rand(8, grad=True), 1e-6, True, backend)
     y, _, mean, rstd = ops.layer_norm_jvp(*(t.detach() if isinstance(t, torch.Tensor) else t for t in ln))
-    ln_vjp = (torch.randn_like(y), x, w, mean, rstd, True, True, backend)
+    ln_vjp = (torch.randn_like(y), x, w, mean, rstd, True, True, True, backend)
     q, k, v = rand(2, 4, 7, 16), rand(2, 2, 9, 16), rand(2, 2, 9, 16)
     mask = torch.zeros(2, 9, dtype=torch.bool, device=device)
     mask[1, -2:] = True
@@ -32,8 +32,9 @@ def op_samples(backend, device):
     o, _, lse = ops.attention_jvp(*(t.detach() if isinstance(t, torch.Tensor) else t for t in att))
     att_vjp = (torch.randn_like(o), q, k, v, o, lse, mask, 0.25, True, True, True, backend)
     gelu = (rand(6, 10), rand(6, 10, grad=True), rand(10), rand(10, grad=True), "tanh", backend)
-    samples = [(ops.layer_norm_jvp, ln), (ops.layer_norm_vjp, ln_vjp), (ops.attention_jvp, att),
-               (ops.attention_vjp, att_vjp), (ops.gelu_jvp, gelu)]  # fmt: skip
+    rms = (x, rand(3, 5, 8, grad=True), w, None, rand(8, grad=True), None, 1e-6, False, backend)
+    samples = [(ops.layer_norm_jvp, ln), (ops.layer_norm_jvp, rms), (ops.layer_norm_vjp, ln_vjp),
+               (ops.attention_jvp, att), (ops.attention_vjp, att_vjp), (ops.gelu_jvp, gelu)]  # fmt: skip
     if backend == "triton":  # the fused GEMM is Triton's alone
         linear = (rand(2, 5, 12), rand(2, 5, 12, grad=True), rand(7, 12), rand(7), rand(7, 12, grad=True),
                   rand(7, grad=True), "gelu", backend)  # fmt: skip
@@ -78,13 +79,14 @@ def test_opcheck_the_raw_cpp_ops():
         pytest.skip(tk.cpp.UNAVAILABLE_REASON)
     raw = torch.ops.tangent_kernels
     x, x_t, w = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
-    y, _, mean, rstd = raw.layer_norm_jvp_forward(x, x_t, w, w, w, w, 1e-6)
+    y, _, mean, rstd = raw.layer_norm_jvp_forward(x, x_t, w, w, w, w, 1e-6, True)
     q, k = torch.randn(2, 4, 5, 8), torch.randn(2, 2, 6, 8)
     o, _, lse = raw.attention_jvp_forward(q, k, k, q, k, k, None, 0.3, False)
     checks = "test_schema", "test_faketensor", "test_aot_dispatch_dynamic"
     for op, args in (
-        (raw.layer_norm_jvp_forward, (x, x_t, w, w, w, w, 1e-6)),
-        (raw.layer_norm_backward, (torch.randn_like(y), x, w, mean, rstd, True, True)),
+        (raw.layer_norm_jvp_forward, (x, x_t, w, w, w, w, 1e-6, True)),
+        (raw.layer_norm_jvp_forward, (x, x_t, w, None, w, None, 1e-6, False)),  # RMSNorm
+        (raw.layer_norm_backward, (torch.randn_like(y), x, w, mean, rstd, True, True, True)),
         (raw.attention_jvp_forward, (q, k, k, q, k, k, None, 0.3, False)),
         (raw.attention_backward, (torch.randn_like(o), q, k, k, o, lse, None, 0.3, False, True, True)),
         (raw.gelu_jvp_forward, (x, x_t, w, w, "none")),

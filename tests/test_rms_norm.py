@@ -8,6 +8,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as torch_F
 from torch import nn
 from torch.func import functional_call, jvp
@@ -212,3 +214,34 @@ def test_tangent_rms_norm_module(kind):
                    (x_t, tangent.weight.detach()))  # fmt: skip
     for a, b in zip(tangent(x, x_t), expected):
         assert_close(a, b, name=kind)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(backend_dtype=st.sampled_from([("triton", torch.float32), ("cpp", torch.float32), ("cpp", torch.float64),
+                                      ("cpp", torch.bfloat16), ("reference", torch.float64)]),  # fmt: skip
+       rows=st.integers(0, 9), width=st.integers(1, 70), given_parts=st.sampled_from(["x_t", "d_weight", "both", "no_weight"]),
+       eps=st.sampled_from([None, 1e-6, 1e-2]), magnitude=st.sampled_from([1e-3, 1.0, 1e4]), seed=st.integers(0, 2**31))  # fmt: skip
+def test_fuzz_against_torch_jvp(backend_dtype, rows, width, given_parts, eps, magnitude, seed):
+    """Random shapes (no rows included), magnitudes, eps and tangent sets on every backend: both
+    streams and the gradients of every input against ``torch.func.jvp`` of ``F.rms_norm`` in float64."""
+    backend, dtype = backend_dtype
+    torch.manual_seed(seed)
+    flags = {"x_t": {"d_weight": False}, "d_weight": {"x_t": False}, "both": {}, "no_weight": {"affine": False}}
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    x, xt, w, dw = make_inputs((rows, width), dtype, device, **flags[given_parts])
+    with torch.no_grad():
+        x.mul_(magnitude)
+    y, y_t = F.rms_norm_jvp(x, xt, w, dw, eps=eps, backend=backend)
+    default_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    x64, xt64, w64, dw64 = as64(x, xt, w, dw)
+    y64, y_t64 = oracle(x64, xt64, w64, dw64, default_eps if eps is None else eps)
+    assert_close(y, y64, dtype=dtype, name="y")
+    assert_close(y_t, y_t64, dtype=dtype, name="y_t")
+    if rows:
+        g = torch.randn_like(y)
+        for name, a, b in zip(("x", "x_t", "weight", "d_weight"), grads(y_t, (x, xt, w, dw), g),
+                              grads(y_t64, (x64, xt64, w64, dw64), g.double())):  # fmt: skip
+            if a is None and b is not None:  # y_t does not depend on it (only d_weight: y_t = x̂ · d_weight)
+                assert not b.any(), f"grad {name}: None, expected {b}"
+            elif b is not None:
+                assert_close(a, b, dtype=dtype, name=f"grad {name}")
