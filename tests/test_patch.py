@@ -5,6 +5,7 @@ path), in float64: forward AD there is exact, so results must agree to rounding.
 """
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -807,6 +808,22 @@ def test_a_copy_of_a_patched_model_is_patched_on_its_own():
     assert not is_routed(twin.attn) and not twin.attn.fused_attn
     assert is_routed(model.attn) and model.attn.fused_attn
     unpatch(model)
+
+
+def test_a_patched_model_dropped_without_unpatch_stops_counting():
+    """A patched model (or a copy of one) that is garbage-collected without ``unpatch`` no longer
+    counts as patched: an unpatched model run afterwards under forward AD is not warned about."""
+    before = watch._live_patches
+    model = patch(Mixed().double())
+    twin = copy.deepcopy(model)
+    assert watch._live_patches == before + 2
+    del model, twin
+    gc.collect()
+    assert watch._live_patches == before
+    plain, x = Mixed().double(), bsl(True)
+    if before == 0:
+        _, messages = caught(lambda: jvp(plain.attn, (x,), (x,)))
+        assert not any("was the model copied before patch()" in m for m in messages)
 
 
 def test_a_copy_made_before_patch_says_so_under_forward_ad():

@@ -195,6 +195,8 @@ def test_patched_rms_norm_modules():
         model[3].weight.mul_(2)
     for a, b in zip(jvp(twin, (x,), (x_t,)), jvp(model, (x,), (x_t,))):
         assert_close(a, b, name="deep copy")
+    tk.unpatch(twin)
+    tk.unpatch(patched)
 
 
 @pytest.mark.parametrize("kind", ["torch", "timm"])

@@ -88,14 +88,24 @@ def _take(swap: Swap) -> Hold:
 
 
 class _Record:
-    """The holds one ``patch`` call took, in the order taken."""
+    """The holds one ``patch`` call took, in the order taken. While it lives (in its model's
+    ``__dict__``) it counts as one patched model for ``watch``: until ``unpatch``, or until the
+    model is garbage-collected (a patched model dropped without ``unpatch``)."""
 
     def __init__(self):
         self.holds: list[Hold] = []
+        self._count()
 
     def __setstate__(self, state):  # a copy of a patched model counts as one more patched model
         self.__dict__.update(state)
+        self._count()
+
+    def __getstate__(self):
+        return {key: value for key, value in self.__dict__.items() if key != "release"}
+
+    def _count(self) -> None:
         watch.patches_changed(+1)
+        self.release = weakref.finalize(self, watch.patches_changed, -1)  # runs once: here or at unpatch
 
 
 planners: list[Callable[[str, nn.Module], list[Swap]]] = []
@@ -144,9 +154,9 @@ def patch(model: nn.Module) -> nn.Module:
     except BaseException:
         for hold in reversed(record.holds):
             hold.release()
+        record.release()
         raise
     vars(model)[_RECORD] = record
-    watch.patches_changed(+1)
     return model
 
 
@@ -157,7 +167,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         raise RuntimeError("unpatch: this model is not patched")
     for hold in reversed(record.holds):
         hold.release()
-    watch.patches_changed(-1)
+    record.release()
     return model
 
 
