@@ -11,7 +11,7 @@ import sys
 from torch import nn
 
 from . import swaps, watch
-from .mode import RoutedForward, is_routed
+from .mode import is_routed, routed_forward_swap
 
 _types: tuple[type, ...] = ()
 
@@ -33,15 +33,7 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
         return []
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    planned = [
-        swaps.Swap(
-            where,
-            module,
-            "forward",
-            lambda forward: RoutedForward(module, forward),
-            f"{type(module).__name__}.forward runs in the routing mode",
-        )
-    ]
+    planned = [routed_forward_swap(where, module, f"{type(module).__name__}.forward runs in the routing mode")]
     if type(getattr(module, "processor", None)) is AttnProcessor:
         planned.append(
             swaps.Swap(

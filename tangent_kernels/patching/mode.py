@@ -28,6 +28,7 @@ from . import watch
 from .layer_norm import layer_norm, rms_norm
 from .mha import multi_head_attention_forward
 from .sdpa import scaled_dot_product_attention
+from .swaps import Swap
 
 _local = threading.local()
 
@@ -117,6 +118,13 @@ class RoutedForward:
             if self.routed is not None:
                 return self.routed(self.module, *args, **kwargs)
             return self.forward(*args, **kwargs)
+
+
+def routed_forward_swap(where: str, module: torch.nn.Module, what: str, route_if=None, routed=None,
+                        attention: bool = True) -> Swap:  # fmt: skip
+    """The swap of ``module.forward`` for a ``RoutedForward`` (what every planner routes with)."""
+    return Swap(where, module, "forward", lambda forward: RoutedForward(module, forward, route_if, routed), what,
+                attention=attention)  # fmt: skip
 
 
 def is_routed(module: torch.nn.Module) -> bool:

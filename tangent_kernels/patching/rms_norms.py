@@ -13,7 +13,7 @@ import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from . import swaps
-from .mode import RoutedForward
+from .mode import routed_forward_swap
 from .torch_modules import _any_tangent
 
 
@@ -52,16 +52,8 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
     forward = _as_rms_norm(module)
     if forward is None:
         return []
-    return [
-        swaps.Swap(
-            where,
-            module,
-            "forward",
-            lambda original: RoutedForward(module, original, _route_if, routed=forward),
-            f"{type(module).__name__}.forward runs F.rms_norm in the routing mode under forward AD",
-            attention=False,
-        )
-    ]
+    what = f"{type(module).__name__}.forward runs F.rms_norm in the routing mode under forward AD"
+    return [routed_forward_swap(where, module, what, _route_if, routed=forward, attention=False)]
 
 
 swaps.planners.append(plan)

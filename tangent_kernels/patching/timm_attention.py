@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from . import swaps, watch
-from .mode import RoutedForward, is_routed
+from .mode import is_routed, routed_forward_swap
 
 
 def has_fused_attn_flag(module: nn.Module) -> bool:
@@ -20,13 +20,7 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
         return []
     return [
         swaps.Swap(where, module, "fused_attn", lambda _: True, f"fused_attn {module.fused_attn} -> True"),
-        swaps.Swap(
-            where,
-            module,
-            "forward",
-            lambda forward: RoutedForward(module, forward),
-            f"{type(module).__name__}.forward runs in the routing mode",
-        ),
+        routed_forward_swap(where, module, f"{type(module).__name__}.forward runs in the routing mode"),
     ]
 
 

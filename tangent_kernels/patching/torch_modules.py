@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from . import swaps, watch
-from .mode import RoutedForward, is_routed
+from .mode import is_routed, routed_forward_swap
 
 
 def _any_tangent(tensors: list[Tensor]) -> bool:
@@ -30,17 +30,10 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
     kind = next((kind for kind in _ROUTE_IF if isinstance(module, kind)), None)
     if kind is None:
         return []
-    return [
-        swaps.Swap(
-            where,
-            module,
-            "forward",
-            lambda forward: RoutedForward(module, forward, _ROUTE_IF[kind]),
-            f"{type(module).__name__}.forward runs in the routing mode under forward AD"
-            + (" and when it needs a gradient" if kind is nn.LayerNorm else ""),
-            attention=kind is nn.MultiheadAttention,
-        )
-    ]
+    what = f"{type(module).__name__}.forward runs in the routing mode under forward AD" + (
+        " and when it needs a gradient" if kind is nn.LayerNorm else ""
+    )
+    return [routed_forward_swap(where, module, what, _ROUTE_IF[kind], attention=kind is nn.MultiheadAttention)]
 
 
 swaps.planners.append(plan)
