@@ -285,6 +285,10 @@ def report_markdown(result: dict, figures: list[str]) -> str:
     warning = noise_warning(result)
     if warning:
         lines += [f"> **Warning: {warning}** (`python -m benchmarks.run --strict` exits non-zero on such a run.)", ""]
+    if result.get("not_run"):
+        skipped = result["not_run"]
+        lines += [f"> Not run within the time budget of {skipped['budget_s']:.0f} s: "
+                  + ", ".join(f"`{name}`" for name in skipped["cases"]) + ".", ""]  # fmt: skip
     lines += ["## Environment", "", *environment_lines(result), ""]
     known = {s for _, group, _ in SECTIONS for s in group}
     sections = SECTIONS + [(f"Suite {s}", (s,), ()) for s in suites if s not in known]

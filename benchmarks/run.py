@@ -4,6 +4,7 @@
     python -m benchmarks.run --full           # the full suite (the default on a GPU)
     python -m benchmarks.run --suite attention layer_norm --out benchmarks/results/my-run
     python -m benchmarks.run --strict         # exit 2 when the machine was too busy to trust the timings
+    python -m benchmarks.run --budget-s 300   # start no case after 300 s (benchmarks/gpu.sh's time limit)
 
 Each row holds the time (median, p20, p80), FLOP/s or bytes/s where the case defines them, peak
 memory, and the error against the float64 reference, with the device, versions and commit of
@@ -24,6 +25,7 @@ import json
 import math
 import pathlib
 import sys
+import time
 
 import torch
 from tqdm import tqdm
@@ -85,6 +87,18 @@ def run_case(case, device: torch.device) -> list[dict]:
     return rows
 
 
+def run_cases(cases, device: torch.device, budget_s: float | None = None) -> tuple[list[dict], list[str]]:
+    """The rows of every case run in order, and the names (``suite/case``) of those not started
+    because ``budget_s`` seconds had passed (a case already started runs to its end)."""
+    start, rows, not_run = time.monotonic(), [], []
+    for case in tqdm(cases, desc="benchmarks", unit="case", file=sys.stderr):
+        if budget_s is not None and time.monotonic() - start >= budget_s:
+            not_run.append(f"{case.suite}/{case.name}")
+            continue
+        rows.extend(run_case(case, device))
+    return rows, not_run
+
+
 def format_table(rows: list[dict]) -> str:
     """A plain-text table: one line per (case, mode), ratios at the end of the line."""
     header = f"{'suite':<11} {'case':<40} {'mode':<46} {'median ms':>10} {'TFLOP/s':>8} {'GB/s':>7} {'peak MiB':>9} {'saved MiB':>9} {'error':>9}  ratios"
@@ -127,7 +141,11 @@ def main(argv=None) -> int:
     parser.add_argument("--full", action="store_true", help="the full suite (default on a GPU)")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for results.json and the report")
     parser.add_argument("--strict", action="store_true", help="exit 2 when the timings are not trustworthy")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no case after this many seconds; the cases left are listed as not run")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s: expected a positive number of seconds, got {args.budget_s}")
     device = torch.device(args.device)
     full = args.full or device.type == "cuda"
     out = args.out or RESULTS / f"latest-{device.type}"
@@ -140,12 +158,14 @@ def main(argv=None) -> int:
     yardsticks = {"matmul": probe.calibration_start["matmul"],
                   "matmul_tflops_per_s": probe.calibration_start["tflops_per_s"], **copy_bandwidth(device)}  # fmt: skip
     cases = [case for suite in args.suite for case in importlib.import_module(f"benchmarks.suites.{suite}").cases(device, full)]
-    rows = []
-    for case in tqdm(cases, desc="benchmarks", unit="case", file=sys.stderr):
-        rows.extend(run_case(case, device))
+    rows, not_run = run_cases(cases, device, args.budget_s)
     noise = probe.finish(rows)
     out.mkdir(parents=True, exist_ok=True)
     result = {"environment": {**environment(device), **yardsticks}, "full": full, "noise": noise, "rows": rows}
+    if not_run:
+        result["not_run"] = {"budget_s": args.budget_s, "cases": not_run}
+        print(f"note: {len(not_run)} case(s) not run within the budget of {args.budget_s:.0f} s: "
+              + ", ".join(not_run), file=sys.stderr)  # fmt: skip
     (out / "results.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text(markdown_table(result) + "\n")
     written = write_report(result, out)

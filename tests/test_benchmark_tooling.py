@@ -11,7 +11,8 @@ from benchmarks.linear_paths import update
 from benchmarks.figures import write_figures
 from benchmarks.ptxas_census import summary
 from benchmarks.report import markdown_table
-from benchmarks.run import format_table, run_case
+from benchmarks.report import report_markdown
+from benchmarks.run import format_table, run_case, run_cases
 from benchmarks.suites import Case
 
 import tangent_kernels.triton as triton_package
@@ -69,6 +70,27 @@ def test_interleaved_rounds_set_the_ratio(monkeypatch):
     ours = next(r for r in run_case(case, torch.device("cpu")) if r["mode"] == "ours")
     key = "time torch.func.jvp (math SDPA) / ours"
     assert ours["ratios"][key] == 1.5 and ours["interleaved_ratios"][key]["rounds"] == 3
+
+
+def test_budget_stops_starting_cases(monkeypatch):
+    """On a fake clock where each case takes 10 s, a 15 s budget runs two cases (the second starts
+    at 10 s) and lists the third as not run; the report says which."""
+    clock = [0.0]
+
+    def fake_run_case(case, device):
+        clock[0] += 10.0
+        return [{"suite": case.suite, "case": case.name, "mode": "ours", "median_ms": 1.0}]
+
+    monkeypatch.setattr("benchmarks.run.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("benchmarks.run.run_case", fake_run_case)
+    cases = [synthetic_case() for _ in range(3)]
+    for i, case in enumerate(cases):
+        case.name = f"case{i}"
+    rows, not_run = run_cases(cases, torch.device("cpu"), budget_s=15)
+    assert [r["case"] for r in rows] == ["case0", "case1"] and not_run == ["attention/case2"]
+    assert run_cases(cases, torch.device("cpu"))[1] == []
+    result = {"environment": {"device": "cpu"}, "rows": [], "not_run": {"budget_s": 15, "cases": not_run}}
+    assert "Not run within the time budget of 15 s: `attention/case2`." in report_markdown(result, [])
 
 
 def test_linear_paths_follow_the_measurement():
