@@ -30,8 +30,9 @@ bench: $(STAMP)
 bench-pytest: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/test_suites.py -p no:xdist --benchmark-json=benchmarks/results/latest-pytest-benchmark.json
 
-# After a change to a Triton kernel (or Triton): compile every shipped config for sm_80/sm_90 and the
-# first configs for sm_86 (about 45 CPU-minutes) into the record the compile tests check.
+# After a change to a Triton kernel (or Triton): compile every shipped config for sm_80/sm_90, the
+# first configs for sm_86/sm_89 and, launched over an odd length, for all four (about an hour of
+# CPU time) into the record the compile tests check.
 compile-record: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python -m tangent_kernels.triton.compile_check --record tests/compile_record.json
 

@@ -18,9 +18,10 @@ shared memory or registers. ``--registers`` adds ptxas's registers per thread an
 (``loop_instructions``) and the tensor-core instruction family. It must run without
 ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled): the tests call it in a subprocess.
 
-Compiling every shipped config takes about 45 CPU-minutes, too long for every test run, so it is
-done when a kernel changes and kept: ``--record FILE`` compiles every spec of every module for
-sm_80 and sm_90 and the first config of each tile list for sm_86, and writes the results with the
+Compiling every shipped config takes about an hour of CPU time, too long for every test run, so it
+is done when a kernel changes and kept: ``--record FILE`` compiles every spec of every module for
+sm_80 and sm_90, the first config of each tile list for sm_86 and sm_89, and each first config
+launched over an odd length for sm_80, sm_86, sm_89 and sm_90, and writes the results with the
 ``fingerprint`` of what they depend on (the sources of this package and Triton's version). The
 tests check the record against the shipped specs and fingerprint, and recompile a sample of it.
 """
@@ -229,9 +230,11 @@ def check_module(module_name, targets=TARGETS, specializations=tuple(SPECIALIZAT
 
 
 # What a record holds: every spec for these targets, and each tile list's first config for these
-# (sm_86 allocates registers differently from sm_80; sm_86 and sm_89 allow 99 KB of shared memory).
+# (sm_86 allocates registers differently from sm_80; sm_86 and sm_89 allow 99 KB of shared memory),
+# and each first config launched over an odd length (narrower loads, more registers) for these.
 RECORD_TARGETS = (80, 90)
 RECORD_FIRST_CONFIG_TARGETS = (86, 89)
+RECORD_UNALIGNED_TARGETS = (80, 86, 89, 90)
 
 
 def fingerprint() -> dict:
@@ -253,6 +256,8 @@ def write_record(path: str, workers=None) -> list[dict]:
     for module_name in kernel_modules():
         results += check_module(module_name, RECORD_TARGETS, ("aligned",), registers=True, workers=workers)
         results += check_module(module_name, RECORD_FIRST_CONFIG_TARGETS, ("aligned",), first=True, registers=True,
+                                workers=workers)  # fmt: skip
+        results += check_module(module_name, RECORD_UNALIGNED_TARGETS, ("unaligned",), first=True, registers=True,
                                 workers=workers)  # fmt: skip
     rows = ",\n".join(json.dumps(r) for r in results)  # one result per line: a change reads as a diff
     Path(path).write_text(f'{{"fingerprint": {json.dumps(fingerprint())},\n"results": [\n{rows}\n]}}\n')
