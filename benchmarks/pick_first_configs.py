@@ -59,19 +59,29 @@ def spec(module: str, kernel: str, tile_class: str, width: int, config: tuple, l
         table[width] = shipped
 
 
+def first_config_problems(result: dict) -> list[str]:
+    """Why a compile ``result`` (``target`` "sm_XX", ``spill_bytes``, ``shared``) cannot be a first
+    config: register spills, or more shared memory than sm_86/89's 99 KB (the smallest of the
+    targets, and sm_80's compiles run there too; sm_90 is held to its own). Empty when it can."""
+    target = int(result["target"].removeprefix("sm_"))
+    limit = SHARED_MEMORY_PER_BLOCK[90] if target == 90 else SHARED_MEMORY_PER_BLOCK[86]
+    problems = [f"{result['target']}: {result['spill_bytes']} bytes of spills"] if result["spill_bytes"] else []
+    if result["shared"] > limit:
+        problems.append(f"{result['target']}: {result['shared']} bytes of shared memory")
+    return problems
+
+
 def compile_one(job: tuple) -> dict:
     """Compile one (list, config, dtype, launch, target): spills, registers, shared memory, ``ok``."""
     module, kernel, tile_class, width, config, label, launch, target = job
     name, fn, args, warps, stages = spec(module, kernel, tile_class, width, config, label, SPECIALIZATIONS[launch])
-    limit = SHARED_MEMORY_PER_BLOCK[target] if target == 90 else SHARED_MEMORY_PER_BLOCK[86]
     result = {"spec": name, "launch": launch, "target": f"sm_{target}"}
     try:
         compiled, log = compile_for_target(fn, args, warps, stages, target)
     except Exception as error:  # a config that cannot compile is a failed candidate
         return {**result, "ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
-    usage = register_usage(log)
-    shared = compiled.metadata.shared
-    return {**result, **usage, "shared": shared, "ok": usage["spill_bytes"] == 0 and shared <= limit}
+    result.update(register_usage(log), shared=compiled.metadata.shared)
+    return {**result, "ok": not first_config_problems(result)}
 
 
 def pick(pool, workers: int, module: str, kernel: str, tile_class: str, width: int) -> tuple | None:

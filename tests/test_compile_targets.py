@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 import tangent_kernels.triton as triton_package
+from benchmarks.pick_first_configs import first_config_problems
 from helpers import compile_for_gpu_targets
-from tangent_kernels.triton import SHARED_MEMORY_PER_BLOCK
 from tangent_kernels.triton.compile_check import (RECORD_FIRST_CONFIG_TARGETS, RECORD_TARGETS,
                                                   RECORD_UNALIGNED_TARGETS, SPECIALIZATIONS, fingerprint,
                                                   first_configs, kernel_modules, tile_list)  # fmt: skip
@@ -100,7 +100,8 @@ def test_record_is_of_these_kernels(record):
 
 @pytest.mark.parametrize("module", KERNEL_MODULES)
 def test_record_covers_every_spec(record, module):
-    names, firsts = _spec_names(module), first_configs(_spec_names(module))
+    names = _spec_names(module)
+    firsts = first_configs(names)
     expected = {(name, f"sm_{t}", "aligned") for name in names for t in RECORD_TARGETS}
     expected |= {(name, f"sm_{t}", "aligned") for name in firsts for t in RECORD_FIRST_CONFIG_TARGETS}
     expected |= {(name, f"sm_{t}", "unaligned") for name in firsts for t in RECORD_UNALIGNED_TARGETS}
@@ -110,16 +111,11 @@ def test_record_covers_every_spec(record, module):
 
 def _first_config_problems(results, module) -> dict:
     """``{(module, tile list): [problem, ...]}`` for the first configs that spill or exceed the
-    shared memory of sm_86 (sm_90's own limit is checked with every config)."""
+    shared memory of sm_86 (``first_config_problems``, the rule the first configs were picked by)."""
     firsts, problems = set(first_configs([r["spec"] for r in results])), {}
     for r in results:
-        if r["spec"] not in firsts:
-            continue
-        found = problems.setdefault((module, tile_list(r["spec"])), [])
-        if r["spill_bytes"]:
-            found.append(f"{r['target']}: {r['spill_bytes']} bytes of spills")
-        if r["target"] != "sm_90" and r["shared"] > SHARED_MEMORY_PER_BLOCK[86]:
-            found.append(f"{r['target']}: {r['shared']} bytes of shared memory")
+        if r["spec"] in firsts:
+            problems.setdefault((module, tile_list(r["spec"])), []).extend(first_config_problems(r))
     return {key: found for key, found in problems.items() if found}
 
 
