@@ -82,12 +82,6 @@ def rms_norm_jvp(
 def _norm_jvp(op, x, x_t, weight, bias, d_weight, d_bias, eps: float, centered: bool, backend: str):
     """Layer norm (``centered``) or RMSNorm on the chosen backend, after validation."""
     chosen = backends.select(op, backend, x.device, x.dtype)
-    if chosen == "triton" and x.shape[-1] > _triton_layer_norm_max_features():
-        chosen = _fall_back(
-            op, backend, x,
-            f"x: the triton layer norm holds a row in registers, up to {_triton_layer_norm_max_features()} "
-            f"features; got {x.shape[-1]} (use backend='cpp' or 'reference')",
-        )  # fmt: skip
     if chosen == "reference" or x.numel() == 0:
         return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, centered)
     y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, centered, chosen)
@@ -99,12 +93,6 @@ def _fall_back(op: str, backend: str, like: Tensor, reason: str) -> str:
     if backend != "auto":
         raise backends.BackendUnavailableError(reason)
     return backends.select(op, "reference", like.device, like.dtype)
-
-
-def _triton_layer_norm_max_features() -> int:
-    from .triton.layer_norm import MAX_FEATURES
-
-    return MAX_FEATURES
 
 
 # ----------------------------------------------------------------------------------------------

@@ -69,6 +69,15 @@ def backend_device(backend: str, device: torch.device) -> torch.device:
     return device if backend == "triton" else torch.device("cpu")
 
 
+def walk_norm_rows(monkeypatch, tile: int = 16) -> None:
+    """Make the Triton layer norms walk every row wider than ``tile`` features in tiles of
+    ``tile``: the kernels that serve rows wider than ``ROW_TILE`` (4096), at widths the interpreter runs."""
+    from tangent_kernels.triton import layer_norm
+
+    monkeypatch.setattr(layer_norm, "ROW_TILE", tile)
+    monkeypatch.setattr(layer_norm, "WALK_TILE", tile)
+
+
 def float64(*tensors):
     """Detached float64 copies (``None`` stays ``None``), keeping ``requires_grad``."""
     return tuple(

@@ -46,13 +46,6 @@ EXCEPTIONS = {
     ("tangent_kernels.triton.attention_second_order", "dq fp32-ieee D=128"): "the least spilling tile, 16×16",
     ("tangent_kernels.triton.attention_second_order", "dkdv fp32-ieee D=128"): "the least spilling tile, 16×16",
     ("tangent_kernels.triton.attention_second_order", "dkdv fp32-tf32 D=128"): "112 KB: torch ops serve on sm_86/89",
-    # One row of 16384 features in registers: at 16 warps a thread gets 128 registers (64K per block),
-    # and 8 to 1992 bytes spill (32 warps spill too); wider rows need the split-row kernel.
-    **{("tangent_kernels.triton.layer_norm", f"{kind} torch.{dtype} BLOCK_N=16384"): "the widest row"
-       for kind in ("fwd", "bwd", "rms-bwd") for dtype in ("float16", "bfloat16", "float32")},
-    ("tangent_kernels.triton.layer_norm", "rms-fwd torch.float32 BLOCK_N=16384"): "the widest row",
-    # ptxas caps this 16-warp kernel at 64 registers on sm_80 and spills 8 bytes (0 on sm_86/89/90)
-    ("tangent_kernels.triton.layer_norm", "rms-fwd torch.float16 BLOCK_N=8192"): "8 bytes on sm_80",
 }
 # Tile lists whose first config is spill-free launched over N=4096 but not over N=197, where no
 # config searched (every tile of at most the first one's area, 1-3 stages, 4 or 8 warps; 16 warps

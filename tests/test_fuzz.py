@@ -46,7 +46,7 @@ import timm.layers
 import torch
 import torch.nn.functional as torch_F
 from fuzz_inputs import FLOATING, Draft, laid_out, values, weighted
-from helpers import ATOL, max_relative_error
+from helpers import ATOL, max_relative_error, walk_norm_rows
 from hypothesis import HealthCheck, assume, event, given, note, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
@@ -1413,12 +1413,16 @@ def test_linear_with_no_output_features(activation):
     assert not y.any() and y_t is not None and not y_t.any() and y.shape == (2, 4)
 
 
-@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp), "triton"])
-@pytest.mark.parametrize("features, value", [(7, 12345.678), (1, 1.5e20), (5, 3e19), (100, 1e35)])
-def test_layer_norm_of_a_constant_row(backend, features, value):
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp), "triton", "triton-walked"])
+@pytest.mark.parametrize("features, value", [(7, 12345.678), (1, 1.5e20), (5, 3e19), (100, 1e35), (37, 12345.678)])
+def test_layer_norm_of_a_constant_row(backend, features, value, monkeypatch):
     """A constant float32 row: its mean's rounding error showed as variance (x̂ = ±0.7 at
     12345.678 where torch gives 0); beyond the overflow threshold eps · (1 / peak)² underflowed
-    (rstd inf: y NaN; or y_t 11% off)."""
+    (rstd inf: y NaN; or y_t 11% off). ``triton-walked``: rows walked in tiles of 4 features, as
+    rows wider than ``ROW_TILE`` are."""
+    if backend == "triton-walked":
+        walk_norm_rows(monkeypatch, tile=4)
+        backend = "triton"
     x, x_t = torch.full((1, features), value), torch.randn(1, features) * value
     ours = F.layer_norm_jvp(x, x_t, None, None, backend=backend)
     expected = torch.func.jvp(

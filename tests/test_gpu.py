@@ -40,11 +40,20 @@ def test_attention_full_size(n, head_dim, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("width", [768, 1024, 4097])
-def test_layer_norm_full_size(dtype, width):
-    x, x_t = (torch.randn(256 * 197, width, device="cuda", dtype=dtype) for _ in range(2))
+@pytest.mark.parametrize(("rows", "width"), [(256 * 197, 768), (256 * 197, 1024), (2048, 4096), (2048, 4097),
+                                             (1024, 20000)])  # fmt: skip
+def test_layer_norm_full_size(dtype, rows, width):
+    """Rows held in one tile (up to 4096 features) and walked in tiles (wider), both streams and the
+    gradients through ``y_t`` against the float64 reference."""
+    x, x_t = (torch.randn(rows, width, device="cuda", dtype=dtype) for _ in range(2))
     w, b, dw, db = (torch.randn(width, device="cuda", dtype=dtype) for _ in range(4))
+    tangents = [t.requires_grad_() for t in (x_t, dw, db)]
     y, y_t = F.layer_norm_jvp(x, x_t, w, b, dw, db, backend="triton")
-    y64, y_t64 = reference.layer_norm_jvp(*(t.double() for t in (x, x_t, w, b, dw, db)))
+    tangents64 = [t.detach().double().requires_grad_() for t in tangents]
+    y64, y_t64 = reference.layer_norm_jvp(x.double(), tangents64[0], w.double(), b.double(), *tangents64[1:])
     bound = 1e-5 if dtype == torch.float32 else 1e-2
     assert relative_norm_error(y, y64) < bound and relative_norm_error(y_t, y_t64) < bound
+    grad = torch.randn_like(y_t)
+    for name, ours, expected in zip(("x_t", "d_weight", "d_bias"), torch.autograd.grad(y_t, tangents, grad),
+                                    torch.autograd.grad(y_t64, tangents64, grad.double())):  # fmt: skip
+        assert relative_norm_error(ours, expected) < 2 * bound, name

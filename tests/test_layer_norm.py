@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import tangent_kernels as tk
-from helpers import assert_close, backend_device, float64, grads, max_error, max_relative_error
+from helpers import assert_close, backend_device, float64, grads, max_error, max_relative_error, walk_norm_rows
 from tangent_kernels import functional as F
 from tangent_kernels import last_backend, reference
 
@@ -41,6 +41,23 @@ def make_inputs(rows, width, dtype, device, tangents):
 @pytest.mark.parametrize("width", WIDTHS)
 @pytest.mark.parametrize("tangents", list(TANGENTS), ids=str)
 def test_matches_reference(backend, dtype, rows, width, tangents, device, poisoned_outputs):
+    check_against_reference(backend, dtype, rows, width, tangents, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("width", [17, 100])  # a tile and one feature; six tiles and a part
+@pytest.mark.parametrize("tangents", list(TANGENTS), ids=str)
+def test_walked_rows_match_reference(dtype, width, tangents, device, poisoned_outputs, monkeypatch):
+    """Rows wider than ``ROW_TILE`` features, walked in tiles (here of 16)."""
+    from tangent_kernels.triton import layer_norm
+
+    walk_norm_rows(monkeypatch)
+    assert layer_norm._kernels(width)[0] is layer_norm._layer_norm_jvp_fwd_tiled_kernel
+    check_against_reference("triton", dtype, 3, width, tangents, device)
+
+
+def check_against_reference(backend, dtype, rows, width, tangents, device):
+    """Both streams and the gradients of every input through ``y_t`` against the float64 reference."""
     inputs = make_inputs(rows, width, dtype, backend_device(backend, device), TANGENTS[tangents])
     y, y_t = F.layer_norm_jvp(*inputs, eps=1e-6, backend=backend)
     assert last_backend("layer_norm_jvp") == backend
@@ -97,9 +114,12 @@ def test_gradcheck_every_input(backend):
     assert torch.autograd.gradcheck(both, inputs)
 
 
-def test_second_order_terms_on_triton(device):
+@pytest.mark.parametrize("walked", [False, True], ids=["one-tile", "walked"])
+def test_second_order_terms_on_triton(walked, device, monkeypatch):
     """The gradient of y_t w.r.t. x and the weight (fp32 Triton) against the float64 reference's."""
-    x, x_t, w, b, dw, db = make_inputs(4, 7, torch.float32, device, TANGENTS["all"])
+    if walked:
+        walk_norm_rows(monkeypatch)
+    x, x_t, w, b, dw, db = make_inputs(4, 37, torch.float32, device, TANGENTS["all"])
     grad_y_t = torch.randn_like(x)
     found = {}
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
@@ -120,8 +140,14 @@ def test_auto_keeps_the_fused_op_when_a_primal_input_requires_grad():
     assert torch.isfinite(grad_x).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
-def test_nan_stays_in_its_row(backend, device):
+# every backend, and the Triton kernels that walk rows wider than ROW_TILE in tiles (here of 16)
+BACKENDS_AND_WALKED = [("triton", False), ("triton", True), ("cpp", False), ("reference", False)]
+
+
+@pytest.mark.parametrize("backend,walked", BACKENDS_AND_WALKED, ids=str)
+def test_nan_stays_in_its_row(backend, walked, device, monkeypatch):
+    if walked:
+        walk_norm_rows(monkeypatch)
     x, x_t, w, b, dw, db = make_inputs(5, 33, torch.float32, backend_device(backend, device), TANGENTS["all"])
     x[0, 1, 4] = float("nan")
     x_t = x_t.detach().clone()
@@ -133,12 +159,14 @@ def test_nan_stays_in_its_row(backend, device):
     assert torch.isfinite(y).all() and torch.isfinite(y_t).all()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
-def test_large_means_in_both_streams(backend, device):
+@pytest.mark.parametrize("backend,walked", BACKENDS_AND_WALKED, ids=str)
+def test_large_means_in_both_streams(backend, walked, device, monkeypatch):
     """Residual streams carry large per-token means (here 50σ in x and 30σ in x_t). ``Σ x̂`` is
     zero only up to rounding, so an uncentered ``mean(x̂ · x_t)`` multiplies that rounding by the
     mean of ``x_t``; y_t must stay as accurate as torch.func.jvp of torch's layer norm (fp32: 31
     units of rounding; 2900 before x_t was centered in that sum)."""
+    if walked:
+        walk_norm_rows(monkeypatch, tile=64)
     device = backend_device(backend, device)
     x = torch.randn(64, 384, device=device) + 50
     x_t = torch.randn(64, 384, device=device) + 30

@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 import tangent_kernels as tk
-from helpers import assert_close, backend_device, grads
+from helpers import assert_close, backend_device, grads, walk_norm_rows
 from tangent_kernels import functional as F
 from tangent_kernels import last_backend
 from tangent_kernels.patching import list_swaps
@@ -59,6 +59,19 @@ def as64(*tensors):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("given", ["all", "only_x_t", "only_d_weight", "no_weight"])
 def test_matches_torch_jvp_float64(backend, dtype, shape, given, device, poisoned_outputs):
+    check_against_torch_jvp(backend, dtype, shape, given, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("given", ["all", "only_x_t", "only_d_weight", "no_weight"])
+def test_walked_rows_match_torch_jvp_float64(dtype, given, device, poisoned_outputs, monkeypatch):
+    """Rows wider than ``ROW_TILE`` features, walked in tiles (here of 16)."""
+    walk_norm_rows(monkeypatch)
+    check_against_torch_jvp("triton", dtype, (2, 3, 37), given, device)
+
+
+def check_against_torch_jvp(backend, dtype, shape, given, device):
+    """Both streams and the gradients of every input against the float64 oracle."""
     flags = {"all": {}, "only_x_t": {"d_weight": False}, "only_d_weight": {"x_t": False},
              "no_weight": {"affine": False}}[given]  # fmt: skip
     x, xt, w, dw = make_inputs(shape, dtype, backend_device(backend, device), **flags)
@@ -105,9 +118,13 @@ def test_default_eps_is_torchs():
         assert_close(ours, torch_F.rms_norm(x.to(dtype), (16,)).double(), dtype=dtype, name=str(dtype))
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
-def test_zero_row_and_nan_row(backend, device):
-    """An all-zero row gives zeros in both streams (rstd = eps^-½, torch's answer); NaN stays in its row."""
+@pytest.mark.parametrize("backend,walked", [("triton", False), ("triton", True), ("cpp", False), ("reference", False)],
+                         ids=str)  # fmt: skip
+def test_zero_row_and_nan_row(backend, walked, device, monkeypatch):
+    """An all-zero row gives zeros in both streams (rstd = eps^-½, torch's answer); NaN stays in its
+    row (``walked``: rows walked in tiles of 16, as rows wider than ``ROW_TILE``)."""
+    if walked:
+        walk_norm_rows(monkeypatch)
     x, xt, w, dw = (t.detach() for t in make_inputs((1, 4, 33), torch.float32, backend_device(backend, device)))
     x[0, 0] = 0.0
     x[0, 2, 5] = float("nan")

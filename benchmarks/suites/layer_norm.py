@@ -12,9 +12,12 @@ from tangent_kernels import functional, reference
 
 from . import Case, relative_error
 
-# (rows, width): ViT-S/16 and ViT-B/16 at 224 px (197 tokens), batch 8 on the CPU, 64/256 on a GPU.
+# (rows, width): ViT-S/16 and ViT-B/16 at 224 px (197 tokens), batch 8 on the CPU, 64/256 on a GPU;
+# on a GPU also 8 sequences of 2048 tokens at LLM widths: the widest row held in registers (4096)
+# beside rows the kernels walk in tiles (8192).
 CPU_SHAPES = [(8 * 197, 384), (8 * 197, 768)]
-GPU_SHAPES = [(64 * 197, 768), (256 * 197, 768), (64 * 197, 1024), (256 * 197, 1024)]
+GPU_SHAPES = [(64 * 197, 768), (256 * 197, 768), (64 * 197, 1024), (256 * 197, 1024), (8 * 2048, 4096),
+              (8 * 2048, 8192)]  # fmt: skip
 NORMS = ("LayerNorm", "RMSNorm")
 
 
