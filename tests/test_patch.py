@@ -616,13 +616,14 @@ def test_small_cpu_layer_norm_runs_torch_only_without_a_second_order_term(monkey
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm_tangent_by_double_backward_has_exact_gradients(affine):
+@pytest.mark.parametrize("shape", [(3, 5, 7), (7,)], ids=["3-d", "1-d"])  # 1-d: the parameter grads came out 0-d
+def test_layer_norm_tangent_by_double_backward_has_exact_gradients(affine, shape):
     """The double-backward form of a JVP (``autograd.functional.jvp(create_graph=True)``) through
     a routed layer norm: its tangent's gradients (third order through the layer norm) match the
     composite oracle, where torch's double backward treats mean and rstd as constants
     (pytorch/pytorch#175754); first order is torch's own."""
     torch.manual_seed(0)
-    x, v = torch.randn(3, 5, 7, dtype=F64, requires_grad=True), torch.randn(3, 5, 7, dtype=F64)
+    x, v = torch.randn(shape, dtype=F64, requires_grad=True), torch.randn(shape, dtype=F64)
     w, b = (torch.randn(7, dtype=F64, requires_grad=True) if affine else None for _ in range(2))
     inputs = tuple(t for t in (x, w, b) if t is not None)
 
@@ -638,7 +639,7 @@ def test_layer_norm_tangent_by_double_backward_has_exact_gradients(affine):
 
     assert torch.autograd.gradcheck(tangent(routed), inputs)
     close(tangent(routed)(*inputs), tangent(composite_layer_norm)(*inputs))
-    g = torch.randn(3, 5, 7, dtype=F64)
+    g = torch.randn(shape, dtype=F64)
     ours = torch.autograd.grad(routed(*inputs), inputs, g)
     close(ours, torch.autograd.grad(F.layer_norm(x, (7,), w, b), inputs, g))
     assert torch.autograd.gradgradcheck(routed, inputs)
@@ -677,10 +678,14 @@ TRANSFORMS = {
     "hessian": lambda f, x, t: torch.func.hessian(lambda q: f(q, *x[1:]).square().sum())(x[0]),
     "jacfwd": lambda f, x, t: torch.func.jacfwd(lambda q: f(q, *x[1:]))(x[0]),
     "vmap of jvp": lambda f, x, t: torch.func.vmap(lambda a: jvp(f, x, (a, *t[1:]))[1])(torch.stack([t[0], x[0]])),
+    # per-sample outputs inside a parameter-space jvp: unpack_dual has no batching rule, and every
+    # routed call raised on the batched tensors
+    "jvp of vmap": lambda f, x, t: jvp(torch.func.vmap(f), tuple(torch.stack([a, -2 * a]) for a in x),
+                                       tuple(torch.stack([a, a.flip(-1)]) for a in t))[1],  # fmt: skip
 }
 
 
-@pytest.mark.parametrize("op", ["attention", "layer norm"])
+@pytest.mark.parametrize("op", ["attention", "layer norm", "rms norm"])
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_routed_calls_under_composed_torch_func_transforms(op, transform):
     """Nested forward AD and the other torch.func stacks the fused ops do not serve run plain
@@ -692,9 +697,12 @@ def test_routed_calls_under_composed_torch_func_transforms(op, transform):
     if op == "attention":
         plain = lambda q, k, v: torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v  # noqa: E731
         routed_op = lambda q, k, v: F.scaled_dot_product_attention(q, k, v)  # noqa: E731
-    else:
+    elif op == "layer norm":
         plain = lambda q, k, v: composite_layer_norm(q) * k + v  # noqa: E731
         routed_op = lambda q, k, v: F.layer_norm(q, (4,)) * k + v  # noqa: E731
+    else:
+        plain = lambda q, k, v: q * torch.rsqrt(q.square().mean(-1, keepdim=True) + 1e-6) * k + v  # noqa: E731
+        routed_op = lambda q, k, v: F.rms_norm(q, (4,), eps=1e-6) * k + v  # noqa: E731
 
     def routed(*inputs):
         with fused_jvp():

@@ -62,14 +62,18 @@ def _differentiable_backward(grad_y, x, weight, bias, eps, needs):
     centered = x - x.mean(-1, keepdim=True)
     rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
     x_hat = centered * rstd
-    rows = tuple(range(x.dim() - 1))
     g = grad_y if weight is None else grad_y * weight
     grads = [
         rstd * (g - g.mean(-1, keepdim=True) - x_hat * (g * x_hat).mean(-1, keepdim=True)) if needs[0] else None,
-        (grad_y * x_hat).sum(rows) if needs[1] and weight is not None else None,
-        grad_y.sum(rows) if needs[2] and bias is not None else None,
+        _column_sums(grad_y * x_hat) if needs[1] and weight is not None else None,
+        _column_sums(grad_y) if needs[2] and bias is not None else None,
     ]
     return [None if grad is None else grad.to(dtype) for grad, dtype in zip(grads, dtypes)]
+
+
+def _column_sums(t: Tensor) -> Tensor:
+    """``t`` summed over every row, of any number of leading dims (none for a 1-D input)."""
+    return t.reshape(-1, t.shape[-1]).sum(0)
 
 
 class _LayerNormExactHigherOrder(torch.autograd.Function):

@@ -29,8 +29,14 @@ fused_calls = 0  # attention calls with tangents served by the fused kernel in t
 
 
 def has_tangent(t) -> bool:
-    """``t`` is a tensor carrying a forward-AD tangent (``torch.func.jvp`` or ``forward_ad``)."""
-    return isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
+    """``t`` is a tensor carrying a forward-AD tangent (``torch.func.jvp`` or ``forward_ad``); under
+    ``vmap`` inside ``jvp`` the tangent is on the tensor a batched one wraps (``unpack_dual`` has no
+    batching rule)."""
+    if not isinstance(t, Tensor):
+        return False
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return forward_ad.unpack_dual(t).tangent is not None
 
 
 def requires_grad_at_any_level(t: Tensor) -> bool:
