@@ -154,7 +154,8 @@ class LinearizedViT(nn.Module):
                 prefix_rows = 0 if self.no_embed_class else self.num_prefix_tokens
                 pos = tuple(resample_abs_pos_embed(p, new_size=(height, width), old_size=self.patch_embed.grid_size,
                                                    num_prefix_tokens=prefix_rows) for p in pos)  # fmt: skip
-            x, x_t = x.reshape(batch, -1, channels), None if x_t is None else x_t.reshape(batch, -1, channels)
+            rows = (batch, height * width, channels)  # not -1: ambiguous for an empty batch
+            x, x_t = x.reshape(rows), None if x_t is None else x_t.reshape(rows)
         batch = x.shape[0]
         tokens = ((getattr(self, f"{name}0"), getattr(self, name)) for name in PREFIX_TOKENS)
         prefix = [(t0.expand(batch, -1, -1), dt.expand(batch, -1, -1)) for t0, dt in tokens if t0 is not None]

@@ -187,6 +187,14 @@ def test_dynamic_img_size(blocks, pad, size):
     check(model, lin, torch.randn(2, 3, *size, dtype=torch.float64), 1e-9)
 
 
+def test_dynamic_img_size_with_an_empty_batch():
+    """An empty batch gives an empty batch of logits (the patch grid was flattened by
+    ``reshape(batch, -1, channels)``, ambiguous for 0 elements; timm's own forward still raises so)."""
+    model = small_vit(dynamic_img_size=True, reg_tokens=1)
+    lin = tk.linearize(model, "all", backend="reference")
+    assert lin(torch.randn(0, 3, 40, 24, dtype=torch.float64)).shape == (0, model.num_classes)
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_keeps_the_models_training_mode(training):
     model = small_vit(drop_rate=0.5).train(training)

@@ -492,6 +492,20 @@ def test_patched_multihead_attention_unbatched(math_oracle):
         close(linearized_and_grads(model, x, x, x), expected)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("empty", ["batch", "sequence"])
+def test_patched_multihead_attention_with_an_empty_batch_or_sequence(empty, batch_first, math_oracle):
+    """Empty dims give empty results, as torch's (splitting the heads by ``view(..., -1)`` raised:
+    ambiguous for 0 elements)."""
+    torch.manual_seed(0)
+    model = CallMHA(torch.nn.MultiheadAttention(E, 4, batch_first=batch_first).double(), need_weights=False)
+    batch, length = (0, L) if empty == "batch" else (B, 0)
+    x = torch.randn((batch, length, E) if batch_first else (length, batch, E), dtype=F64)
+    expected = linearized_and_grads(model, x, x, x)
+    with patched(model):
+        close(linearized_and_grads(model, x, x, x), expected)
+
+
 def test_patched_multihead_attention_refuses_is_causal_without_a_mask_as_torch():
     model = CallMHA(
         torch.nn.MultiheadAttention(E, 4, batch_first=True).double(), need_weights=False, is_causal=True

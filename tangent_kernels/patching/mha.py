@@ -197,12 +197,12 @@ def _attention(
         out = torch_F.linear(
             o.transpose(1, 2).reshape(bsz * tgt_len, embed_dim), out_proj_weight, out_proj_bias
         )
-        out = out.view(bsz, tgt_len, -1).transpose(0, 1)
+        out = out.view(bsz, tgt_len, out.shape[-1]).transpose(0, 1)
     else:
         out = torch_F.linear(
             o.permute(2, 0, 1, 3).reshape(tgt_len * bsz, embed_dim), out_proj_weight, out_proj_bias
         )
-        out = out.view(tgt_len, bsz, -1)
+        out = out.view(tgt_len, bsz, out.shape[-1])
     return out if is_batched else out.squeeze(1)
 
 
@@ -220,9 +220,10 @@ def _rows(x: Tensor) -> Tensor:
 def _heads(y: Tensor, like: Tensor, parts: int, num_heads: int) -> list[Tensor]:
     """The projection ``(tokens, parts·E)`` of ``like`` ``(L, B, E_in)``, as ``parts`` (B, H, L, D) views."""
     length, batch = like.shape[:2]
+    head_dim = y.shape[-1] // (parts * num_heads)  # not -1: ambiguous for an empty batch or sequence
     if _batch_major(like):
-        return list(y.view(batch, length, parts, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0))
-    return list(y.view(length, batch, parts, num_heads, -1).permute(2, 1, 3, 0, 4).unbind(0))
+        return list(y.view(batch, length, parts, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0))
+    return list(y.view(length, batch, parts, num_heads, head_dim).permute(2, 1, 3, 0, 4).unbind(0))
 
 
 def _project(query, key, value, num_heads, in_proj_weight, in_proj_bias, separate_weights):
@@ -303,8 +304,8 @@ def _extend_keys(
             raise AssertionError(
                 f"expecting {name} of shape ({bsz * num_heads}, S, {head_dim}), got {tuple(given.shape)}"
             )
-    k = k if static_k is None else static_k.view(bsz, num_heads, -1, head_dim)
-    v = v if static_v is None else static_v.view(bsz, num_heads, -1, head_dim)
+    k = k if static_k is None else static_k.view(bsz, num_heads, static_k.shape[1], head_dim)
+    v = v if static_v is None else static_v.view(bsz, num_heads, static_v.shape[1], head_dim)
     if add_zero_attn:
         k = torch.cat([k, k.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
         v = torch.cat([v, v.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
