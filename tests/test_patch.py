@@ -727,6 +727,26 @@ def test_routed_calls_under_composed_torch_func_transforms(op, transform):
         close(TRANSFORMS[transform](routed, x, t), TRANSFORMS[transform](plain, x, t))
 
 
+def test_double_backward_form_through_a_mask_the_kernel_does_not_serve_under_math_sdpa():
+    """A mask the fused kernel does not serve keeps torch's SDPA when the call carries no tangent
+    (as unpatched, its double backward then fails on the CPU's flash SDPA); inside
+    ``sdpa_kernel(SDPBackend.MATH)``, as the README says, the double-backward form of a JVP works."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 8, dtype=F64, requires_grad=True) for _ in range(3))
+    mask = (torch.rand(2, 1, 5, 5) > 0.3) | torch.eye(5, dtype=torch.bool)
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+
+    def gradients_of_the_tangent():
+        f = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+        _, out_t = torch.autograd.functional.jvp(f, (q, k, v), tangents, create_graph=True)
+        return torch.autograd.grad(out_t.square().sum(), (q, k, v))
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = gradients_of_the_tangent()
+        with fused_jvp():
+            close(gradients_of_the_tangent(), expected)
+
+
 def test_layer_norm_second_order_route_keeps_16_bit_statistics_in_float32():
     x = torch.randn(4, 33, dtype=torch.bfloat16, requires_grad=True)
     with fused_jvp():
