@@ -10,7 +10,9 @@ the tangent map, computed by the ordinary backward of the primal layer. The grad
 with respect to a primal input (a second-order term) is implemented for attention
 (``attention_second_order.py``) and layer norm (recomputed from the saved inputs), differentiable
 again, so double backward works too; the linear and GELU ops raise ``NotImplementedError`` for it,
-and ``"auto"`` runs their reference (which has it) when a primal input requires grad.
+and ``"auto"`` runs their reference (which has it) when a primal input requires grad. The ops have
+no forward-AD rule: where an input carries a tangent of an enclosing ``torch.func.jvp`` or
+``forward_ad`` level, ``"auto"`` runs the reference and an explicit fused backend raises.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import backends, ops, reference, validation
+from . import backends, forward_mode, ops, reference, validation
 from .backends import last_backend  # noqa: F401  (part of the public API)
 
 __all__ = ["attention_jvp", "gelu_jvp", "last_backend", "layer_norm_jvp", "linear_jvp", "mlp_jvp", "rms_norm_jvp"]
@@ -82,10 +84,24 @@ def rms_norm_jvp(
 def _norm_jvp(op, x, x_t, weight, bias, d_weight, d_bias, eps: float, centered: bool, backend: str):
     """Layer norm (``centered``) or RMSNorm on the chosen backend, after validation."""
     chosen = backends.select(op, backend, x.device, x.dtype)
+    chosen = _reference_under_forward_ad(op, chosen, backend, x, x=x, x_t=x_t, weight=weight, bias=bias,
+                                         d_weight=d_weight, d_bias=d_bias)  # fmt: skip
     if chosen == "reference" or x.numel() == 0:
         return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, centered)
     y, y_t, _, _ = ops.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, centered, chosen)
     return y, _none_if(x_t is None and d_weight is None and d_bias is None, y_t)
+
+
+def _reference_under_forward_ad(op: str, chosen: str, backend: str, like: Tensor, **tensors: Tensor | None) -> str:
+    """The reference where an input carries a forward-AD tangent of an enclosing ``torch.func.jvp``
+    or ``forward_ad`` level: torch differentiates its plain ops, where it would silently drop the
+    tangent through the fused ops (a zero tangent); an explicit fused backend raises."""
+    name = None if chosen == "reference" else forward_mode.tangent_carrier(**tensors)
+    if name is None:
+        return chosen
+    return _fall_back(op, backend, like,
+                      f"{name}: carries a forward-AD tangent (torch.func.jvp or forward_ad around this call), which "
+                      f"the fused ops cannot differentiate; use backend='auto' or 'reference'")  # fmt: skip
 
 
 def _fall_back(op: str, backend: str, like: Tensor, reason: str) -> str:
@@ -123,6 +139,8 @@ def attention_jvp(
     key_padding_mask = validation.attention(q, k, v, q_t, k_t, v_t, key_padding_mask)
     scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = backends.select("attention_jvp", backend, q.device, q.dtype)
+    chosen = _reference_under_forward_ad("attention_jvp", chosen, backend, q, q=q, k=k, v=v, q_t=q_t, k_t=k_t, v_t=v_t,
+                                         key_padding_mask=key_padding_mask)  # fmt: skip
     if chosen == "triton":
         from .triton.attention import MAX_HEAD_DIM
 
@@ -170,6 +188,8 @@ def linear_jvp(
     validation.linear("", x, x.shape[-1], weight, bias, d_weight, d_bias)
     validation.choice("activation", activation, ACTIVATIONS)
     chosen = backends.select("linear_jvp", backend, x.device, x.dtype)
+    chosen = _reference_under_forward_ad("linear_jvp", chosen, backend, x, x=x, x_t=x_t, weight=weight, bias=bias,
+                                         d_weight=d_weight, d_bias=d_bias)  # fmt: skip
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(x, weight, bias):
         chosen = _fall_back("linear_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0 or weight.shape[0] == 0:  # (an empty output: no kernel)
@@ -222,6 +242,7 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: 
     validation.like("x_t", x_t, x, "x")
     validation.choice("approximate", approximate, APPROXIMATIONS)
     chosen = backends.select("gelu_jvp", backend, x.device, x.dtype)
+    chosen = _reference_under_forward_ad("gelu_jvp", chosen, backend, x, x=x, x_t=x_t)
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(x):
         chosen = _fall_back("gelu_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0 or x_t is None:
@@ -256,6 +277,10 @@ def mlp_jvp(
     validation.linear("fc2_", x, fc1_weight.shape[0], fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias)
     validation.choice("approximate", approximate, APPROXIMATIONS)
     chosen = backends.select("mlp_jvp", backend, x.device, x.dtype)
+    chosen = _reference_under_forward_ad("mlp_jvp", chosen, backend, x, x=x, x_t=x_t, fc1_weight=fc1_weight,
+                                         fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias,
+                                         d_fc1_weight=d_fc1_weight, d_fc1_bias=d_fc1_bias, d_fc2_weight=d_fc2_weight,
+                                         d_fc2_bias=d_fc2_bias)  # fmt: skip
     primal = (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(*primal):
         chosen = _fall_back("mlp_jvp", backend, x, "")

@@ -20,6 +20,7 @@ from .modules import (
     UnsupportedModuleError,
     _frozen,
     _register_linearized,
+    check_image_size,
     checked_backend,
     dropout_pair,
     frozen_copy,
@@ -82,6 +83,7 @@ class _FrozenPrefix(nn.Module):
         self.vit = vit
 
     def forward(self, images: Tensor) -> Tensor:
+        check_image_size(self.vit.patch_embed, images)
         return self.vit.forward_features(images)
 
 

@@ -438,15 +438,6 @@ class TangentPatchEmbed(nn.Module):
         _register_linearized(self.proj, "bias", _frozen(proj, "bias"))
         self.norm = tangent_module(patch_embed.norm, backend)
 
-    def _check_size(self, x: Tensor) -> None:
-        size = tuple(x.shape[-2:])
-        if self.img_size is None:
-            return
-        if self.strict_img_size and size != tuple(self.img_size):
-            raise ValueError(f"x: expected images of size {tuple(self.img_size)}, got {size}")
-        if not self.dynamic_img_pad and any(n % p for n, p in zip(size, self.patch_size)):
-            raise ValueError(f"x: expected an image size divisible by the patch size {tuple(self.patch_size)}, got {size}")
-
     def _layout(self, y: Tensor) -> Tensor:
         """NCHW conv output in the module's output layout."""
         if self.flatten:
@@ -456,7 +447,7 @@ class TangentPatchEmbed(nn.Module):
         return y if self.output_fmt in (None, Format.NCHW) else nchw_to(y, self.output_fmt)
 
     def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        self._check_size(x)
+        check_image_size(self, x)
         if self.dynamic_img_pad:  # zero-pad to whole patches (bottom and right), both streams
             pad = (0, (-x.shape[-1]) % self.patch_size[1], 0, (-x.shape[-2]) % self.patch_size[0])
             x, x_t = torch_F.pad(x, pad), None if x_t is None else torch_F.pad(x_t, pad)
@@ -468,6 +459,19 @@ class TangentPatchEmbed(nn.Module):
         if x_t is not None:
             y_t = y_t + torch_F.conv2d(x_t, w0, None, **conv)
         return self.norm(self._layout(y), self._layout(y_t))
+
+
+def check_image_size(patch_embed: nn.Module, x: Tensor) -> None:
+    """Refuse images a (timm or tangent) patch embedding cannot take, naming ``x`` (timm's own check
+    is an ``assert``)."""
+    size = tuple(x.shape[-2:])
+    if patch_embed.img_size is None:
+        return
+    if getattr(patch_embed, "strict_img_size", True) and size != tuple(patch_embed.img_size):
+        raise ValueError(f"x: expected images of size {tuple(patch_embed.img_size)}, got {size}")
+    if not getattr(patch_embed, "dynamic_img_pad", False) and any(n % p for n, p in zip(size, patch_embed.patch_size)):
+        raise ValueError(f"x: expected an image size divisible by the patch size {tuple(patch_embed.patch_size)}, "
+                         f"got {size}")  # fmt: skip
 
 
 def tangent_module(module: nn.Module, backend: str = "auto") -> nn.Module:

@@ -128,21 +128,46 @@ def _layer_norm_setup(ctx, inputs, output):
 def _layer_norm_second_order(ctx, grad_y_t, needs_x: bool, needs_w: bool) -> tuple[Tensor | None, Tensor | None]:
     """The gradient of ``<grad_y_t, y_t>`` w.r.t. the primal ``x`` and the frozen weight: autograd
     through the reference formula, recomputed from the saved inputs (element-wise work, no more
-    memory than ``x``), differentiable again under ``create_graph``."""
+    memory than ``x``)."""
     from . import reference
 
     x, weight, _, _, x_t, d_weight = ctx.saved_tensors
-    create_graph = torch.is_grad_enabled()  # a backward runs with grad mode on only under create_graph
     wanted = [t for t, needed in ((x, needs_x), (weight, needs_w)) if needed]
     with torch.enable_grad():
         _, y_t = reference.layer_norm_jvp(x, x_t, weight, None, d_weight, None, ctx.eps, ctx.centered)
         if y_t is None or not y_t.requires_grad:  # only d_bias: y_t does not depend on x or the weight
             return None, None
-        found = iter(torch.autograd.grad(y_t, wanted, grad_y_t, create_graph=create_graph, allow_unused=True))
+        found = iter(torch.autograd.grad(y_t, wanted, grad_y_t, allow_unused=True))
     return (next(found) if needs_x else None), (next(found) if needs_w else None)
 
 
+def _layer_norm_backward_differentiable(ctx, grad_y, grad_y_t) -> tuple:
+    """Every gradient by autograd through the reference formula recomputed from the saved inputs,
+    differentiable again (``create_graph``: double backward, ``autograd.functional.jvp``). ``y_t``
+    is linear in ``x_t`` and the offsets, so where they were not saved zeros stand in for them."""
+    from . import reference
+
+    x, weight, _, _, x_t, d_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:6]
+
+    def stand_in(saved, like, needed):
+        return saved if saved is not None else like.new_zeros(like.shape).requires_grad_() if needed else None
+
+    features = x.new_empty(x.shape[-1])
+    inputs = [x, stand_in(x_t, x, needs[1]), weight, stand_in(None, features, needs[3]),
+              stand_in(d_weight, features, needs[4]), stand_in(None, features, needs[5])]  # fmt: skip
+    with torch.enable_grad():
+        y, y_t = reference.layer_norm_jvp(*inputs, ctx.eps, ctx.centered)
+        pairs = [(out, grad) for out, grad in ((y, grad_y), (y_t, grad_y_t)) if out is not None and grad is not None]
+        wanted = [t for t, needed in zip(inputs, needs) if needed]
+        found = iter(torch.autograd.grad([out for out, _ in pairs], wanted, [grad for _, grad in pairs],
+                                         create_graph=True, allow_unused=True) if pairs and wanted else ())  # fmt: skip
+    return (*(next(found, None) if needed else None for needed in needs), None, None, None)
+
+
 def _layer_norm_backward(ctx, grad_y, grad_y_t, _grad_mean, _grad_rstd):
+    if torch.is_grad_enabled():  # a backward runs with grad mode on only under create_graph
+        return _layer_norm_backward_differentiable(ctx, grad_y, grad_y_t)
     x, weight, mean, rstd, _, _ = ctx.saved_tensors
     needs_x, needs_x_t, needs_w, needs_b, needs_d_w, needs_d_b = ctx.needs_input_grad[:6]
     grads = dict.fromkeys(("x", "x_t", "weight", "bias", "d_weight", "d_bias"))

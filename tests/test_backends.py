@@ -6,11 +6,15 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as torch_F
+from torch.autograd import forward_ad
 
 import tangent_kernels as tk
 from tangent_kernels import backends, cpp
 from tangent_kernels import functional as F
 from tangent_kernels import triton as triton_backend
+
+F64 = torch.float64
 
 
 def layer_norm_inputs():
@@ -123,3 +127,57 @@ def test_cpp_kernels_give_the_same_bits_on_any_thread_count():
     finally:
         torch.set_num_threads(previous)
     assert all(torch.equal(a, b) for a, b in zip(one, four, strict=True))
+
+
+def _forward_ad_calls() -> dict:
+    """Per fused op: ``(primal input, the op's primal output as a function of it and a backend, the
+    same in plain torch ops)``."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 3, 8, dtype=F64), torch.randn(8, dtype=F64), torch.randn(8, dtype=F64)
+    w1, b1, w2, b2 = torch.randn(16, 8, dtype=F64), torch.randn(16, dtype=F64), torch.randn(8, 16, dtype=F64), torch.randn(8, dtype=F64)
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=F64) for _ in range(3))
+    ones = torch.ones_like(x)
+    return {
+        "layer_norm_jvp": (x, lambda x, be: F.layer_norm_jvp(x, None, w, b, eps=1e-5, backend=be)[0],
+                           lambda x: torch_F.layer_norm(x, (8,), w, b, 1e-5)),
+        "rms_norm_jvp": (x, lambda x, be: F.rms_norm_jvp(x, None, w, eps=1e-5, backend=be)[0],
+                         lambda x: torch_F.rms_norm(x, (8,), w, 1e-5)),
+        "linear_jvp": (x, lambda x, be: F.linear_jvp(x, None, w1, b1, activation="gelu", backend=be)[0],
+                       lambda x: torch_F.gelu(torch_F.linear(x, w1, b1))),
+        "gelu_jvp": (x, lambda x, be: F.gelu_jvp(x, ones, "tanh", backend=be)[0],
+                     lambda x: torch_F.gelu(x, approximate="tanh")),
+        "mlp_jvp": (x, lambda x, be: F.mlp_jvp(x, None, w1, b1, w2, b2, backend=be)[0],
+                    lambda x: torch_F.linear(torch_F.gelu(torch_F.linear(x, w1, b1)), w2, b2)),
+        "attention_jvp": (q, lambda q, be: F.attention_jvp(q, k, v, backend=be)[0],
+                          lambda q: torch.softmax(q @ k.transpose(-1, -2) / 2, -1) @ v),
+    }  # fmt: skip
+
+
+def _jvp_by(api: str, f, x, t):
+    if api == "torch.func.jvp":
+        return torch.func.jvp(f, (x,), (t,))[1]
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(f(forward_ad.make_dual(x, t))).tangent
+
+
+@pytest.mark.parametrize("api", ["torch.func.jvp", "forward_ad"])
+@pytest.mark.parametrize("op", list(_forward_ad_calls()))
+def test_forward_ad_through_a_fused_op_runs_the_reference(op, api):
+    """The fused ops have no forward-AD rule, and torch dropped the tangent through them without an
+    error (a zero tangent: layer norms, MLPs and attention differentiated by torch.func.jvp, e.g. a
+    linearized ViT along its images); ``"auto"`` now runs the reference there."""
+    x, ours, oracle = _forward_ad_calls()[op]
+    t = torch.randn_like(x)
+    expected = _jvp_by(api, oracle, x, t)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(_jvp_by(api, lambda x: ours(x, "auto"), x, t), expected)
+    assert tk.last_backend(op) == "reference"
+
+
+@pytest.mark.skipif(not cpp.AVAILABLE, reason="needs the C++ extension")
+@pytest.mark.parametrize("op", list(_forward_ad_calls()))
+def test_forward_ad_through_an_explicit_fused_backend_is_refused(op):
+    x, ours, _ = _forward_ad_calls()[op]
+    name = "q" if op == "attention_jvp" else "x"
+    with pytest.raises(tk.BackendUnavailableError, match=f"^{name}: carries a forward-AD tangent"):
+        torch.func.jvp(lambda x: ours(x, "cpp"), (x,), (torch.randn_like(x),))

@@ -252,3 +252,35 @@ def test_primal_output_needs_no_grad_when_only_tangents_do(backend, device):
     x, x_t, w, b, dw, db = make_inputs(3, 8, torch.float32, backend_device(backend, device), TANGENTS["all"])
     y, y_t = F.layer_norm_jvp(x, x_t, w, b, dw, db, backend=backend)
     assert not y.requires_grad and y_t.requires_grad
+
+
+def _norm(centered, backend):
+    """Layer norm or RMSNorm as a function of all its inputs, both streams out."""
+    if centered:
+        return lambda x, x_t, w, b, dw, db: F.layer_norm_jvp(x, x_t, w, b, dw, db, eps=1e-5, backend=backend)
+    return lambda x, x_t, w, b, dw, db: F.rms_norm_jvp(x, x_t, w, dw, eps=1e-5, backend=backend)
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
+def test_double_backward_on_the_fused_backend(centered):
+    """gradgradcheck of both streams in every input: the backward of the fused backward raised
+    (``layer_norm_vjp`` had no autograd formula), so ``autograd.functional.jvp`` and Hessian-vector
+    products through TangentLayerNorm (and TangentAttention with qk_norm, TangentBlock) failed."""
+    inputs = [t.detach().requires_grad_() for t in make_inputs(3, 6, torch.float64, "cpu", TANGENTS["all"])]
+    assert torch.autograd.gradgradcheck(_norm(centered, "cpp"), inputs)
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
+def test_double_backward_form_of_a_jvp_on_triton(centered, device):
+    """``autograd.functional.jvp`` (backward of a backward) of ``y + y_t`` along ``x``, fp32 Triton
+    against the float64 reference."""
+    x, x_t, w, b, dw, db = (t.detach() for t in make_inputs(3, 37, torch.float32, device, TANGENTS["all"]))
+    v = torch.randn_like(x)
+    found = []
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        rest = [t.to(dtype) for t in (x_t, w, b, dw, db)]
+        norm = _norm(centered, backend)
+        _, tangent = torch.autograd.functional.jvp(lambda x: sum(norm(x, *rest)), x.to(dtype), v.to(dtype),
+                                                   create_graph=True)  # fmt: skip
+        found.append(tangent)
+    assert_close(found[0], found[1], dtype=torch.float32, name="tangent of y_t")

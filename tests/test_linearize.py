@@ -412,6 +412,13 @@ class TestUnsupported:
         with pytest.raises(ValueError, match="backend: expected one of .*got 'refernce'"):
             tk.linearize(small_vit(), backend="refernce")
 
+    @pytest.mark.parametrize("blocks", ["all", 1])  # 1: timm's frozen prefix, whose own check is an assert
+    @pytest.mark.parametrize("size, expected", [((16, 16), "expected images of size \\(32, 32\\), got \\(16, 16\\)"),
+                                                ((36, 32), "expected images of size")])  # fmt: skip
+    def test_wrong_image_size(self, blocks, size, expected):
+        with pytest.raises(ValueError, match=f"^x: {expected}"):
+            tk.linearize(small_vit(), blocks)(torch.randn(1, 3, *size, dtype=torch.float64))
+
     def test_fresh_cls_token_without_class_token(self):
         with pytest.raises(ValueError, match="fresh_cls_token: the model has no class token"):
             tk.linearize(small_vit(class_token=False, global_pool="avg"), 1, fresh_cls_token=True)

@@ -40,6 +40,8 @@ def test_rsl_loss_matches_the_formula():
     assert torch.allclose(taft.rsl_loss(logits, target, kappa, alpha), expected, rtol=1e-14, atol=0)
     with pytest.raises(ValueError, match="target: expected"):
         taft.rsl_loss(logits, target.float())
+    with pytest.raises(ValueError, match="kappa: expected a finite number > 0.0, got -1.0"):  # as TrainConfig
+        taft.rsl_loss(logits, target, kappa=-1.0)
 
 
 @pytest.mark.parametrize("weighting", ["uniform", "size"])

@@ -21,22 +21,12 @@ import torch
 from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch import Tensor, nn
-from torch.autograd import forward_ad
+
+from ..forward_mode import has_tangent  # noqa: F401  (the routed calls read their tangents by it)
 
 _local = threading.local()
 _warned: set[str] = set()
 fused_calls = 0  # attention calls with tangents served by the fused kernel in this process
-
-
-def has_tangent(t) -> bool:
-    """``t`` is a tensor carrying a forward-AD tangent (``torch.func.jvp`` or ``forward_ad``); under
-    ``vmap`` inside ``jvp`` the tangent is on the tensor a batched one wraps (``unpack_dual`` has no
-    batching rule)."""
-    if not isinstance(t, Tensor):
-        return False
-    while torch._C._functorch.is_batchedtensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return forward_ad.unpack_dual(t).tangent is not None
 
 
 def requires_grad_at_any_level(t: Tensor) -> bool:

@@ -14,7 +14,7 @@ def rsl_loss(logits: Tensor, target: Tensor, kappa: float = 15.0, alpha: float =
     ``logits``: ``(batch, K)``; ``target``: ``(batch,)`` class indices. A square loss keeps the
     linearized model's objective convex in ``dw``.
     """
-    check_real("kappa", kappa)
+    check_real("kappa", kappa, above=0.0)
     check_real("alpha", alpha, above=0.0)
     if logits.dim() != 2:
         raise ValueError(f"logits: expected (batch, classes), got shape {tuple(logits.shape)}")

@@ -1,0 +1,39 @@
+"""Whether tensors carry a forward-mode tangent (``torch.func.jvp`` or ``torch.autograd.forward_ad``).
+
+The ``torch.library`` ops of ``ops.py`` have no forward-AD rule, and torch drops an input's tangent
+through them without an error (under ``torch.func.jvp`` the result's tangent is zero), so the
+entries that run them look here first, and the patching layer reads the tangents it routes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import forward_ad
+
+
+def active() -> bool:
+    """Forward AD is on at some level: a ``forward_ad.dual_level`` or a ``torch.func`` transform
+    (a cheap test before reading tensors). Not while ``torch.compile`` traces (it cannot trace
+    ``unpack_dual`` outside a dual level): a ``torch.func.jvp`` compiled around the fused ops still
+    loses their tangent."""
+    if torch.compiler.is_compiling():
+        return False
+    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def has_tangent(t) -> bool:
+    """``t`` is a tensor carrying a forward-AD tangent; under ``vmap`` inside ``jvp`` the tangent is
+    on the tensor a batched one wraps (``unpack_dual`` has no batching rule)."""
+    if not isinstance(t, Tensor):
+        return False
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return forward_ad.unpack_dual(t).tangent is not None
+
+
+def tangent_carrier(**tensors: Tensor | None) -> str | None:
+    """The name of the first of ``tensors`` that carries a forward-AD tangent, or ``None``."""
+    if not active():
+        return None
+    return next((name for name, t in tensors.items() if has_tangent(t)), None)
