@@ -218,6 +218,15 @@ FUSED_FORMS = {
         {"attn_mask": torch.zeros(L, S, dtype=F64).masked_fill(~causal_mask, -torch.inf)},
     ),
     "causal and key padding (B, 1, L, S)": ({}, {"attn_mask": causal_mask & padding[:, None, None, :]}),
+    # key padding written out for every query, as Hugging Face's BERT builds it (read by value)
+    "bool key padding materialized (B, 1, L, S)": (
+        {},
+        {"attn_mask": padding[:, None, None, :].expand(B, 1, L, S).clone()},
+    ),
+    "float key padding materialized (B, 1, L, S)": (
+        {},
+        {"attn_mask": torch.randn(B, 1, 1, S, dtype=F64).expand(B, 1, L, S).clone()},
+    ),
     "3-D inputs": ({"q_shape": (H, L, D), "k_shape": (H, S, D)}, {}),
     "2-D inputs": ({"q_shape": (L, D), "k_shape": (S, D)}, {"is_causal": True}),
     "5-D inputs": ({"q_shape": (2, B, H, L, D), "k_shape": (2, B, H, S, D)}, {}),

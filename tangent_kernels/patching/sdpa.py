@@ -149,40 +149,50 @@ def _mask_form(mask: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor | None, bool]
         keys = full[..., 0, :] if full.dim() == 2 else full[..., 0, 0, :]
         keys = keys.reshape(-1, k.shape[-2])
         return (~keys if keys.dtype == torch.bool else keys.to(q.dtype)), False
-    if head_dim not in varies:  # causal, maybe with key padding: read on the mask as given, not expanded
+    if head_dim not in varies:  # key padding written out per query, maybe causal: read on the mask as given
         own = mask.reshape((1,) * (full.dim() - mask.dim()) + tuple(mask.shape))
         own = own.reshape(-1, *own.shape[-2:]) if own.dim() <= 3 else own.select(head_dim, 0)
         own = own.reshape(-1, *own.shape[-2:]).expand(-1, *full.shape[-2:])
-        found = causal_with_key_padding(own) if own.shape[0] in (1, math.prod(full.shape[:-3])) else False
+        found = key_padding_over_queries(own) if own.shape[0] in (1, math.prod(full.shape[:-3])) else False
         if found is not False:
-            return found, True
+            padding, causal = found
+            return (padding if padding is None or padding.dtype == torch.bool else padding.to(q.dtype)), causal
     return "SDPA with an attn_mask that varies over heads or queries (key padding and causal masks run fused)"
 
 
-_seen: OrderedDict[int, tuple[Tensor, tuple, Tensor | None | bool]] = OrderedDict()
+_seen: OrderedDict[int, tuple[Tensor, tuple, tuple[Tensor | None, bool] | bool]] = OrderedDict()
 
 
-def causal_with_key_padding(mask: Tensor) -> Tensor | None | bool:
-    """Whether ``mask`` ``(B, L, S)`` is SDPA's top-left causal mask intersected with a key-padding
-    mask: ``False`` if not, else the padding as ``(B, S)`` bool with True = padding (``None``:
-    no padding). Bool masks (True = attend) and floating ones (0 or -inf) are read. The answer is
-    kept per mask tensor and version (a model hands the same mask to every layer), so a GPU
+def key_padding_over_queries(mask: Tensor) -> tuple[Tensor | None, bool] | bool:
+    """Whether ``mask`` ``(B, L, S)`` is a key-padding mask written out for every query, alone (the
+    same row for every query, as Hugging Face's BERT builds it) or intersected with SDPA's top-left
+    causal mask: ``False`` if neither, else ``(padding, causal)`` with the padding ``(B, S)`` as the
+    kernel takes it (bool, True = padding; or floating, added to the scores; ``None``: none). Bool
+    masks (True = attend) are read, and floating ones (with the causal mask: 0 or -inf). The answer
+    is kept per mask tensor and version (a model hands the same mask to every layer), so a GPU
     syncs once per mask, not per layer."""
     base = mask if mask._base is None else mask._base
     key = (mask.shape, mask.stride(), mask.storage_offset(), base._version)
     seen = _seen.get(id(base))
     if seen is not None and seen[0] is base and seen[1] == key:
         return seen[2]
-    attend = mask if mask.dtype == torch.bool else mask == 0
-    valid = mask.dtype == torch.bool or bool(((mask == 0) | (mask == -math.inf)).all())
-    causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
-    length, keys = mask.shape[-2], mask.shape[-1]
-    last_row = attend[:, -1, :] | (
-        torch.arange(keys, device=mask.device) >= length
-    )  # keys past L: masked anyway
-    answer: Tensor | None | bool = False
-    if valid and torch.equal(attend, causal & last_row[:, None, :]):
-        answer = None if bool(last_row.all()) else ~last_row
+    answer: tuple[Tensor | None, bool] | bool = False
+    if bool((mask == mask[:, :1, :]).all()):  # one row for every query: key padding alone
+        row = mask[:, 0, :]
+        if mask.dtype == torch.bool:
+            answer = (None if bool(row.all()) else ~row), False
+        else:
+            answer = (None if not bool(row.any()) else row), False
+    else:
+        attend = mask if mask.dtype == torch.bool else mask == 0
+        valid = mask.dtype == torch.bool or bool(((mask == 0) | (mask == -math.inf)).all())
+        causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+        length, keys = mask.shape[-2], mask.shape[-1]
+        last_row = attend[:, -1, :] | (
+            torch.arange(keys, device=mask.device) >= length
+        )  # keys past L: masked anyway
+        if valid and torch.equal(attend, causal & last_row[:, None, :]):
+            answer = (None if bool(last_row.all()) else ~last_row), True
     _seen[id(base)] = (base, key, answer)  # holding ``base`` keeps its id from being reused
     while len(_seen) > 16:
         _seen.popitem(last=False)
