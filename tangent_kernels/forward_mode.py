@@ -13,13 +13,12 @@ from torch.autograd import forward_ad
 
 
 def active() -> bool:
-    """Forward AD is on at some level: a ``forward_ad.dual_level`` or a ``torch.func`` transform
-    (a cheap test before reading tensors). Not while ``torch.compile`` traces (it cannot trace
-    ``unpack_dual`` outside a dual level): a ``torch.func.jvp`` compiled around the fused ops still
-    loses their tangent."""
-    if torch.compiler.is_compiling():
-        return False
-    return forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+    """Forward AD is on at some level: a ``forward_ad.dual_level`` (``torch.func.jvp`` enters one)
+    or a ``torch.func`` transform (a cheap test before reading tensors). While ``torch.compile``
+    traces, functorch's interpreter stack is never empty, so there only the dual level counts."""
+    if forward_ad._current_level >= 0:
+        return True
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def has_tangent(t) -> bool:
