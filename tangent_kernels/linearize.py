@@ -119,7 +119,7 @@ class LinearizedViT(nn.Module):
             for name in (*PREFIX_TOKENS, "pos_embed"):
                 _register_linearized(self, name, _frozen(model, name))
             self.norm_pre = tangent_module(model.norm_pre, backend)
-            self.pos_drop_p = model.pos_drop.p
+            self.pos_drop_p = 0.0 if model.pos_embed is None else model.pos_drop.p  # timm drops only after adding it
             self.patch_drop = copy.deepcopy(model.patch_drop)  # no parameters
         else:
             self.frozen = _FrozenPrefix(model, first)

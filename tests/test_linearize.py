@@ -344,6 +344,15 @@ def test_attention_dropout_uses_one_mask_for_both_streams():
     assert max_relative_error(lin(images), out) > 1e-3, "dropout was not applied in training"
 
 
+def test_no_position_dropout_without_a_position_embedding():
+    """timm applies ``pos_drop`` only after adding a position embedding (none with pos_embed='none')."""
+    model = small_vit(pos_embed="none", pos_drop_rate=0.5).train()
+    lin = tk.linearize(model, "all", backend="reference")
+    randomize_offsets(lin)
+    out, expected = seeded_outputs(model, lin, torch.randn(2, 3, 32, 32, dtype=torch.float64), seed=9)
+    assert max_relative_error(out, expected) < 1e-12
+
+
 def test_dropout_uses_one_mask_for_both_streams():
     y, y_t = tk.modules.dropout_pair(torch.ones(1000), torch.ones(1000), 0.5, training=True)
     assert torch.equal(y == 0, y_t == 0) and 0 < int((y == 0).sum()) < 1000
