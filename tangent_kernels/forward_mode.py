@@ -31,6 +31,16 @@ def has_tangent(t) -> bool:
     return forward_ad.unpack_dual(t).tangent is not None
 
 
+def vmapped(t: Tensor) -> bool:
+    """``t`` is batched by a ``torch.func.vmap`` at some level, under any other wrapping: its values
+    differ per example, so they cannot be read as one (``bool(t.all())`` raises there)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if torch._C._functorch.is_batchedtensor(t):
+            return True
+        t = torch._C._functorch.get_unwrapped(t)
+    return False
+
+
 def tangent_carrier(**tensors: Tensor | None) -> str | None:
     """The name of the first of ``tensors`` that carries a forward-AD tangent, or ``None``."""
     if not active():

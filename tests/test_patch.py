@@ -6,6 +6,7 @@ path), in float64: forward AD there is exact, so results must agree to rounding.
 
 import copy
 import gc
+import math
 import warnings
 
 import pytest
@@ -912,3 +913,31 @@ def test_fused_attention_jvp_on_triton(device):
     expected = tk.reference.attention_jvp(*(t.double() for t in (q, k, v, q_t, k_t, v_t)))[1]
     _, out_t = jvp(lambda q, k, v: fused_attention(q, k, v, backend="triton"), (q, k, v), (q_t, k_t, v_t))
     assert max_relative_error(out_t, expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, F64])
+@pytest.mark.parametrize("transform", ["jvp of vmap", "vmap of jvp"])
+def test_a_vmapped_mask_written_out_per_query(transform, dtype):
+    """A per-example padding mask written out for every query, vmapped with the inputs: its values
+    differ per example, so it runs math SDPA (reading it by value raised vmap's data-dependent
+    control-flow error)."""
+    torch.manual_seed(0)
+    x = tuple(torch.randn(3, 2, 5, 4, dtype=F64) for _ in range(3))
+    t = tuple(torch.randn_like(a) for a in x)
+    attend = torch.ones(3, 5, dtype=torch.bool)
+    attend[0, 3:], attend[1, 1:] = False, False
+    mask = attend[:, None, None, :].expand(3, 1, 5, 5).clone()
+    if dtype != torch.bool:
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, -math.inf)
+    sdpa = lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # noqa: E731
+
+    def run():
+        if transform == "jvp of vmap":
+            return jvp(lambda *x: torch.func.vmap(sdpa)(*x, mask), x, t)
+        return torch.func.vmap(lambda *a: jvp(lambda *x: sdpa(*x, a[3]), a[:3], a[4:]))(*x, mask, *t)
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = run()
+    with fused_jvp(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-reason note that math SDPA runs
+        close(run(), expected)

@@ -24,6 +24,7 @@ import torch.nn.functional as torch_F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import forward_mode
 from . import watch
 from .attention import autocast_inputs, fused_attention
 
@@ -149,7 +150,8 @@ def _mask_form(mask: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor | None, bool]
         keys = full[..., 0, :] if full.dim() == 2 else full[..., 0, 0, :]
         keys = keys.reshape(-1, k.shape[-2])
         return (~keys if keys.dtype == torch.bool else keys.to(q.dtype)), False
-    if head_dim not in varies:  # key padding written out per query, maybe causal: read on the mask as given
+    # key padding written out per query, maybe causal: read by value (not per example under vmap)
+    if head_dim not in varies and not forward_mode.vmapped(mask):
         own = mask.reshape((1,) * (full.dim() - mask.dim()) + tuple(mask.shape))
         own = own.reshape(-1, *own.shape[-2:]) if own.dim() <= 3 else own.select(head_dim, 0)
         own = own.reshape(-1, *own.shape[-2:]).expand(-1, *full.shape[-2:])
