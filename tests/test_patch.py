@@ -4,6 +4,7 @@ The oracle is the same code through torch's math attention (SDPA's math backend,
 path), in float64: forward AD there is exact, so results must agree to rounding.
 """
 
+import contextlib
 import copy
 import gc
 import math
@@ -31,14 +32,23 @@ def fresh_warnings(monkeypatch):
     monkeypatch.setattr(watch, "_warned", set())
 
 
-@pytest.fixture
-def math_oracle():
+@contextlib.contextmanager
+def math_attention():
     """torch's own math attention: SDPA's math backend and the MHA slow path (forward AD has rules there)."""
     previous = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
-    with sdpa_kernel(SDPBackend.MATH):
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@pytest.fixture
+def math_oracle():
+    """The test runs in ``math_attention()``."""
+    with math_attention():
         yield
-    torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def caught(fn, routed=False):
@@ -514,6 +524,23 @@ def test_patched_multihead_attention_with_an_empty_batch_or_sequence(empty, batc
     expected = linearized_and_grads(model, x, x, x)
     with patched(model):
         close(linearized_and_grads(model, x, x, x), expected)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_patched_transformer_encoder_in_eval(batch_first, nested):
+    """``nn.TransformerEncoder`` in eval(): under ``functional_call`` in a parameter jvp no parameter
+    requires grad, so its fast paths (the fused encoder-layer op, nested tensors for the padding)
+    were taken and raised for want of a forward-AD rule, as unpatched."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(E, 4, 2 * E, dropout=0.0, batch_first=batch_first)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested and batch_first).double().eval()
+    x, padding = bsl(batch_first), torch.zeros(B, L, dtype=torch.bool)
+    padding[0, 4:] = True
+    with math_attention():
+        expected = linearized_and_grads(encoder, x, None, padding)  # (src, mask, src_key_padding_mask)
+    with patched(encoder):
+        close(linearized_and_grads(encoder, x, None, padding), expected)
 
 
 def test_patched_multihead_attention_refuses_is_causal_without_a_mask_as_torch():

@@ -1,10 +1,13 @@
 """torch: ``nn.MultiheadAttention`` (open_clip's attention, ``nn.Transformer*`` layers),
-``nn.LayerNorm`` (and its subclasses: timm's, open_clip's) and ``nn.RMSNorm``. ``patch`` runs
-their forward in the routing mode when a tangent is present (and, for layer norms, when a
-gradient is needed: its backward must stay differentiable, ``layer_norm.py``), which serves their
-``F.multi_head_attention_forward``, ``F.layer_norm`` and ``F.rms_norm`` calls (``mha.py``,
-``layer_norm.py``); otherwise it is torch's own forward (for ``nn.MultiheadAttention``, its fast
-path included)."""
+``nn.TransformerEncoder`` and its layers, ``nn.LayerNorm`` (and its subclasses: timm's,
+open_clip's) and ``nn.RMSNorm``. ``patch`` runs their forward in the routing mode when a tangent is
+present (and, for layer norms, when a gradient is needed: its backward must stay differentiable,
+``layer_norm.py``), which serves their ``F.multi_head_attention_forward``, ``F.layer_norm`` and
+``F.rms_norm`` calls (``mha.py``, ``layer_norm.py``); otherwise it is torch's own forward (for
+``nn.MultiheadAttention`` and the encoder, their fast paths included). The encoder and its layers
+are routed whole because their fast paths (a fused encoder-layer op, nested tensors), taken in
+eval() when no parameter requires grad (as under ``functional_call`` in a parameter jvp), have no
+forward-AD rule; no call inside the routing mode takes them."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def _layer_norm_route_if(tensors: list[Tensor]) -> bool:
     return _any_tangent(tensors) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-_ROUTE_IF = {nn.MultiheadAttention: _any_tangent, nn.LayerNorm: _layer_norm_route_if, nn.RMSNorm: _any_tangent}
+_ROUTE_IF = {nn.MultiheadAttention: _any_tangent, nn.TransformerEncoder: _any_tangent,
+             nn.TransformerEncoderLayer: _any_tangent, nn.LayerNorm: _layer_norm_route_if, nn.RMSNorm: _any_tangent}
 
 
 def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
