@@ -146,10 +146,11 @@ def test_transformers_clip_both_towers_with_padding():
 # open_clip
 
 
-def tiny_open_clip():
+def tiny_open_clip(**vision_options):
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
-    vision = {"layers": 2, "width": 32, "head_width": 8, "patch_size": 8, "image_size": 16, "mlp_ratio": 2}
+    vision = {"layers": 2, "width": 32, "head_width": 8, "patch_size": 8, "image_size": 16, "mlp_ratio": 2,
+              **vision_options}  # fmt: skip
     text = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 4, "layers": 2}
     return open_clip.model.CLIP(embed_dim=16, vision_cfg=vision, text_cfg=text).double()
 
@@ -170,6 +171,16 @@ class Logits(nn.Module):
 
 def test_open_clip_both_towers():
     clip = tiny_open_clip()
+    images = torch.randn(2, 3, 16, 16, dtype=F64)
+    check_patched(Logits(clip, torch.randint(0, 64, (3, 8))), (images,), (torch.randn_like(images),))
+
+
+@pytest.mark.parametrize("options", [{"qk_norm": True}, {"block_type": "custom"}])
+def test_open_clip_own_attention(options):
+    """open_clip's own ``Attention`` (qk-norm and custom blocks), which picks SDPA by ``use_fsdpa``:
+    patch had neither routed nor refused it, and the jvp raised inside torch's flash SDPA."""
+    clip = tiny_open_clip(**options)
+    assert any(type(m).__name__ == "Attention" for m in clip.visual.modules())
     images = torch.randn(2, 3, 16, 16, dtype=F64)
     check_patched(Logits(clip, torch.randint(0, 64, (3, 8))), (images,), (torch.randn_like(images),))
 

@@ -20,11 +20,11 @@ model runs under forward AD (``watch.py``).
 """
 
 # importing the planners registers them with patch()
-from . import diffusers_attention, hf_attention, rms_norms, timm_attention, torch_modules  # noqa: F401
+from . import diffusers_attention, flagged_attention, hf_attention, rms_norms, torch_modules  # noqa: F401
 from .attention import fused_attention
+from .flagged_attention import has_fused_attn_flag
 from .mode import fused_jvp
 from .swaps import list_swaps, patch, patched, unpatch
-from .timm_attention import has_fused_attn_flag
 
 __all__ = [
     "fused_attention",
