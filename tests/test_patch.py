@@ -968,3 +968,31 @@ def test_a_vmapped_mask_written_out_per_query(transform, dtype):
     with fused_jvp(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the once-per-reason note that math SDPA runs
         close(run(), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, F64])
+def test_a_batch_row_with_every_key_padded(dtype, monkeypatch):
+    """Its queries see nothing: zeros and zero gradients, as torch's default SDPA gives, also for a
+    call small enough that math SDPA would be faster on the CPU (its gradients are NaN there: a
+    Hugging Face batch with an empty text made every parameter gradient NaN)."""
+    torch.manual_seed(0)
+    primals = sdpa_inputs()
+    tangents = [torch.randn_like(t) for t in primals]
+    weights = torch.randn(*primals[0].shape[:-1], D, dtype=F64)
+    attend = torch.ones(B, S, dtype=torch.bool)
+    attend[1] = False
+    mask = attend if dtype == torch.bool else torch.zeros(B, S, dtype=dtype).masked_fill(~attend, -math.inf)
+
+    def run(rows):
+        ts = [t[rows].clone().requires_grad_() for t in tangents]
+        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[rows, None, None, :])  # noqa: E731
+        o, o_t = jvp(sdpa, tuple(p[rows] for p in primals), tuple(ts))
+        return o, o_t, *torch.autograd.grad((o_t * weights[rows]).sum() + o.square().sum(), ts)
+
+    monkeypatch.setattr(tk.patching.sdpa, "CPU_FUSED_MIN_SCORES", 6 * 256 * 256)  # the shipped threshold
+    assert tk.patching.sdpa.math_is_faster(*primals[:2])
+    with fused_jvp():
+        out = run(slice(None))
+    assert all(torch.equal(t[1], torch.zeros_like(t[1])) for t in out)
+    with sdpa_kernel(SDPBackend.MATH):
+        close([t[:1] for t in out], run(slice(0, 1)))

@@ -57,7 +57,7 @@ def scaled_dot_product_attention(
     form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa)
     if isinstance(form, str) and not tangents:
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
-    if isinstance(form, str) or math_is_faster(q, k):
+    if isinstance(form, str) or (math_is_faster(q, k) and not pads_every_key(form[0])):
         with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no forward-AD rule
             out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
         if isinstance(form, str):  # after the call: a form torch refuses raises, without a warning first
@@ -93,6 +93,17 @@ CPU_FUSED_MIN_SCORES = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES"
 def math_is_faster(q: Tensor, k: Tensor) -> bool:
     """A call the fused kernel would serve, but slower than torch's math SDPA (see above)."""
     return q.device.type == "cpu" and math.prod(q.shape[:-1]) * k.shape[-2] < CPU_FUSED_MIN_SCORES
+
+
+def pads_every_key(key_padding_mask: Tensor | None) -> bool:
+    """Some batch row of the kernel's ``(B, Lk)`` key-padding mask hides every key: its queries see
+    nothing, where the fused kernel gives zeros and zero gradients, as torch's default SDPA does, but
+    math SDPA's gradients under forward AD are NaN (a Hugging Face batch with an empty text). Read
+    only where ``math_is_faster`` holds: on the CPU, without a sync."""
+    if key_padding_mask is None:
+        return False
+    hidden = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask == -math.inf
+    return bool(hidden.all(dim=-1).any())
 
 
 def fused_form(
