@@ -847,6 +847,20 @@ def test_patch_that_refuses_a_module_leaves_the_model_untouched():
         unpatch(model)
 
 
+def test_a_patched_hugging_face_model_refuses_output_attentions_at_call_time():
+    """Asked for at call time (patch refuses it in the config), the weights the routed SDPA
+    attention does not compute are refused, not silently dropped (an eager model had returned them)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(hidden_size=E, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                                    image_size=16, patch_size=8, attn_implementation="eager")  # fmt: skip
+    model = transformers.ViTModel(config).eval()
+    images = torch.randn(1, 3, 16, 16)
+    assert len(model(pixel_values=images, output_attentions=True).attentions) == 1
+    with patched(model), pytest.raises(ValueError, match=r"^output_attentions=True: .*\(tk\.unpatch\)"):
+        model(pixel_values=images, output_attentions=True)
+    assert len(model(pixel_values=images, output_attentions=True).attentions) == 1
+
+
 def test_unpatch_restores_the_model_exactly():
     model = Mixed()
     before = state_of(model)

@@ -17,8 +17,17 @@ IMPLEMENTATION = "tangent_kernels"
 
 
 def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    """transformers' ``sdpa_attention_forward`` with its SDPA call routed (``fused_jvp``)."""
+    """transformers' ``sdpa_attention_forward`` with its SDPA call routed (``fused_jvp``). It has no
+    attention weights to return: a call asking for them is refused (transformers' SDPA attention
+    would return none, and a model patched from eager attention had returned them)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            f"output_attentions=True: {type(module).__name__} runs the {IMPLEMENTATION!r} attention of "
+            "tk.patch (transformers' SDPA attention, routed), which computes no attention weights; "
+            "run the model unpatched (tk.unpatch) for them"
+        )
 
     with fused_jvp():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
