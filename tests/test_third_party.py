@@ -248,6 +248,26 @@ def test_diffusers_plain_attention_processor_is_swapped_and_restored():
     assert type(attention.processor) is AttnProcessor
 
 
+@pytest.mark.parametrize("options", [{"scale_qk": False}, {"qk_norm": "rms_norm"}])
+def test_diffusers_plain_attention_processor_is_kept_where_sdpas_differs(options):
+    """``AttnProcessor2_0`` scales by ``head_dim ** -0.5`` whatever ``attn.scale`` is and applies the
+    q/k norms the plain processor skips: the swap had changed the model's output (0.76 relative
+    with ``scale_qk=False``, 1.2 with an RMS q/k norm), so there the plain processor stays."""
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    torch.manual_seed(0)
+    attention = Attention(32, heads=4, dim_head=8, processor=AttnProcessor(), **options).double()
+    for norm in (attention.norm_q, attention.norm_k):
+        if norm is not None:
+            nn.init.uniform_(norm.weight, 0.5, 2.0)
+    x = torch.randn(2, 7, 32, dtype=F64)
+    expected = attention(x), *jvp(attention, (x,), (x,))
+    with patched(attention), pytest.warns(UserWarning, match="by hand"):
+        assert type(attention.processor) is AttnProcessor
+        assert_all_close((attention(x), *jvp(attention, (x,), (x,))), expected)
+
+
 # ----------------------------------------------------------------------------------------------
 # MeanFlow: a DiT from timm parts, with fused_attn off as MeanFlow ports set it
 
