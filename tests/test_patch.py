@@ -238,6 +238,15 @@ FUSED_FORMS = {
         {},
         {"attn_mask": torch.randn(B, 1, 1, S, dtype=F64).expand(B, 1, L, S).clone()},
     ),
+    # repeated over the heads, as diffusers' prepare_attention_mask does (PixArt; read by value)
+    "float key padding repeated over heads (B, H, 1, S)": (
+        {},
+        {"attn_mask": torch.randn(B, 1, 1, S, dtype=F64).repeat_interleave(H, dim=1)},
+    ),
+    "bool causal and key padding repeated over heads (B, H, L, S)": (
+        {},
+        {"attn_mask": (causal_mask & padding[:, None, None, :]).repeat_interleave(H, dim=1)},
+    ),
     "3-D inputs": ({"q_shape": (H, L, D), "k_shape": (H, S, D)}, {}),
     "2-D inputs": ({"q_shape": (L, D), "k_shape": (S, D)}, {"is_causal": True}),
     "5-D inputs": ({"q_shape": (2, B, H, L, D), "k_shape": (2, B, H, S, D)}, {}),

@@ -7,7 +7,8 @@ with tangents runs the fused kernel when it is of a form the kernel serves:
 equal batch dims, ``enable_gqa`` heads, no dropout, a value head dim equal to the query's, and
 either no mask, ``is_causal``, a key-padding mask (an ``attn_mask`` that broadcasts over heads
 and queries, e.g. ``(B, 1, 1, Lk)`` or an expanded ``(B, 1, Lq, Lk)`` view; bool with SDPA's True =
-attend, or floating and added) or the causal mask itself as an ``attn_mask`` (CLIP's text tower).
+attend, or floating and added) or the causal mask itself as an ``attn_mask`` (CLIP's text tower);
+masks written out for every query or repeated over the heads are read by value, once per mask.
 Every other form runs torch's math SDPA, whose forward-AD rule is
 exact (dropout then applies one mask to both streams); that is said once per reason. Under
 ``torch.autocast`` the inputs are cast as autocast casts them for torch's SDPA.
@@ -18,6 +19,8 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as torch_F
@@ -27,6 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import forward_mode
 from . import watch
 from .attention import autocast_inputs, fused_attention
+
+T = TypeVar("T")
 
 
 def scaled_dot_product_attention(
@@ -157,23 +162,47 @@ def _mask_form(mask: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor | None, bool]
     full = mask.expand(scores)
     query_dim, head_dim = full.dim() - 2, full.dim() - 3
     varies = {d for d in range(full.dim() - 1) if full.shape[d] > 1 and full.stride(d) != 0}
+    readable = not forward_mode.vmapped(mask)  # by value (not per example under vmap): once per mask
+    if head_dim in varies and readable and _once_per_mask(same_over_heads, full):
+        varies.discard(head_dim)  # repeated over the heads: every reading below takes head 0
     if query_dim not in varies and head_dim not in varies:
         keys = full[..., 0, :] if full.dim() == 2 else full[..., 0, 0, :]
         keys = keys.reshape(-1, k.shape[-2])
         return (~keys if keys.dtype == torch.bool else keys.to(q.dtype)), False
-    # key padding written out per query, maybe causal: read by value (not per example under vmap)
-    if head_dim not in varies and not forward_mode.vmapped(mask):
+    if head_dim not in varies and readable:  # key padding written out per query, maybe causal
         own = mask.reshape((1,) * (full.dim() - mask.dim()) + tuple(mask.shape))
         own = own.reshape(-1, *own.shape[-2:]) if own.dim() <= 3 else own.select(head_dim, 0)
         own = own.reshape(-1, *own.shape[-2:]).expand(-1, *full.shape[-2:])
-        found = key_padding_over_queries(own) if own.shape[0] in (1, math.prod(full.shape[:-3])) else False
+        per_batch = own.shape[0] in (1, math.prod(full.shape[:-3]))
+        found = _once_per_mask(key_padding_over_queries, own) if per_batch else False
         if found is not False:
             padding, causal = found
             return (padding if padding is None or padding.dtype == torch.bool else padding.to(q.dtype)), causal
     return "SDPA with an attn_mask that varies over heads or queries (key padding and causal masks run fused)"
 
 
-_seen: OrderedDict[int, tuple[Tensor, tuple, tuple[Tensor | None, bool] | bool]] = OrderedDict()
+_seen: OrderedDict[tuple[int, str], tuple[Tensor, tuple, object]] = OrderedDict()
+
+
+def _once_per_mask(question: Callable[[Tensor], T], mask: Tensor) -> T:
+    """``question(mask)``, a reading of the mask's values, kept per mask tensor and version (a model
+    hands the same mask to every layer), so a GPU syncs once per mask, not per layer."""
+    base = mask if mask._base is None else mask._base
+    key = (mask.shape, mask.stride(), mask.storage_offset(), base._version)
+    seen = _seen.get((id(base), question.__name__))
+    if seen is not None and seen[0] is base and seen[1] == key:
+        return seen[2]
+    answer = question(mask)
+    _seen[(id(base), question.__name__)] = (base, key, answer)  # holding ``base`` keeps its id unused
+    while len(_seen) > 16:
+        _seen.popitem(last=False)
+    return answer
+
+
+def same_over_heads(full: Tensor) -> bool:
+    """Whether the mask ``full`` ``(..., H, L, S)`` holds the same values for every head (diffusers'
+    ``prepare_attention_mask`` repeats a padding mask over the heads)."""
+    return bool((full == full[..., :1, :, :]).all())
 
 
 def key_padding_over_queries(mask: Tensor) -> tuple[Tensor | None, bool] | bool:
@@ -181,35 +210,20 @@ def key_padding_over_queries(mask: Tensor) -> tuple[Tensor | None, bool] | bool:
     same row for every query, as Hugging Face's BERT builds it) or intersected with SDPA's top-left
     causal mask: ``False`` if neither, else ``(padding, causal)`` with the padding ``(B, S)`` as the
     kernel takes it (bool, True = padding; or floating, added to the scores; ``None``: none). Bool
-    masks (True = attend) are read, and floating ones (with the causal mask: 0 or -inf). The answer
-    is kept per mask tensor and version (a model hands the same mask to every layer), so a GPU
-    syncs once per mask, not per layer."""
-    base = mask if mask._base is None else mask._base
-    key = (mask.shape, mask.stride(), mask.storage_offset(), base._version)
-    seen = _seen.get(id(base))
-    if seen is not None and seen[0] is base and seen[1] == key:
-        return seen[2]
-    answer: tuple[Tensor | None, bool] | bool = False
+    masks (True = attend) are read, and floating ones (with the causal mask: 0 or -inf)."""
     if bool((mask == mask[:, :1, :]).all()):  # one row for every query: key padding alone
         row = mask[:, 0, :]
         if mask.dtype == torch.bool:
-            answer = (None if bool(row.all()) else ~row), False
-        else:
-            answer = (None if not bool(row.any()) else row), False
-    else:
-        attend = mask if mask.dtype == torch.bool else mask == 0
-        valid = mask.dtype == torch.bool or bool(((mask == 0) | (mask == -math.inf)).all())
-        causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
-        length, keys = mask.shape[-2], mask.shape[-1]
-        last_row = attend[:, -1, :] | (
-            torch.arange(keys, device=mask.device) >= length
-        )  # keys past L: masked anyway
-        if valid and torch.equal(attend, causal & last_row[:, None, :]):
-            answer = (None if bool(last_row.all()) else ~last_row), True
-    _seen[id(base)] = (base, key, answer)  # holding ``base`` keeps its id from being reused
-    while len(_seen) > 16:
-        _seen.popitem(last=False)
-    return answer
+            return (None if bool(row.all()) else ~row), False
+        return (None if not bool(row.any()) else row), False
+    attend = mask if mask.dtype == torch.bool else mask == 0
+    valid = mask.dtype == torch.bool or bool(((mask == 0) | (mask == -math.inf)).all())
+    causal = torch.ones(mask.shape[-2:], dtype=torch.bool, device=mask.device).tril()
+    length, keys = mask.shape[-2], mask.shape[-1]
+    last_row = attend[:, -1, :] | (torch.arange(keys, device=mask.device) >= length)  # keys past L: masked anyway
+    if valid and torch.equal(attend, causal & last_row[:, None, :]):
+        return (None if bool(last_row.all()) else ~last_row), True
+    return False
 
 
 def _as_4d(t: Tensor) -> Tensor:
