@@ -21,6 +21,12 @@ def active() -> bool:
     return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def forward_ad_api() -> bool:
+    """Forward AD by ``torch.autograd.forward_ad`` (a dual level) outside every ``torch.func``
+    transform (``torch.func.jvp`` enters a dual level too, inside its own transform)."""
+    return forward_ad._current_level >= 0 and torch._C._functorch.peek_interpreter_stack() is None
+
+
 def has_tangent(t) -> bool:
     """``t`` is a tensor carrying a forward-AD tangent; under ``vmap`` inside ``jvp`` the tangent is
     on the tensor a batched one wraps (``unpack_dual`` has no batching rule)."""

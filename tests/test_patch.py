@@ -1019,3 +1019,30 @@ def test_a_batch_row_with_every_key_padded(dtype, monkeypatch):
     assert all(torch.equal(t[1], torch.zeros_like(t[1])) for t in out)
     with sdpa_kernel(SDPBackend.MATH):
         close([t[:1] for t in out], run(slice(0, 1)))
+
+
+def test_forward_ad_then_a_fused_layer_norm_with_a_loss_on_the_primal(monkeypatch):
+    """Under ``forward_ad``, torch's math SDPA (its softmax) builds a tangent graph that cannot be
+    differentiated; a fused layer norm after it tied the primal's gradient to that graph, so a
+    small call routed to math SDPA made even a loss on the primal raise (MeanFlow's
+    ``forward_ad`` step on a patched DiT). Such calls now run the fused kernel."""
+    monkeypatch.setattr(tk.patching.sdpa, "CPU_FUSED_MIN_SCORES", 6 * 256 * 256)  # the shipped threshold
+    torch.manual_seed(0)
+    x, x_t = torch.randn(2, L, E, dtype=F64, requires_grad=True), torch.randn(2, L, E, dtype=F64)
+    weight = torch.randn(3 * E, E, dtype=F64) / 6
+
+    def block(x):
+        q, k, v = (x @ weight.T).view(2, L, 3, 4, E // 4).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, L, E)
+        return F.layer_norm(o + x, (E,))
+
+    def primal_grad():
+        with forward_ad.dual_level():
+            y = forward_ad.unpack_dual(block(forward_ad.make_dual(x, x_t))).primal
+            return torch.autograd.grad(y.square().sum(), x)[0]
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = primal_grad()
+    with fused_jvp(), FusedCalls() as calls:
+        close([primal_grad()], [expected], tol=1e-9)  # gradients of ~1e-5: cancellation
+    assert calls.count == 1

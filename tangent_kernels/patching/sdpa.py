@@ -96,7 +96,12 @@ CPU_FUSED_MIN_SCORES = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES"
 
 
 def math_is_faster(q: Tensor, k: Tensor) -> bool:
-    """A call the fused kernel would serve, but slower than torch's math SDPA (see above)."""
+    """A call the fused kernel would serve, but slower than torch's math SDPA (see above). Not under
+    ``torch.autograd.forward_ad`` outside ``torch.func``: there torch's softmax builds a tangent graph
+    that cannot be differentiated (an output of its exp is modified in place), and a fused layer
+    norm after it ties the primal's gradient to that graph, so even a loss on the primal raised."""
+    if forward_mode.forward_ad_api():
+        return False
     return q.device.type == "cpu" and math.prod(q.shape[:-1]) * k.shape[-2] < CPU_FUSED_MIN_SCORES
 
 
