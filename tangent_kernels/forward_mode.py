@@ -29,9 +29,14 @@ def forward_ad_api() -> bool:
 
 def has_tangent(t) -> bool:
     """``t`` is a tensor carrying a forward-AD tangent; under ``vmap`` inside ``jvp`` the tangent is
-    on the tensor a batched one wraps (``unpack_dual`` has no batching rule)."""
+    on the tensor a batched one wraps (``unpack_dual`` has no batching rule). A tensor batched by
+    the legacy vmap of ``torch.autograd.functional.jacobian(strategy="forward-mode",
+    vectorize=True)`` is a batch of tangents, not readable: it counts as carrying one, so the fused
+    ops, which have no legacy batching rule, hand it to the reference."""
     if not isinstance(t, Tensor):
         return False
+    if torch._C._functorch.is_legacy_batchedtensor(t):
+        return True
     while torch._C._functorch.is_batchedtensor(t):
         t = torch._C._functorch.get_unwrapped(t)
     return forward_ad.unpack_dual(t).tangent is not None
@@ -45,6 +50,17 @@ def vmapped(t: Tensor) -> bool:
             return True
         t = torch._C._functorch.get_unwrapped(t)
     return False
+
+
+def legacy_vmapped(t) -> bool:
+    """``t``, or its forward-AD tangent, is batched by torch's legacy vmap (``torch.autograd.functional``'s
+    vectorized jacobians), for which the fused ops have no batching rule."""
+    if not isinstance(t, Tensor):
+        return False
+    if torch._C._functorch.is_legacy_batchedtensor(t):
+        return True
+    tangent = forward_ad.unpack_dual(t).tangent if forward_ad._current_level >= 0 else None
+    return tangent is not None and torch._C._functorch.is_legacy_batchedtensor(tangent)
 
 
 def tangent_carrier(**tensors: Tensor | None) -> str | None:

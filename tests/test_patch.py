@@ -742,6 +742,9 @@ TRANSFORMS = {
     # routed call raised on the batched tensors
     "jvp of vmap": lambda f, x, t: jvp(torch.func.vmap(f), tuple(torch.stack([a, -2 * a]) for a in x),
                                        tuple(torch.stack([a, a.flip(-1)]) for a in t))[1],  # fmt: skip
+    # forward AD under torch's legacy vmap, which the fused ops have no batching rule for (it raised)
+    "autograd.functional forward-mode jacobian": lambda f, x, t: torch.autograd.functional.jacobian(
+        lambda q: f(q, *x[1:]), x[0], strategy="forward-mode", vectorize=True),
 }
 
 

@@ -132,7 +132,7 @@ def fused_attention(
     key_padding_mask = validation.attention(q, k, v, None, None, None, key_padding_mask)
     scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = _kernel_backend(q, backend)
-    if chosen != "reference" and not watch.fused_ops_serve_transforms():
+    if chosen != "reference" and not watch.fused_ops_serve_transforms(q, k, v):
         if backend != "auto":
             raise backends.BackendUnavailableError(
                 f"backend {backend!r}: under these torch.func transforms attention runs on the reference only"

@@ -149,7 +149,7 @@ def layer_norm(
     if any(watch.has_tangent(t) for t in tensors):
         if _torch_is_faster(tensors):
             return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-        if not watch.fused_ops_serve_transforms():  # plain ops, differentiated by torch
+        if not watch.fused_ops_serve_transforms(*tensors):  # plain ops, differentiated by torch
             return functional.layer_norm_jvp(input, None, weight, bias, eps=float(eps), backend="reference")[0]
         return _dual_norm(input, weight, bias, float(eps), backend, centered=True)
     if _needs_exact_higher_order(tensors):
@@ -171,7 +171,7 @@ def rms_norm(
     if (
         _servable(input, normalized_shape, tensors)
         and any(watch.has_tangent(t) for t in tensors)
-        and watch.fused_ops_serve_transforms()
+        and watch.fused_ops_serve_transforms(*tensors)
     ):
         return _dual_norm(input, weight, None, None if eps is None else float(eps), backend, centered=False)
     return torch_F.rms_norm(input, normalized_shape, weight, eps)

@@ -22,7 +22,7 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch import Tensor, nn
 
-from ..forward_mode import has_tangent  # noqa: F401  (the routed calls read their tangents by it)
+from ..forward_mode import has_tangent, legacy_vmapped  # noqa: F401  (the routed calls read their tangents by it)
 
 _local = threading.local()
 _warned: set[str] = set()
@@ -40,20 +40,22 @@ def requires_grad_at_any_level(t: Tensor) -> bool:
     return True
 
 
-def fused_ops_serve_transforms() -> bool:
+def fused_ops_serve_transforms(*tensors: Tensor | None) -> bool:
     """The ``torch.func`` transforms around this call are none or a single ``jvp``: the stacks the
     fused ops serve. Under any other (``jvp`` of ``jvp``, ``grad`` of ``jvp``, ``jvp`` of
-    ``grad``, ``hessian``, ``vmap``) the routed calls run plain torch ops (the reference) and torch
-    differentiates them: the fused ops have no forward-AD rule of their own, so an outer level's
-    tangent would be silently dropped, and ``torch.func`` refuses their registered backward."""
+    ``grad``, ``hessian``, ``vmap``), or where one of ``tensors`` is batched by the legacy vmap of
+    ``torch.autograd.functional``'s vectorized jacobians, the routed calls run plain torch ops (the
+    reference) and torch differentiates them: the fused ops have no forward-AD rule of their own, so
+    an outer level's tangent would be silently dropped, ``torch.func`` refuses their registered
+    backward, and they have no batching rule."""
     kinds = [i.key() for i in retrieve_all_functorch_interpreters()]
-    if kinds in ([], [TransformType.Jvp]):
+    if kinds in ([], [TransformType.Jvp]) and not any(legacy_vmapped(t) for t in tensors):
         return True
+    names = [k.name for k in kinds] or ["torch.autograd.functional's legacy vmap"]
     warn_once(
-        "transforms " + " ".join(map(str, kinds)),
-        f"tangent_kernels: under the torch.func transforms {[k.name for k in kinds]} (outermost first) "
-        "attention and layer norms run plain torch ops (exact, N×N attention memory): the fused "
-        "kernels serve plain autograd and a single jvp",
+        "transforms " + " ".join(names),
+        f"tangent_kernels: under the transforms {names} (outermost first) attention and layer norms run "
+        "plain torch ops (exact, N×N attention memory): the fused kernels serve plain autograd and a single jvp",
     )
     return False
 
