@@ -996,32 +996,50 @@ def test_a_vmapped_mask_written_out_per_query(transform, dtype):
         close(run(), expected)
 
 
+def _left_padded_masks():
+    """Bool (True = attend) masks ``(B, 1, L, L)`` under which some query rows see no key."""
+    padding = torch.ones(B, L, dtype=torch.bool)
+    padding[0, :3] = False  # left padding: under a causal mask the first 3 queries of row 0 see nothing
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    window = causal & ~torch.ones(L, L, dtype=torch.bool).tril(-3)  # a sliding window of 3 keys
+    empty_row = torch.ones(B, L, dtype=torch.bool)
+    empty_row[1] = False
+    return {
+        "a batch row all padding": empty_row[:, None, None, :].expand(B, 1, L, L),
+        "causal over left padding": causal & padding[:, None, None, :],
+        "sliding window over left padding": window & padding[:, None, None, :],  # math SDPA: not served
+    }
+
+
 @pytest.mark.parametrize("dtype", [torch.bool, F64])
-def test_a_batch_row_with_every_key_padded(dtype, monkeypatch):
-    """Its queries see nothing: zeros and zero gradients, as torch's default SDPA gives, also for a
-    call small enough that math SDPA would be faster on the CPU (its gradients are NaN there: a
-    Hugging Face batch with an empty text made every parameter gradient NaN)."""
-    torch.manual_seed(0)
-    primals = sdpa_inputs()
-    tangents = [torch.randn_like(t) for t in primals]
-    weights = torch.randn(*primals[0].shape[:-1], D, dtype=F64)
-    attend = torch.ones(B, S, dtype=torch.bool)
-    attend[1] = False
-    mask = attend if dtype == torch.bool else torch.zeros(B, S, dtype=dtype).masked_fill(~attend, -math.inf)
-
-    def run(rows):
-        ts = [t[rows].clone().requires_grad_() for t in tangents]
-        sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask[rows, None, None, :])  # noqa: E731
-        o, o_t = jvp(sdpa, tuple(p[rows] for p in primals), tuple(ts))
-        return o, o_t, *torch.autograd.grad((o_t * weights[rows]).sum() + o.square().sum(), ts)
-
+@pytest.mark.parametrize("form", list(_left_padded_masks()))
+def test_query_rows_that_see_no_key(form, dtype, monkeypatch):
+    """Their outputs are zeros with zero gradients, as torch's default SDPA and the fused kernel give,
+    also where math SDPA runs (a small call, or a mask the kernel does not serve): its gradients under
+    forward AD are NaN there, and a left-padded batch through a patched causal LM (or an empty text
+    in a BERT batch) made every parameter gradient NaN. The other rows are math SDPA's."""
     monkeypatch.setattr(tk.patching.sdpa, "CPU_FUSED_MIN_SCORES", 6 * 256 * 256)  # the shipped threshold
-    assert tk.patching.sdpa.math_is_faster(*primals[:2])
-    with fused_jvp():
-        out = run(slice(None))
-    assert all(torch.equal(t[1], torch.zeros_like(t[1])) for t in out)
+    torch.manual_seed(0)
+    q, k, v = sdpa_inputs(k_shape=(B, H, L, D))
+    attend = _left_padded_masks()[form]
+    mask = attend if dtype == torch.bool else torch.zeros(attend.shape, dtype=dtype).masked_fill(~attend, -math.inf)
+    sees = attend.any(-1)[..., None].expand(B, H, L, 1)
+    assert not sees.all()
+    q_tangent, weights = torch.randn_like(q), torch.randn(B, H, L, D, dtype=F64)
+
+    def run():
+        q_t = q_tangent.clone().requires_grad_()
+        o, o_t = jvp(lambda q: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), (q,), (q_t,))
+        return o, o_t, torch.autograd.grad((o_t * weights).sum() + o.square().sum(), q_t)[0]
+
+    with fused_jvp(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-reason note that math SDPA runs
+        out = run()
     with sdpa_kernel(SDPBackend.MATH):
-        close([t[:1] for t in out], run(slice(0, 1)))
+        expected = run()  # NaN gradients in the rows that see nothing, torch's on the others
+    for ours, torch_s in zip(out, expected):
+        assert torch.isfinite(ours).all() and not ours.masked_select(~sees).any()
+        close([ours.masked_select(sees)], [torch_s.masked_select(sees)])
 
 
 def test_forward_ad_then_a_fused_layer_norm_with_a_loss_on_the_primal(monkeypatch):

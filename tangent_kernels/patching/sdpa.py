@@ -62,9 +62,8 @@ def scaled_dot_product_attention(
     form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa)
     if isinstance(form, str) and not tangents:
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
-    if isinstance(form, str) or (math_is_faster(q, k) and not pads_every_key(form[0])):
-        with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no forward-AD rule
-            out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
+    if isinstance(form, str) or math_is_faster(q, k):
+        out = _math_sdpa(query, key, value, attn_mask, call)
         if isinstance(form, str):  # after the call: a form torch refuses raises, without a warning first
             watch.served_by_math(form)
         else:
@@ -105,15 +104,20 @@ def math_is_faster(q: Tensor, k: Tensor) -> bool:
     return q.device.type == "cpu" and math.prod(q.shape[:-1]) * k.shape[-2] < CPU_FUSED_MIN_SCORES
 
 
-def pads_every_key(key_padding_mask: Tensor | None) -> bool:
-    """Some batch row of the kernel's ``(B, Lk)`` key-padding mask hides every key: its queries see
-    nothing, where the fused kernel gives zeros and zero gradients, as torch's default SDPA does, but
-    math SDPA's gradients under forward AD are NaN (a Hugging Face batch with an empty text). Read
-    only where ``math_is_faster`` holds: on the CPU, without a sync."""
-    if key_padding_mask is None:
-        return False
-    hidden = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask == -math.inf
-    return bool(hidden.all(dim=-1).any())
+def _math_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, call: dict) -> Tensor:
+    """torch's math SDPA (the fused SDPA kernels have no forward-AD rule), where a query row whose
+    mask hides every key (a fully padded batch row, causal attention over left padding, a sliding
+    window) gives zeros with zero gradients, as torch's default SDPA and the fused kernel do: math
+    SDPA's gradients under forward AD are NaN there. Such rows attend to every key, and their
+    output is zeroed (tensor ops only: no sync)."""
+    sees_nothing = None
+    if attn_mask is not None and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        hidden = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == -math.inf
+        sees_nothing = hidden.all(dim=-1, keepdim=True)
+        attn_mask = attn_mask | sees_nothing if attn_mask.dtype == torch.bool else attn_mask.masked_fill(sees_nothing, 0)
+    with sdpa_kernel(SDPBackend.MATH):
+        out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
+    return out if sees_nothing is None else out.masked_fill(sees_nothing, 0)
 
 
 def fused_form(
