@@ -35,7 +35,7 @@ def has_tangent(t) -> bool:
     ops, which have no legacy batching rule, hand it to the reference."""
     if not isinstance(t, Tensor):
         return False
-    if torch._C._functorch.is_legacy_batchedtensor(t):
+    if _legacy_batched(t):
         return True
     while torch._C._functorch.is_batchedtensor(t):
         t = torch._C._functorch.get_unwrapped(t)
@@ -57,10 +57,16 @@ def legacy_vmapped(t) -> bool:
     vectorized jacobians), for which the fused ops have no batching rule."""
     if not isinstance(t, Tensor):
         return False
-    if torch._C._functorch.is_legacy_batchedtensor(t):
+    if _legacy_batched(t):
         return True
     tangent = forward_ad.unpack_dual(t).tangent if forward_ad._current_level >= 0 else None
-    return tangent is not None and torch._C._functorch.is_legacy_batchedtensor(tangent)
+    return tangent is not None and _legacy_batched(tangent)
+
+
+def _legacy_batched(t: Tensor) -> bool:
+    """``t`` is a legacy-vmap batched tensor (never while ``torch.compile`` traces, which cannot
+    trace the test and runs no legacy vmap)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_legacy_batchedtensor(t)
 
 
 def tangent_carrier(**tensors: Tensor | None) -> str | None:
