@@ -127,3 +127,35 @@ def test_class_incremental_example_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit() and "]" in line]
     assert [row[0] for row in rows] == ["1", "2"] and all(0 <= float(row[-1]) <= 1 for row in rows)
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_a_refused_train_leaves_out_as_it_was(images, tmp_path, capsys):
+    """Every setting is checked before run.json is written: a refused command (more shards than
+    samples, CUDA autocast on the CPU) had left a run.json that refused the corrected command."""
+    train, _ = images
+    out = tmp_path / "out"
+    for refused in (["--shards", "1000"], ["--precision", "bf16"]):
+        with pytest.raises(SystemExit):
+            main(train_args(train, out, *refused))
+        assert not (out / "run.json").exists(), refused
+    main(train_args(train, out))
+    assert "saved 1 shard(s)" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_forget_retrains_as_trained_and_takes_an_image_path(images, tmp_path, capsys, monkeypatch):
+    """``forget --samples`` retrains with the run's augmentation (it had retrained without), and
+    takes one image's path (it had read the image as a text file of ids); a private run reports ε."""
+    train, _ = images
+    out = tmp_path / "out"
+    main(train_args(train, out, "--augment", "--privacy", "1.0", "1.0"))
+    assert "-DP" in capsys.readouterr().out
+    augmented = []
+    real_transform = taft.cli.transform
+    monkeypatch.setattr(taft.cli, "transform", lambda base, augment=False: augmented.append(augment)
+                        or real_transform(base, augment))  # fmt: skip
+    image = open_run(str(out), torch.device("cpu"))[2].samples[0][0]
+    main(["forget", "--out", str(out), "--samples", image])
+    assert "retrained shard(s) [0]" in capsys.readouterr().out
+    assert augmented[-1] is True

@@ -31,7 +31,7 @@ from . import distributed
 from .data import transform
 from .privacy import PrivacyConfig
 from .shards import ShardedTAFT, split_shards
-from .train import LOADING, TrainConfig, accuracy
+from .train import LOADING, TrainConfig, accuracy, training_autocast
 
 RUN_FILE, FORMAT = "run.json", "tangent_kernels.taft_cli/1"
 PROTOCOLS = ("shards", "class-incremental", "data-incremental")
@@ -180,18 +180,20 @@ def train_command(args) -> None:
         raise ValueError(f"--out: {args.out} holds another run (its {RUN_FILE} differs: model, data or "
                          "settings); choose another --out, or run the same command to resume")  # fmt: skip
     distributed.barrier()
-    if not started and rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(run, f, indent=1)
-        os.replace(f"{path}.tmp", path)
+    # every setting checked before run.json is written (a refused command leaves OUT as it was)
     lin = linearize(base, run["blocks"], reinit=args.reinit).to(device)
     config = config_from(run["config"], num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    training_autocast(config, device)  # refuses bf16/fp16 off CUDA
     if os.path.isfile(os.path.join(args.out, "taft.json")):
         sharded = ShardedTAFT.load(args.out, lin, config)
     else:
         labels = torch.as_tensor(folder.targets) if run["split"] == "class" else None
         sharded = ShardedTAFT(lin, split_shards(len(folder), args.shards, seed=args.seed, labels=labels), config)
+    if not started and rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(run, f, indent=1)
+        os.replace(f"{path}.tmp", path)
     todo = [i for i in range(len(sharded.shards)) if i not in sharded.active() and len(sharded.shards[i])]
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.protocol == "shards":
@@ -219,7 +221,8 @@ def train_command(args) -> None:
             say(f"shard {i} (rank {result.rank}): {len(sharded.shards[i])} samples, "
                 f"final loss {result.losses[-1]:.4f}, "
                 f"{result.seconds:.1f} s, {result.samples_per_second:.1f} images/s "
-                f"({result.loading_seconds / max(result.seconds, 1e-9):.0%} waiting for data)")
+                f"({result.loading_seconds / max(result.seconds, 1e-9):.0%} waiting for data)"
+                + ("" if result.epsilon is None else f", ({result.epsilon:.3g}, {config.privacy.delta:g})-DP"))
     say(f"saved {len(sharded.active())} shard(s) to {args.out}")
 
 
@@ -235,14 +238,16 @@ def eval_command(args) -> None:
 
 
 def sample_ids(text: str, folder: ImageFolder) -> list[int]:
-    """``3,17,42``, or a file with one sample id or image path (absolute or under the data
-    folder) per line, as indices into ``folder``."""
+    """``3,17,42``, an image of ``folder``, or a file with one sample id or image path (absolute or
+    under the data folder) per line, as indices into ``folder``."""
+    where = {os.path.realpath(path): i for i, (path, _) in enumerate(folder.samples)}
+    if os.path.realpath(text) in where:
+        return [where[os.path.realpath(text)]]
     if not os.path.isfile(text):
         try:
             return [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
             raise ValueError(f"--samples: expected comma-separated sample ids or a file, got {text!r}") from None
-    where = {os.path.realpath(path): i for i, (path, _) in enumerate(folder.samples)}
     ids = []
     with open(text) as f:
         for number, line in enumerate(f, 1):
@@ -261,7 +266,7 @@ def sample_ids(text: str, folder: ImageFolder) -> list[int]:
 
 def forget_command(args) -> None:
     device = distributed.init_from_env()
-    run, sharded, folder = open_run(args.out, device, args.data)
+    run, sharded, folder = open_run(args.out, device, args.data, augment=read_run(args.out)["augment"])  # retrain as trained
     if args.shard is not None:
         if not 0 <= args.shard < len(sharded.shards):
             raise ValueError(f"--shard: expected a shard in 0..{len(sharded.shards) - 1}, got {args.shard}")

@@ -132,7 +132,7 @@ def _schedule(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.op
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: decay ** bisect.bisect_right(milestones, epoch))
 
 
-def _autocast(config: TrainConfig, device: torch.device):
+def training_autocast(config: TrainConfig, device: torch.device):
     """CUDA autocast at ``config.precision`` (nothing for fp32); refused off CUDA."""
     if config.precision == "fp32":
         return contextlib.nullcontext()
@@ -306,7 +306,7 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     device = params[0].device
-    autocast = _autocast(config, device)
+    autocast = training_autocast(config, device)
     net, part = distributed.data_parallel(model, device) if data_parallel else (model, (0, 1))
     num_samples = None if data.iterable else len(data)
     if data_parallel and (config.batch_size < part[1] or 0 < num_samples % config.batch_size < part[1]):
