@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,10 +70,13 @@ def test_train_eval_forget(images, tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
 def test_class_incremental_protocol_evaluates_after_each_task(images, tmp_path, capsys):
     train, test = images
-    main(train_args(train, tmp_path / "out", "--shards", "3", "--protocol", "class-incremental", "--test", str(test)))
+    command = train_args(train, tmp_path / "out", "--shards", "3", "--protocol", "class-incremental", "--test", str(test))
+    main(command)
     tasks = [line for line in capsys.readouterr().out.splitlines() if line.startswith("task ")]
     assert len(tasks) == 3 and "classes ['class_0']; composition top-1" in tasks[0]
     assert tasks[2].endswith("on 6 test images") and tasks[0].endswith("on 2 test images")
+    main(command)  # a rerun (or a resumed run) scores each task's composition as the first did: not later tasks
+    assert [line for line in capsys.readouterr().out.splitlines() if line.startswith("task ")] == tasks
 
 
 def this_package():
@@ -159,3 +163,15 @@ def test_forget_retrains_as_trained_and_takes_an_image_path(images, tmp_path, ca
     main(["forget", "--out", str(out), "--samples", image])
     assert "retrained shard(s) [0]" in capsys.readouterr().out
     assert augmented[-1] is True
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_forgetting_a_shard_needs_no_data(images, tmp_path, capsys):
+    """The training data may be gone when a shard is to be forgotten (it had been required)."""
+    data = tmp_path / "data"
+    shutil.copytree(images[0], data)
+    out = tmp_path / "out"
+    main(train_args(data, out, "--shards", "2"))
+    shutil.rmtree(data)
+    main(["forget", "--out", str(out), "--shard", "0"])
+    assert "forgot shard 0; 1 shard(s) left" in capsys.readouterr().out

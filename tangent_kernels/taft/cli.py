@@ -132,14 +132,15 @@ def read_run(out: str) -> dict:
     return run
 
 
-def open_run(out: str, device: torch.device, data: str | None = None, augment: bool = False):
+def open_run(out: str, device: torch.device, data: str | None = None, augment: bool = False, with_data: bool = True):
     """The run saved in ``out``: its settings, shards (on ``device``), and the ``ImageFolder`` at
-    ``data`` (the run's training data by default) with the model's preprocessing."""
+    ``data`` (the run's training data by default) with the model's preprocessing (``None`` without
+    ``with_data``: forgetting a shard needs no data, which may be gone)."""
     run = read_run(out)
     base = build_base(run)
     lin = linearize(base, run["blocks"], reinit=run["reinit"]).to(device)
     sharded = ShardedTAFT.load(out, lin, config_from(run["config"]))
-    folder = RunFolder(data or run["data"], run["classes"], transform(base, augment))
+    folder = RunFolder(data or run["data"], run["classes"], transform(base, augment)) if with_data else None
     return run, sharded, folder
 
 
@@ -211,7 +212,8 @@ def train_command(args) -> None:
                     sharded.save(args.out)
             seen |= set(torch.as_tensor(folder.targets)[samples].tolist())
             data = _seen(test, seen) if args.protocol == "class-incremental" else test
-            top1 = accuracy(sharded.compose(), data, batch_size=args.batch_size)
+            sharded.model.load_state_dict(sharded.composed_offsets(shards=range(task + 1)))  # not later tasks (a rerun has them)
+            top1 = accuracy(sharded.model, data, batch_size=args.batch_size)
             say(f"task {task + 1}/{len(sharded.shards)}: {len(samples)} samples, classes "
                 f"{sorted(classes[c] for c in seen)}; composition top-1 {top1:.4f} on {len(data)} test images")
     distributed.barrier()
@@ -266,7 +268,8 @@ def sample_ids(text: str, folder: ImageFolder) -> list[int]:
 
 def forget_command(args) -> None:
     device = distributed.init_from_env()
-    run, sharded, folder = open_run(args.out, device, args.data, augment=read_run(args.out)["augment"])  # retrain as trained
+    augment = read_run(args.out)["augment"]  # retrain as trained
+    run, sharded, folder = open_run(args.out, device, args.data, augment, with_data=args.shard is None)
     if args.shard is not None:
         if not 0 <= args.shard < len(sharded.shards):
             raise ValueError(f"--shard: expected a shard in 0..{len(sharded.shards) - 1}, got {args.shard}")

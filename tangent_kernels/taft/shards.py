@@ -223,13 +223,15 @@ class ShardedTAFT:
         """The shards in the composition: trained and not forgotten."""
         return sorted(i for i in self.offsets if len(self.shards[i]))
 
-    def composed_offsets(self, weighting: str = "size") -> dict[str, Tensor]:
-        """The average of the active shards' offsets, weighted by shard size or uniformly."""
+    def composed_offsets(self, weighting: str = "size", shards: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The average of the active shards' offsets (those among ``shards`` if given: e.g. the tasks
+        seen so far), weighted by shard size or uniformly."""
         if weighting not in ("size", "uniform"):
             raise ValueError(f"weighting: expected 'size' or 'uniform', got {weighting!r}")
-        active = self.active()
+        wanted = None if shards is None else {self._check_shard_index("shards", i) for i in shards}
+        active = [i for i in self.active() if wanted is None or i in wanted]
         if not active:
-            raise ValueError("composed_offsets: no trained shard is left")
+            raise ValueError("composed_offsets: no trained shard is left" + ("" if wanted is None else " among shards"))
         weights = [float(len(self.shards[i])) if weighting == "size" else 1.0 for i in active]
         return average_offsets([self.offsets[i] for i in active], weights)
 
