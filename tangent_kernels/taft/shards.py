@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import random
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -93,15 +94,26 @@ def average_offsets(offsets: Sequence[dict[str, Tensor]], weights: Sequence[floa
 def _train_shard(model: nn.Module, data: Source, indices: Tensor, config: TrainConfig, threads: int | None = None,
                  checkpoint: str | None = None, data_parallel: bool = False,
                  progress: bool | str = False) -> tuple[dict[str, Tensor], TrainResult]:  # fmt: skip
-    """Train a fresh copy of ``model`` (offsets zeroed) on ``indices``: its offsets and the result."""
+    """Train a fresh copy of ``model`` (offsets zeroed) on ``indices``: its offsets and the result.
+    The global random streams (dropout's, and Python's that timm's augmentation draws in the main
+    process) start from ``config.seed``, so a shard trains alike whichever process trains it and
+    whatever trained there before (restored afterwards)."""
     if threads:
         torch.set_num_threads(threads)
     model = copy.deepcopy(model)
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-    result = train(model, data.subset(indices), config=config, checkpoint=checkpoint, data_parallel=data_parallel,
-                   progress=progress)  # fmt: skip
+    device = next(model.parameters()).device
+    python_state = random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        try:
+            result = train(model, data.subset(indices), config=config, checkpoint=checkpoint,
+                           data_parallel=data_parallel, progress=progress)  # fmt: skip
+        finally:
+            random.setstate(python_state)
     return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}, result
 
 
