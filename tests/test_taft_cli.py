@@ -65,6 +65,9 @@ def test_train_eval_forget(images, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["forget", "--out", str(out), "--samples", "0,x"])
     assert "--samples: expected comma-separated sample ids" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # was timm's RuntimeError traceback
+        main(["train", "--model", "no_such_vit", "--data", str(train), "--out", str(tmp_path / "other")])
+    assert "train: error: --model: 'no_such_vit' is not a timm model" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")

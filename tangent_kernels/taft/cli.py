@@ -76,6 +76,9 @@ def build_base(run: dict) -> torch.nn.Module:
 
     torch.manual_seed(run["seed"])
     size = {} if run["img_size"] is None else {"img_size": run["img_size"]}
+    source, _ = timm.models.parse_model_name(run["model"])
+    if source is None and not timm.is_model(run["model"]):  # (hub names, "hf-hub:...", are timm's to resolve)
+        raise ValueError(f"--model: {run['model']!r} is not a timm model (timm.list_models('vit_*') lists the ViTs)")
     model = timm.create_model(run["model"], pretrained=run["pretrained"], num_classes=len(run["classes"]),
                               **size, **run["model_args"])  # fmt: skip
     if run["weights"] is not None:
