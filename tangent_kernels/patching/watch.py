@@ -22,7 +22,8 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch import Tensor, nn
 
-from ..forward_mode import has_tangent, legacy_vmapped  # noqa: F401  (the routed calls read their tangents by it)
+from ..forward_mode import has_tangent  # noqa: F401  (the routed calls read their tangents by it)
+from ..forward_mode import legacy_vmapped
 
 _local = threading.local()
 _warned: set[str] = set()

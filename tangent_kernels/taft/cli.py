@@ -135,14 +135,16 @@ def read_run(out: str) -> dict:
     return run
 
 
-def open_run(out: str, device: torch.device, data: str | None = None, augment: bool = False, with_data: bool = True):
+def open_run(out: str, device: torch.device, data: str | None = None, training: bool = False, with_data: bool = True):
     """The run saved in ``out``: its settings, shards (on ``device``), and the ``ImageFolder`` at
-    ``data`` (the run's training data by default) with the model's preprocessing (``None`` without
+    ``data`` (the run's training data by default) with the model's preprocessing, for evaluation
+    or (``training``: to retrain) as the run trained, with its augmentation (``None`` without
     ``with_data``: forgetting a shard needs no data, which may be gone)."""
     run = read_run(out)
     base = build_base(run)
     lin = linearize(base, run["blocks"], reinit=run["reinit"]).to(device)
     sharded = ShardedTAFT.load(out, lin, config_from(run["config"]))
+    augment = training and run["augment"]
     folder = RunFolder(data or run["data"], run["classes"], transform(base, augment)) if with_data else None
     return run, sharded, folder
 
@@ -271,8 +273,7 @@ def sample_ids(text: str, folder: ImageFolder) -> list[int]:
 
 def forget_command(args) -> None:
     device = distributed.init_from_env()
-    augment = read_run(args.out)["augment"]  # retrain as trained
-    run, sharded, folder = open_run(args.out, device, args.data, augment, with_data=args.shard is None)
+    run, sharded, folder = open_run(args.out, device, args.data, training=True, with_data=args.shard is None)
     if args.shard is not None:
         if not 0 <= args.shard < len(sharded.shards):
             raise ValueError(f"--shard: expected a shard in 0..{len(sharded.shards) - 1}, got {args.shard}")
