@@ -1042,28 +1042,71 @@ def test_query_rows_that_see_no_key(form, dtype, monkeypatch):
         close([ours.masked_select(sees)], [torch_s.masked_select(sees)])
 
 
-def test_forward_ad_then_a_fused_layer_norm_with_a_loss_on_the_primal(monkeypatch):
-    """Under ``forward_ad``, torch's math SDPA (its softmax) builds a tangent graph that cannot be
-    differentiated; a fused layer norm after it tied the primal's gradient to that graph, so a
-    small call routed to math SDPA made even a loss on the primal raise (MeanFlow's
-    ``forward_ad`` step on a patched DiT). Such calls now run the fused kernel."""
+@pytest.mark.parametrize(
+    "dtype, call",
+    [
+        (F64, {"is_causal": True}),  # 5 queries, 7 keys: top-left
+        (F64, {"enable_gqa": True}),
+        (F64, {"attn_mask": "bool", "scale": 0.3}),
+        (torch.float32, {"attn_mask": "float"}),
+        (torch.bfloat16, {"is_causal": True}),
+    ],
+)
+def test_forward_ad_math_gives_torchs_math(dtype, call):
+    """The math that serves ``forward_ad`` calls (below) gives torch's math SDPA's values (16-bit
+    inputs computed in float32, as torch does) and refuses what torch refuses, in its words."""
+    torch.manual_seed(0)
+    q, q_t = torch.randn(2, 4, 5, 8, dtype=dtype), torch.randn(2, 4, 5, 8, dtype=dtype)
+    k, v = (torch.randn(2, 2 if call.get("enable_gqa") else 4, 7, 8, dtype=dtype) for _ in range(2))
+    masks = {"bool": torch.rand(5, 7) > 0.2, "float": torch.randn(2, 1, 5, 7)}
+    call = dict(call, attn_mask=masks.get(call.get("attn_mask")))
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = jvp(lambda q: F.scaled_dot_product_attention(q, k, v, **call), (q,), (q_t,))
+    call = {"dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False, **call}
+    with forward_ad.dual_level():
+        dual = tk.patching.sdpa._composite_sdpa(forward_ad.make_dual(q, q_t), k, v, **call)
+        out = forward_ad.unpack_dual(dual)
+    close(out, expected, tol=1e-6 if dtype == torch.float32 else 1e-12)
+    with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal"):
+        tk.patching.sdpa._composite_sdpa(q, k, v, masks["bool"], 0.0, True, None, False)
+
+
+@pytest.mark.parametrize("form", ["small call", "dropout", "mask per head"])
+@pytest.mark.parametrize("loss_on", ["primal", "tangent"])
+def test_forward_ad_trains_through_attention_math_serves(form, loss_on, monkeypatch):
+    """Under ``forward_ad`` outside ``torch.func``, torch's math SDPA (its softmax) builds a tangent
+    graph whose backward raises (an output of its exp is modified in place): no loss on the tangent
+    trained through it, and a fused layer norm after it tied even a primal loss to it (MeanFlow's
+    ``forward_ad`` step on a patched DiT raised). Calls the kernel does not serve (or, small on the
+    CPU, math serves faster) run the same math in ops whose tangent graph differentiates: torch's
+    values, its dropout draw, and gradients equal to ``torch.func.jvp``'s (float64, composite norm)."""
     monkeypatch.setattr(tk.patching.sdpa, "CPU_FUSED_MIN_SCORES", 6 * 256 * 256)  # the shipped threshold
+    monkeypatch.setattr(tk.patching.layer_norm, "CPU_FUSED_MIN_ELEMENTS", 0)  # the fused layer norm after it
     torch.manual_seed(0)
     x, x_t = torch.randn(2, L, E, dtype=F64, requires_grad=True), torch.randn(2, L, E, dtype=F64)
-    weight = torch.randn(3 * E, E, dtype=F64) / 6
+    weight = (torch.randn(3 * E, E, dtype=F64) / 6).requires_grad_()
+    mask = torch.randn(2, 4, L, L, dtype=F64) if form == "mask per head" else None
+    probe = torch.randn(2, L, E, dtype=F64)  # (a sum of squares after a norm is constant)
+    dropout = 0.3 if form == "dropout" else 0.0
 
-    def block(x):
+    def block(x, norm=lambda t: F.layer_norm(t, (E,))):
         q, k, v = (x @ weight.T).view(2, L, 3, 4, E // 4).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, L, E)
-        return F.layer_norm(o + x, (E,))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return norm(o.transpose(1, 2).reshape(2, L, E) + x)
 
-    def primal_grad():
+    def grads(streams):
+        torch.manual_seed(1)  # the same dropout draw
+        y, y_t = streams()
+        loss = ((y if loss_on == "primal" else y_t) * probe).sum()
+        return y, y_t, *torch.autograd.grad(loss, (x, weight))
+
+    def by_forward_ad():
         with forward_ad.dual_level():
-            y = forward_ad.unpack_dual(block(forward_ad.make_dual(x, x_t))).primal
-            return torch.autograd.grad(y.square().sum(), x)[0]
+            return forward_ad.unpack_dual(block(forward_ad.make_dual(x, x_t)))
 
-    with sdpa_kernel(SDPBackend.MATH):
-        expected = primal_grad()
-    with fused_jvp(), FusedCalls() as calls:
-        close([primal_grad()], [expected], tol=1e-9)  # gradients of ~1e-5: cancellation
-    assert calls.count == 1
+    with sdpa_kernel(SDPBackend.MATH):  # torch's own norm has a wrong second derivative
+        expected = grads(lambda: jvp(lambda x: block(x, composite_layer_norm), (x,), (x_t,)))
+    with fused_jvp(), FusedCalls() as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-reason note that math SDPA runs
+        close(grads(by_forward_ad), expected, tol=1e-12)
+    assert calls.count == 0

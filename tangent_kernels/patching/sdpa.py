@@ -11,6 +11,8 @@ attend, or floating and added) or the causal mask itself as an ``attn_mask`` (CL
 masks written out for every query or repeated over the heads are read by value, once per mask.
 Every other form runs torch's math SDPA, whose forward-AD rule is
 exact (dropout then applies one mask to both streams); that is said once per reason. Under
+``torch.autograd.forward_ad`` outside ``torch.func`` it runs the same math in ops whose tangent
+graph can be differentiated (torch's softmax builds one that cannot). Under
 ``torch.autocast`` the inputs are cast as autocast casts them for torch's SDPA.
 """
 
@@ -95,12 +97,7 @@ CPU_FUSED_MIN_SCORES = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES"
 
 
 def math_is_faster(q: Tensor, k: Tensor) -> bool:
-    """A call the fused kernel would serve, but slower than torch's math SDPA (see above). Not under
-    ``torch.autograd.forward_ad`` outside ``torch.func``: there torch's softmax builds a tangent graph
-    that cannot be differentiated (an output of its exp is modified in place), and a fused layer
-    norm after it ties the primal's gradient to that graph, so even a loss on the primal raised."""
-    if forward_mode.forward_ad_api():
-        return False
+    """A call the fused kernel would serve, but slower than torch's math SDPA (see above)."""
     return q.device.type == "cpu" and math.prod(q.shape[:-1]) * k.shape[-2] < CPU_FUSED_MIN_SCORES
 
 
@@ -115,9 +112,43 @@ def _math_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         hidden = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask == -math.inf
         sees_nothing = hidden.all(dim=-1, keepdim=True)
         attn_mask = attn_mask | sees_nothing if attn_mask.dtype == torch.bool else attn_mask.masked_fill(sees_nothing, 0)
-    with sdpa_kernel(SDPBackend.MATH):
-        out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
+    if forward_mode.forward_ad_api() and not any(forward_mode.legacy_vmapped(t) for t in (query, key, value)):
+        out = _composite_sdpa(query, key, value, attn_mask, **call)
+    else:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
     return out if sees_nothing is None else out.masked_fill(sees_nothing, 0)
+
+
+def _composite_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                    is_causal: bool, scale: float | None, enable_gqa: bool) -> Tensor:  # fmt: skip
+    """torch's math SDPA (same products, 16-bit inputs in float32, the same dropout draw from the
+    global stream) in ops whose ``forward_ad`` tangent graph can be differentiated: under
+    ``torch.autograd.forward_ad`` outside ``torch.func``, torch's softmax builds a tangent graph
+    whose backward raises (it modifies an output of its exp in place), so no loss on the tangent
+    could train through it. Inputs torch refuses are refused by torch (checked on meta tensors)."""
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        metas = [None if t is None else t.detach().to("meta") for t in (query, key, value, attn_mask)]
+        torch_F.scaled_dot_product_attention(*metas, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        query, key, value = query.float(), key.float(), value.float()
+    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
+    root_scale = math.sqrt(1 / math.sqrt(query.shape[-1]) if scale is None else scale)
+    scores = (query * root_scale) @ (key.transpose(-2, -1) * root_scale)
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, -math.inf)
+    elif attn_mask is not None:
+        scores = scores + attn_mask
+    weights = (scores - scores.detach().amax(-1, keepdim=True)).exp()
+    weights = weights / weights.sum(-1, keepdim=True)
+    if dropout_p > 0.0:
+        weights = torch_F.dropout(weights, dropout_p)
+    return (weights @ value).to(dtype)
 
 
 def fused_form(
