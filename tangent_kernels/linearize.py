@@ -31,6 +31,7 @@ from .reference import add_tangents
 
 # Tokens prepended to the patches, in timm's order (the distillation token exists in DeiT distilled).
 PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
+LINEAR_POOLS = ("", "token", "avg")  # timm's pool types that are linear maps: both streams pooled alike
 
 
 def _reinitialized(block: nn.Module) -> nn.Module:
@@ -85,6 +86,19 @@ class _FrozenPrefix(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         check_image_size(self.vit.patch_embed, images)
         return self.vit.forward_features(images)
+
+
+def _max_pool_pair(x: Tensor, x_t: Tensor, pool_type: str, skip: int) -> tuple[Tensor, Tensor]:
+    """timm's ``max`` / ``avgmax`` pooling over the tokens after the first ``skip`` on both streams,
+    the tangent as torch's forward AD of ``amax`` gives it (the mean over tied maxima), written out:
+    ``torch.func.jvp`` here cannot run inside a compiled ``forward_ad`` level (not nestable)."""
+    x, x_t = x[:, skip:], x_t[:, skip:]
+    peak = x.amax(1, keepdim=True)
+    at_peak = x == peak
+    peak_t = (x_t * at_peak).sum(1) / at_peak.sum(1)
+    if pool_type == "max":
+        return peak.squeeze(1), peak_t
+    return 0.5 * (peak.squeeze(1) + x.mean(1)), 0.5 * (peak_t + x_t.mean(1))
 
 
 class LinearizedViT(nn.Module):
@@ -182,7 +196,10 @@ class LinearizedViT(nn.Module):
     def _pool(self, x: Tensor, x_t: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``VisionTransformer.pool`` on both streams."""
         if self.attn_pool is None:
-            return (self.pool(x), None) if x_t is None else torch.func.jvp(self.pool, (x,), (x_t,))
+            pool_type = self.pool.keywords["pool_type"]
+            if x_t is None or pool_type in LINEAR_POOLS:
+                return self.pool(x), None if x_t is None else self.pool(x_t)
+            return _max_pool_pair(x, x_t, pool_type, 0 if self.pool_include_prefix else self.num_prefix_tokens)
         if not self.pool_include_prefix:
             x, x_t = x[:, self.num_prefix_tokens:], None if x_t is None else x_t[:, self.num_prefix_tokens:]
         return self.attn_pool(x, x_t)

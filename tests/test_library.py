@@ -92,3 +92,29 @@ def test_opcheck_the_raw_cpp_ops():
         (raw.gelu_jvp_forward, (x, x_t, w, w, "none")),
     ):
         torch.library.opcheck(op, args, test_utils=checks)
+
+
+@pytest.mark.parametrize("global_pool", ["token", "avgmax"])
+def test_compiled_forward_ad_level_around_a_linearized_vit(global_pool):
+    """``torch.compile`` of a ``forward_ad`` level around a linearized ViT (a tangent along the
+    images) equals eager; it raised "Nested forward mode AD is not supported", as the pooling head
+    ran ``torch.func.jvp`` inside."""
+    from torch.autograd import forward_ad
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=7,
+                              global_pool=global_pool, class_token=global_pool == "token").eval()  # fmt: skip
+    lin = tk.linearize(model, "all", backend="reference")
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.normal_(0.0, 0.05)
+
+    def streams(images, tangent):
+        with forward_ad.dual_level():
+            return forward_ad.unpack_dual(lin(forward_ad.make_dual(images, tangent)))
+
+    images, tangent = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    expected = streams(images, tangent)
+    torch._dynamo.reset()
+    for out, e in zip(torch.compile(streams, fullgraph=True)(images, tangent), expected):
+        torch.testing.assert_close(out, e, rtol=1e-5, atol=1e-5)
