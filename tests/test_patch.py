@@ -151,6 +151,24 @@ def test_patch_turns_timm_fused_attn_on_and_restores_it():
     assert not any(block.attn.fused_attn for block in model.blocks)
 
 
+@pytest.mark.parametrize("fused_attn", [False, True])
+def test_patch_keeps_a_timm_attention_scale_of_its_own(fused_attn):
+    """A port that sets ``attn.scale`` (old timm's ``qk_scale``) and attends by hand: timm's SDPA branch,
+    which ``patch`` turns on, passes no scale, so the patched model computed another function (0.22
+    off with no tangent). Its SDPA calls now use the module's scale; a module already on its SDPA
+    branch (which ignores ``scale``) keeps SDPA's own."""
+    model = small_vit()
+    for block in model.blocks:
+        block.attn.fused_attn, block.attn.scale = fused_attn, 0.5  # 1/√16 = 0.25 by default
+    images, tangent = torch.randn(2, 3, 32, 32, dtype=F64), torch.randn(2, 3, 32, 32, dtype=F64)
+    with math_attention():
+        expected = model(images), *jvp(model, (images,), (tangent,))
+    with patched(model), FusedCalls() as calls:
+        out = model(images), *jvp(model, (images,), (tangent,))
+    assert calls.on_cpp
+    close(out, expected)
+
+
 def test_forward_ad_through_patched_vit():
     model = small_vit()
     images, tangent = torch.randn(2, 3, 32, 32, dtype=F64), torch.randn(2, 3, 32, 32, dtype=F64)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import swaps, watch
+from . import sdpa, swaps, watch
 from .mode import is_routed, routed_forward_swap
 
 SDPA_FLAGS = ("fused_attn", "use_fsdpa")  # timm's, open_clip's
@@ -28,10 +28,23 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
     flag = sdpa_flag(module)
     if flag is None:
         return []
+    by_hand = getattr(module, flag) is False and isinstance(vars(module).get("scale"), float)
     return [
         swaps.Swap(where, module, flag, lambda _: True, f"{flag} {getattr(module, flag)} -> True"),
-        routed_forward_swap(where, module, f"{type(module).__name__}.forward runs in the routing mode"),
+        routed_forward_swap(where, module, f"{type(module).__name__}.forward runs in the routing mode",
+                            context=_own_scale if by_hand else _sdpa_scale),  # fmt: skip
     ]
+
+
+def _own_scale(module: nn.Module):
+    """The module attended by hand with ``module.scale`` (a port may set another than 1/√head dim,
+    e.g. old timm's ``qk_scale``), which its SDPA branch does not pass: its SDPA calls use it."""
+    return sdpa.scale_when_unset(module.scale)
+
+
+def _sdpa_scale(module: nn.Module):
+    """The module's SDPA branch ran before ``patch``: its calls keep SDPA's own scale."""
+    return sdpa.scale_when_unset(None)
 
 
 swaps.planners.append(plan)

@@ -102,29 +102,31 @@ class RoutedForward:
     the unpatched module (for ``nn.MultiheadAttention``: torch's fast path included, which no
     call inside a mode takes). ``None``: route every call. ``routed(module, *args, **kwargs)``:
     what a routed call runs in the mode instead of the original forward (for modules that compute
-    by hand what a torch function the mode serves computes; a module-level function, so that a
-    deep copy of the module calls it with the copy).
+    by hand what a torch function the mode serves computes). ``context(module)``: a context
+    manager a routed call runs in. Both module-level functions, so that a deep copy of the module
+    calls them with the copy.
     """
 
-    def __init__(self, module: torch.nn.Module, forward, route_if=None, routed=None):
+    def __init__(self, module: torch.nn.Module, forward, route_if=None, routed=None, context=None):
         self.module, self.forward, self.route_if, self.routed = module, forward, route_if, routed
+        self.context = context
 
     def __call__(self, *args, **kwargs):
         if self.route_if is not None:
             tensors = [t for t in (*args, *kwargs.values(), *self.module.parameters()) if isinstance(t, torch.Tensor)]
             if not self.route_if(tensors):
                 return self.forward(*args, **kwargs)
-        with fused_jvp():
+        with fused_jvp(), (contextlib.nullcontext() if self.context is None else self.context(self.module)):
             if self.routed is not None:
                 return self.routed(self.module, *args, **kwargs)
             return self.forward(*args, **kwargs)
 
 
 def routed_forward_swap(where: str, module: torch.nn.Module, what: str, route_if=None, routed=None,
-                        attention: bool = True) -> Swap:  # fmt: skip
+                        attention: bool = True, context=None) -> Swap:  # fmt: skip
     """The swap of ``module.forward`` for a ``RoutedForward`` (what every planner routes with)."""
-    return Swap(where, module, "forward", lambda forward: RoutedForward(module, forward, route_if, routed), what,
-                attention=attention)  # fmt: skip
+    return Swap(where, module, "forward", lambda forward: RoutedForward(module, forward, route_if, routed, context),
+                what, attention=attention)  # fmt: skip
 
 
 def is_routed(module: torch.nn.Module) -> bool:

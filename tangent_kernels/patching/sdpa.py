@@ -18,8 +18,10 @@ graph can be differentiated (torch's softmax builds one that cannot). Under
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
@@ -50,6 +52,8 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``, its tangent by the fused kernel where
     it serves the call (see the module docstring), by torch's math SDPA otherwise."""
+    if scale is None:
+        scale = _module_scale(query)
     call = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
     tangents = any(watch.has_tangent(t) for t in (query, key, value, attn_mask))
     # Without tangents but differentiated, the fused op too: its backward has a backward (torch's
@@ -83,6 +87,28 @@ def scaled_dot_product_attention(
     )
     watch.served_fused()
     return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def scale_when_unset(scale: float | None):
+    """SDPA calls inside that pass no ``scale`` use ``scale`` (``None``: SDPA's own, 1/√head dim): a
+    module whose attention by hand used its own ``scale``, and whose SDPA branch (``patch`` turned on)
+    passes none, keeps computing its own function."""
+    previous = getattr(_local, "scale", None)
+    _local.scale = scale
+    try:
+        yield
+    finally:
+        _local.scale = previous
+
+
+def _module_scale(query: Tensor) -> float | None:
+    """The scale set by ``scale_when_unset`` where it is not SDPA's own for ``query``, else ``None``."""
+    scale = getattr(_local, "scale", None)
+    return None if scale is None or scale == query.shape[-1] ** -0.5 else scale
 
 
 # Below this many scores in a call (batch × heads × query length × key length), on the CPU,
