@@ -267,7 +267,7 @@ def attention_second_order(
 def _(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, key_padding_mask, scale, causal, mask_grad):
     validation.attention_second_order_inputs(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, key_padding_mask)
     d_mask = key_padding_mask.new_empty(key_padding_mask.shape) if mask_grad else _empty(q)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_mask
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_mask  # contiguous, as the kernels
 
 
 def _fused_second_order(backend: str, q: Tensor) -> bool:

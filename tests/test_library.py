@@ -118,3 +118,17 @@ def test_compiled_forward_ad_level_around_a_linearized_vit(global_pool):
     torch._dynamo.reset()
     for out, e in zip(torch.compile(streams, fullgraph=True)(images, tangent), expected):
         torch.testing.assert_close(out, e, rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck_second_order_attention_on_transposed_inputs(device):
+    """The fake of ``attention_second_order`` gives the real op's (contiguous) strides for inputs
+    stored (B, N, H, D), as timm and Hugging Face hand them over; it had copied their strides,
+    which ``torch.compile``'s stride checks refuse."""
+
+    def rand(*shape):
+        return torch.randn(*shape, device=device).transpose(1, 2)
+
+    q, k, v, q_t, k_t, v_t = rand(2, 5, 4, 16), rand(2, 6, 2, 16), rand(2, 6, 2, 16), rand(2, 5, 4, 16), None, None
+    o, _, lse = ops.attention_jvp(q, k, v, q_t, k_t, v_t, None, 0.25, False, "triton")
+    args = (q, k, v, q_t, k_t, v_t, torch.randn_like(o), torch.randn_like(o), o, lse, None, 0.25, False, False)
+    torch.library.opcheck(ops.attention_second_order, args, test_utils=("test_schema", "test_faketensor"))
