@@ -371,6 +371,61 @@ def test_float_mask_without_a_tangent_under_func_jvp():
         close(jvp(attend, (q, k, v), tangents), expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["biases", "float32 min on a whole row", "0 and -inf"])
+def test_float32_mask_with_16_bit_inputs_keeps_its_precision(dtype, mask, monkeypatch):
+    """torch adds a float32 mask to 16-bit inputs' scores at float32 precision; the kernels add a
+    mask in the inputs' dtype, which rounded it (a bias 1000 + 0.3·j: 0.16-0.4 off where torch is
+    2.7e-4-2.2e-3 off; a row of float32's minimum became -inf: zeros where torch averages the values).
+    Such masks run math SDPA; masks the dtype holds exactly still run fused."""
+    monkeypatch.setattr(tk.patching.sdpa, "CPU_FUSED_MIN_SCORES", 0)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3, 8, dtype=dtype) for _ in range(3))
+    tangents = tuple(torch.randn_like(t) for t in (q, k, v))
+    masks = {
+        "biases": 1000 + 0.3 * torch.arange(3.0).expand(2, 1, 1, 3),
+        "float32 min on a whole row": torch.zeros(2, 1, 1, 3).index_fill_(0, torch.tensor([1]), torch.finfo().min),
+        "0 and -inf": torch.zeros(2, 1, 1, 3).index_fill_(3, torch.tensor([2]), -math.inf),
+    }
+
+    def attend(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=masks[mask])
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = jvp(attend, (q, k, v), tangents)
+    with fused_jvp(), FusedCalls() as calls, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the once-per-reason note that math SDPA runs
+        out = jvp(attend, (q, k, v), tangents)
+    close(out, expected, tol=1e-2)
+    assert calls.count == (mask == "0 and -inf")
+
+
+def test_sdpa_call_forms_torch_accepts(monkeypatch):
+    """A mask with more (unit) leading dims than the scores (the output keeps q's shape, as torch's),
+    a 0-d tensor or a bool as ``scale``, a scale that is not finite (NaN, as torch's math)."""
+    monkeypatch.setattr(tk.patching.sdpa, "CPU_FUSED_MIN_SCORES", 0)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 4, dtype=F64), torch.randn(2, 5, 4, dtype=F64)
+    calls = [
+        {"attn_mask": torch.rand(1, 1, 3, 5) > 0.3},
+        {"scale": torch.tensor(0.5, dtype=F64)},
+        {"scale": True},
+        {"scale": math.inf},
+    ]
+    for call in calls:
+        def attend(q, k):
+            return F.scaled_dot_product_attention(q, k, k, **call)
+
+        with sdpa_kernel(SDPBackend.MATH):
+            expected = jvp(attend, (q, k), (q, k))
+        with fused_jvp(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = jvp(attend, (q, k), (q, k))
+        for o, e in zip(out, expected):
+            assert o.shape == e.shape
+            torch.testing.assert_close(o, e, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
 def test_sdpa_under_autocast_casts_as_torch():
     """An fp32 norm hands SDPA fp32 q, k and bf16 v; autocast casts all three to bf16."""
     q, k, v = (t.float() for t in sdpa_inputs())

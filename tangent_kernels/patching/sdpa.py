@@ -52,8 +52,7 @@ def scaled_dot_product_attention(
 ) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention``, its tangent by the fused kernel where
     it serves the call (see the module docstring), by torch's math SDPA otherwise."""
-    if scale is None:
-        scale = _module_scale(query)
+    scale = _module_scale(query) if scale is None else _scale_as_torch_reads_it(scale)
     call = {"dropout_p": dropout_p, "is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
     tangents = any(watch.has_tangent(t) for t in (query, key, value, attn_mask))
     # Without tangents but differentiated, the fused op too: its backward has a backward (torch's
@@ -65,7 +64,7 @@ def scaled_dot_product_attention(
     if not (tangents or differentiated):
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
     q, k, v, mask = autocast_inputs(query, key, value, attn_mask)
-    form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa)
+    form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa, scale)
     if isinstance(form, str) and not tangents:
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
     if isinstance(form, str) or math_is_faster(q, k):
@@ -103,6 +102,14 @@ def scale_when_unset(scale: float | None):
         yield
     finally:
         _local.scale = previous
+
+
+def _scale_as_torch_reads_it(scale):
+    """torch's SDPA takes a ``scale`` given as a bool or a 0-d tensor as the float it holds; anything
+    else is left for the checks to refuse."""
+    if isinstance(scale, bool) or (isinstance(scale, Tensor) and scale.dim() == 0 and scale.is_floating_point()):
+        return float(scale)
+    return scale
 
 
 def _module_scale(query: Tensor) -> float | None:
@@ -143,7 +150,11 @@ def _math_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
     else:
         with sdpa_kernel(SDPBackend.MATH):
             out = torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
-    return out if sees_nothing is None else out.masked_fill(sees_nothing, 0)
+    if sees_nothing is None:
+        return out
+    while sees_nothing.dim() > out.dim():  # a mask with more (unit) leading dims than the scores
+        sees_nothing = sees_nothing[0]
+    return out.masked_fill(sees_nothing, 0)
 
 
 def _composite_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
@@ -178,12 +189,15 @@ def _composite_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor
 
 
 def fused_form(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool, enable_gqa: bool
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool, enable_gqa: bool,
+    scale=None,
 ) -> tuple[Tensor | None, bool] | str:
     """The call (inputs after autocast) as the kernel's ``(key_padding_mask (B, Lk), causal)``, or
     why the kernel cannot serve it."""
     if dropout_p > 0.0:
         return "SDPA with dropout_p > 0"
+    if isinstance(scale, float) and not math.isfinite(scale):
+        return "SDPA with a scale that is not finite"
     if (
         not (q.dim() == k.dim() == v.dim() >= 2)
         or q.shape[:-3] != k.shape[:-3]
@@ -218,6 +232,10 @@ def _mask_form(mask: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor | None, bool]
         return f"SDPA with an attn_mask of dtype {mask.dtype}"
     if mask.requires_grad or watch.has_tangent(mask):
         return "SDPA with an attn_mask that has a tangent or requires grad"
+    if mask.is_floating_point() and q.dtype in (torch.float16, torch.bfloat16) and mask.dtype != q.dtype:
+        # the kernels add a floating mask in the inputs' dtype; torch adds it at its own precision
+        if forward_mode.vmapped(mask) or not _once_per_mask(held_in_16_bits, mask)[q.dtype]:
+            return f"SDPA with a {mask.dtype} attn_mask holding values that {q.dtype} rounds"
     scores = (*q.shape[:-1], k.shape[-2])
     try:
         broadcasts = torch.broadcast_shapes(mask.shape, scores) == scores
@@ -263,6 +281,12 @@ def _once_per_mask(question: Callable[[Tensor], T], mask: Tensor) -> T:
     while len(_seen) > 16:
         _seen.popitem(last=False)
     return answer
+
+
+def held_in_16_bits(mask: Tensor) -> dict[torch.dtype, bool]:
+    """Per 16-bit dtype, whether it holds every value of the floating ``mask`` exactly (0 and -inf
+    do; ``torch.finfo(torch.float32).min`` and most biases do not)."""
+    return {dtype: bool((mask.to(dtype).to(mask.dtype) == mask).all()) for dtype in (torch.float16, torch.bfloat16)}
 
 
 def same_over_heads(full: Tensor) -> bool:
