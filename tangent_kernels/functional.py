@@ -23,7 +23,7 @@ import os
 import torch
 from torch import Tensor
 
-from . import backends, forward_mode, ops, reference, validation
+from . import autocasting, backends, forward_mode, ops, reference, validation
 from .backends import last_backend  # noqa: F401  (part of the public API)
 
 __all__ = ["attention_jvp", "gelu_jvp", "last_backend", "layer_norm_jvp", "linear_jvp", "mlp_jvp", "rms_norm_jvp"]
@@ -57,6 +57,7 @@ def layer_norm_jvp(
     ``weight``/``bias`` are the frozen ``g0``/``b0`` (``None`` for no affine), ``d_weight``/
     ``d_bias`` their trainable offsets. Note the default ``eps`` is timm's ViT value, 1e-6.
     """
+    x, x_t, weight, bias, d_weight, d_bias = _as_autocast_norms("layer_norm", x, x_t, weight, bias, d_weight, d_bias)
     eps = validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps, no_features_ok=True)
     return _norm_jvp("layer_norm_jvp", x, x_t, weight, bias, d_weight, d_bias, eps, True, backend)
 
@@ -74,11 +75,21 @@ def rms_norm_jvp(
     ``y_t = g0 · (x_t − x̂ · mean(x̂ · x_t)) · rstd + dg · x̂``. ``eps=None`` is torch's default, the
     machine epsilon of the computation's dtype (float32's for 16-bit and float32 inputs).
     """
+    x, x_t, weight, d_weight = _as_autocast_norms("rms_norm", x, x_t, weight, d_weight)
     if eps is None:
         validation.tensor("x", x)
         eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     eps = validation.layer_norm(x, x_t, weight, None, d_weight, None, eps, no_features_ok=True)
     return _norm_jvp("rms_norm_jvp", x, x_t, weight, None, d_weight, None, eps, False, backend)
+
+
+def _as_autocast_norms(op: str, x: Tensor, *others: Tensor | None) -> list[Tensor | None]:
+    """Under ``torch.autocast``, the norm's tensors (input, tangent, parameters and offsets) in the
+    dtype torch's own norm computes in there (float32 on CUDA, the input's on the CPU)."""
+    if not (isinstance(x, Tensor) and autocasting.autocast_on(x.device)):
+        return [x, *others]
+    params = others[1:3] if op == "layer_norm" else others[1:2]
+    return autocasting.cast(autocasting.norm_dtype(op, x, *params), x, *others)
 
 
 def _norm_jvp(op, x, x_t, weight, bias, d_weight, d_bias, eps: float, centered: bool, backend: str):
@@ -136,6 +147,8 @@ def attention_jvp(
     torch's SDPA; ``key_padding_mask`` is ``(B, Lk)``, boolean with True marking padding, or
     floating and added to the scores. A query row with every key masked gives zeros.
     """
+    q, k, v, q_t, k_t, v_t, key_padding_mask = autocasting.lower_precision_inputs(q, k, v, q_t, k_t, v_t,
+                                                                                  key_padding_mask)  # fmt: skip
     key_padding_mask = validation.attention(q, k, v, q_t, k_t, v_t, key_padding_mask)
     scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = backends.select("attention_jvp", backend, q.device, q.dtype)
@@ -182,8 +195,9 @@ def linear_jvp(
     On Triton it runs the fused GEMM (``triton/linear.py``) where that was measured faster for
     the weight's shape on this GPU, else cuBLAS GEMMs plus one fused bias/GELU kernel; on the
     CPU, BLAS GEMMs plus the C++ bias/GELU op. ``TANGENT_KERNELS_LINEAR_PATH=fused|composite``
-    overrides the choice.
+    overrides the choice. Under ``torch.autocast`` it computes in the autocast dtype, as ``F.linear``.
     """
+    x, x_t, weight, bias, d_weight, d_bias = autocasting.lower_precision_inputs(x, x_t, weight, bias, d_weight, d_bias)
     validation.features(x, x_t)
     validation.linear("", x, x.shape[-1], weight, bias, d_weight, d_bias)
     validation.choice("activation", activation, ACTIVATIONS)
@@ -272,6 +286,10 @@ def mlp_jvp(
     with the GELU epilogue (fused GEMMs on Triton where measured faster, else ATen GEMMs around one
     fused bias + GELU op). Autograd saves the input, ``gelu(u)`` and ``gelu'(u)``, as ordinary
     fine-tuning saves the input, ``u`` and ``gelu(u)``."""
+    x, x_t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, d_fc1_weight, d_fc1_bias, d_fc2_weight, d_fc2_bias = (
+        autocasting.lower_precision_inputs(x, x_t, fc1_weight, fc1_bias, fc2_weight, fc2_bias, d_fc1_weight,
+                                           d_fc1_bias, d_fc2_weight, d_fc2_bias)
+    )  # fmt: skip
     validation.features(x, x_t)
     validation.linear("fc1_", x, x.shape[-1], fc1_weight, fc1_bias, d_fc1_weight, d_fc1_bias)
     validation.linear("fc2_", x, fc1_weight.shape[0], fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias)

@@ -12,8 +12,9 @@ activations, gated MLPs) are
 ``backend`` names the backend for every op that has one of that name (the others run on
 ``"auto"``; ``tangent_kernels.last_backend(op)`` tells what ran). Dropout and DropPath apply the
 same mask to both streams (the linearization of the network with that mask). Under
-``torch.autocast`` the ops run in the dtype autocast would pick: the autocast dtype for linear
-layers and attention, float32 for layer norms.
+``torch.autocast`` the ops run in the dtype autocast would pick for torch's own layers
+(``functional`` casts: the autocast dtype for linear layers and attention; for norms, torch's rule
+on that device, float32 on CUDA).
 """
 
 from __future__ import annotations
@@ -76,20 +77,6 @@ def checked_backend(backend: str) -> str:
 def _op_backend(op: str, backend: str) -> str:
     """A module's backend applies to every op that has it; ops without it run on ``"auto"``."""
     return backend if backend in backends.IMPLEMENTED[op] else "auto"
-
-
-def _autocast_dtype(x: Tensor, *, norm: bool = False) -> torch.dtype | None:
-    """The dtype autocast runs an op in for ``x``'s device, or ``None`` outside autocast."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.float32 if norm else torch.get_autocast_dtype(device_type)
-
-
-def _cast(dtype: torch.dtype | None, *tensors: Tensor | None) -> list[Tensor | None]:
-    if dtype is None:
-        return list(tensors)
-    return [None if t is None else t.to(dtype) for t in tensors]
 
 
 def dropout_pair(x: Tensor, x_t: Tensor | None, p: float, training: bool) -> Pair:
@@ -173,7 +160,7 @@ class TangentLinear(nn.Module):
         _register_linearized(self, "bias", _frozen(linear, "bias"))
 
     def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        args = _cast(_autocast_dtype(x), x, x_t, self.weight0, self.bias0, self.weight, self.bias)
+        args = x, x_t, self.weight0, self.bias0, self.weight, self.bias
         return F.linear_jvp(*args, backend=_op_backend("linear_jvp", self.backend))
 
     def extra_repr(self) -> str:
@@ -195,7 +182,7 @@ class TangentLayerNorm(nn.Module):
         _register_linearized(self, "bias", _frozen(norm, "bias"))
 
     def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        args = _cast(_autocast_dtype(x, norm=True), x, x_t, self.weight0, self.bias0, self.weight, self.bias)
+        args = x, x_t, self.weight0, self.bias0, self.weight, self.bias
         return F.layer_norm_jvp(*args, eps=self.eps, backend=_op_backend("layer_norm_jvp", self.backend))
 
     def extra_repr(self) -> str:
@@ -217,7 +204,7 @@ class TangentRMSNorm(nn.Module):
         _register_linearized(self, "weight", _frozen(norm, "weight"))
 
     def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        args = _cast(_autocast_dtype(x, norm=True), x, x_t, self.weight0, self.weight)
+        args = x, x_t, self.weight0, self.weight
         return F.rms_norm_jvp(*args, eps=self.eps, backend=_op_backend("rms_norm_jvp", self.backend))
 
     def extra_repr(self) -> str:
@@ -286,8 +273,8 @@ class TangentMlp(nn.Module):
         plain_gelu = self.act is None and isinstance(self.norm, TangentIdentity)
         if plain_gelu and (not self.training or self.drop1_p == 0.0):  # one op a fused MLP kernel can serve
             fc1, fc2 = self.fc1, self.fc2
-            args = _cast(_autocast_dtype(x), x, x_t, fc1.weight0, fc1.bias0, fc2.weight0, fc2.bias0,
-                         fc1.weight, fc1.bias, fc2.weight, fc2.bias)  # fmt: skip
+            args = (x, x_t, fc1.weight0, fc1.bias0, fc2.weight0, fc2.bias0, fc1.weight, fc1.bias, fc2.weight,
+                    fc2.bias)  # fmt: skip
             y, y_t = F.mlp_jvp(*args, approximate=self.approximate, backend=_op_backend("mlp_jvp", self.backend))
         else:
             h, h_t = self.fc1(x, x_t)
@@ -354,7 +341,6 @@ class TangentAttention(nn.Module):
         (q, k, v), (q_t, k_t, v_t) = self._heads(qkv), self._heads(qkv_t)
         q, q_t = self.q_norm(q, q_t)
         k, k_t = self.k_norm(k, k_t)
-        q, k, v, q_t, k_t, v_t = _cast(_autocast_dtype(x), q, k, v, q_t, k_t, v_t)
         if self.training and self.attn_drop_p > 0.0:
             o, o_t = self._attention_with_dropout(q, k, v, q_t, k_t, v_t, is_causal)
         else:
@@ -452,7 +438,7 @@ class TangentPatchEmbed(nn.Module):
             pad = (0, (-x.shape[-1]) % self.patch_size[1], 0, (-x.shape[-2]) % self.patch_size[0])
             x, x_t = torch_F.pad(x, pad), None if x_t is None else torch_F.pad(x_t, pad)
         p = self.proj
-        x, x_t, w0, b0, dw, db = _cast(_autocast_dtype(x), x, x_t, p.weight0, p.bias0, p.weight, p.bias)
+        w0, b0, dw, db = p.weight0, p.bias0, p.weight, p.bias  # (autocast casts the convolutions)
         conv = dict(stride=self.stride, padding=self.padding)
         y = torch_F.conv2d(x, w0, b0, **conv)
         y_t = torch_F.conv2d(x, dw, db, **conv)

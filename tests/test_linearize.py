@@ -287,6 +287,28 @@ def test_autocast_bfloat16_sums_in_float32():
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lin.parameters())
 
 
+def test_modules_and_functional_ops_under_autocast_give_torchs_dtypes():
+    """Under CPU autocast the tangent norms returned float32 (CUDA's rule) where torch's keep a bf16
+    input's dtype, and ``functional.linear_jvp`` / ``mlp_jvp`` with float32 parameters raised (the
+    bias reached the bf16 GELU op uncast): each op now computes in the dtype torch's layer does."""
+    torch.manual_seed(0)
+    norm, linear = torch.nn.LayerNorm(8), torch.nn.Linear(8, 6)
+    x, x_t = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for module, tangent_module in ((norm, tk.modules.TangentLayerNorm(norm)),
+                                       (linear, tk.modules.TangentLinear(linear))):  # fmt: skip
+            y, y_t = tangent_module(x, x_t)
+            expected, expected_t = torch.func.jvp(module, (x,), (x_t,))
+            assert y.dtype == y_t.dtype == expected.dtype == torch.bfloat16
+            assert max_relative_error(y, expected) < 2e-2 and max_relative_error(y_t, expected_t) < 2e-2
+        w1, b1, w2, b2 = torch.randn(16, 8), torch.randn(16), torch.randn(8, 16), torch.randn(8)
+        h, h_t = tk.functional.linear_jvp(x.float(), x_t.float(), w1, b1, activation="gelu")
+        y, y_t = tk.functional.mlp_jvp(x.float(), x_t.float(), w1, b1, w2, b2)
+        expected = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, w1, b1)), w2, b2)
+    assert h.dtype == h_t.dtype == y.dtype == y_t.dtype == torch.bfloat16
+    assert max_relative_error(y, expected) < 2e-2
+
+
 def test_drop_path_uses_one_mask_for_both_streams():
     """In training, a block with DropPath equals the jvp of timm's block under the same seed."""
     model = small_vit(drop_path_rate=0.5).train()

@@ -678,15 +678,18 @@ def test_patched_multihead_attention_projects_on_2d_views(batch_first):
 
 @pytest.fixture
 def layer_norm_kernel_calls(monkeypatch):
-    """Counts the calls of ``functional.layer_norm_jvp`` (the fused layer-norm tangent)."""
+    """Counts the calls of ``functional.layer_norm_jvp`` and ``rms_norm_jvp`` (the fused norm tangents)."""
     calls = []
-    original = tk.functional.layer_norm_jvp
 
-    def counted(*args, **kwargs):
-        calls.append(kwargs.get("backend"))
-        return original(*args, **kwargs)
+    def counted(original):
+        def count(*args, **kwargs):
+            calls.append(kwargs.get("backend"))
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(tk.functional, "layer_norm_jvp", counted)
+        return count
+
+    for name in ("layer_norm_jvp", "rms_norm_jvp"):
+        monkeypatch.setattr(tk.functional, name, counted(getattr(tk.functional, name)))
     return calls
 
 
@@ -712,7 +715,7 @@ def test_layer_norm_jvp_runs_the_fused_kernel(norm, layer_norm_kernel_calls):
     assert layer_norm_kernel_calls
 
 
-@pytest.mark.parametrize("case", ["normalized over two dims", "autocast", "no tangent"])
+@pytest.mark.parametrize("case", ["normalized over two dims", "no tangent"])
 def test_layer_norm_forms_the_kernel_does_not_serve_run_torch(case, layer_norm_kernel_calls):
     x = torch.randn(3, 7, 8)
 
@@ -720,10 +723,42 @@ def test_layer_norm_forms_the_kernel_does_not_serve_run_torch(case, layer_norm_k
         shape = (7, 8) if case == "normalized over two dims" else (8,)
         return F.layer_norm(x, shape, torch.ones(shape), torch.zeros(shape))
 
-    with fused_jvp(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+    with fused_jvp():
         out = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
     expected = norm(x) if case == "no tangent" else jvp(norm, (x,), (x,))[1]
     assert torch.equal(out, expected) and layer_norm_kernel_calls == []
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_norms_under_autocast_run_fused_in_torchs_dtype(norm, monkeypatch, layer_norm_kernel_calls):
+    """Under autocast (CPU bf16: a linear's bf16 output into a norm with float32 parameters) norms
+    ran torch's own rule, whose layer-norm second derivative is wrong: the gradient of a loss on the
+    tangent was 0.64 off (MeanFlow's stop_gradient=False step under autocast). They now run fused,
+    in the dtype torch's norm returns there (bf16 on the CPU; float32 under CUDA's autocast)."""
+    monkeypatch.setattr(tk.patching.layer_norm, "CPU_FUSED_MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    layer = torch.nn.LayerNorm(32) if norm == "layer_norm" else torch.nn.RMSNorm(32)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), layer, torch.nn.Linear(32, 16))
+    x, x_t = torch.randn(4, 8, 16), torch.randn(4, 8, 16)
+
+    def tangent_loss_grad(norm_forward):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, y_t = jvp(lambda x: model[2](norm_forward(model[0](x))), (x,), (x_t,))
+        (y_t.float() ** 2).mean().backward()
+        return model[0].weight.grad.clone(), norm_forward(model[0](x).bfloat16()).dtype
+
+    def composite(h):
+        w = model[1].weight.to(h.dtype)
+        if norm == "rms_norm":
+            return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps) * w
+        return composite_layer_norm(h, w, model[1].bias.to(h.dtype))
+
+    expected, expected_dtype = tangent_loss_grad(composite)
+    with fused_jvp():
+        out, dtype = tangent_loss_grad(model[1])
+    assert layer_norm_kernel_calls and dtype == expected_dtype == torch.bfloat16
+    assert max_relative_error(out, expected) < 0.05  # bf16 rounding (torch's own layer norm: 0.64)
 
 
 def test_small_cpu_layer_norm_runs_torch_only_without_a_second_order_term(monkeypatch, layer_norm_kernel_calls):

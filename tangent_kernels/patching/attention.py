@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .. import backends, functional, ops, validation
+from .. import autocasting, backends, functional, ops, validation
 from . import watch
 
 
@@ -76,19 +76,6 @@ def _dual_attention(duals, key_padding_mask, scale, causal, backend) -> Tensor:
     return forward_ad.make_dual(o, o_t)
 
 
-def autocast_inputs(*tensors: Tensor | None) -> list[Tensor | None]:
-    """The tensors as autocast hands them to ``scaled_dot_product_attention`` (one of its
-    lower-precision ops on CPU and CUDA): floating tensors other than float64 in the autocast dtype."""
-    device = next(t for t in tensors if t is not None).device.type
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
-        return list(tensors)
-    dtype = torch.get_autocast_dtype(device)
-    return [
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in tensors
-    ]
-
-
 def _kernel_backend(q: Tensor, backend: str) -> str:
     """The backend for the fused op: ``backend`` resolved; on Triton, head dims past its limit
     run the reference under ``"auto"`` and raise otherwise."""
@@ -128,7 +115,7 @@ def fused_attention(
     pytorch/pytorch#192985), so inside ``torch.func.jvp`` the call runs eagerly, and with
     ``fullgraph=True`` compilation stops with an error instead of a wrong result.
     """
-    q, k, v, key_padding_mask = autocast_inputs(q, k, v, key_padding_mask)
+    q, k, v, key_padding_mask = autocasting.lower_precision_inputs(q, k, v, key_padding_mask)
     key_padding_mask = validation.attention(q, k, v, None, None, None, key_padding_mask)
     scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = _kernel_backend(q, backend)

@@ -3,10 +3,10 @@
 torch's forward-AD rule for ``layer_norm`` is a chain of element-wise ops: on the CPU it costs
 about 100× the fused ``layer_norm_jvp`` (40 ms against 0.4 ms for 3152×384 float32 rows), so the
 routing mode serves ``F.layer_norm`` calls with tangents here: both streams by one call of the
-differentiable ``functional.layer_norm_jvp`` on the unpacked dual inputs. Calls
-it does not serve run torch's own: no tangent, a norm over more than the last dimension, mixed
-dtypes, autocast (which casts layer norms on CUDA), or a small CPU call that cannot need a
-second-order term (below).
+differentiable ``functional.layer_norm_jvp`` on the unpacked dual inputs, in the dtype torch's
+own call would compute in (under autocast, or for mixed dtypes: ``_servable``). Calls it does not
+serve run torch's own: no tangent, a norm over more than the last dimension, or a small CPU call
+that cannot need a second-order term (below).
 
 Calls without tangents whose inputs require grad (plain autograd, no ``torch.func`` transform)
 run ``_LayerNormExactHigherOrder``: torch's forward and backward, but a backward that is itself
@@ -25,6 +25,7 @@ torch's own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as torch_F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .. import functional
+from .. import autocasting, functional
 from . import watch
 
 
@@ -146,15 +147,21 @@ def layer_norm(
     tensors = [t for t in (input, weight, bias) if t is not None]
     if not _servable(input, normalized_shape, tensors):
         return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-    if any(watch.has_tangent(t) for t in tensors):
+    tangents = any(watch.has_tangent(t) for t in tensors)
+    if not tangents and (_mixed(tensors) or not _needs_exact_higher_order(tensors)):
+        return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+    if _mixed(tensors) or autocasting.autocast_on(input.device):
+        dtype = autocasting.norm_dtype("layer_norm", input, weight, bias)
+        input, weight, bias = autocasting.cast(dtype, input, weight, bias)
+        with _autocast_off(input):
+            return layer_norm(input, normalized_shape, weight, bias, eps, backend=backend)
+    if tangents:
         if _torch_is_faster(tensors):
             return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
         if not watch.fused_ops_serve_transforms(*tensors):  # plain ops, differentiated by torch
             return functional.layer_norm_jvp(input, None, weight, bias, eps=float(eps), backend="reference")[0]
         return _dual_norm(input, weight, bias, float(eps), backend, centered=True)
-    if _needs_exact_higher_order(tensors):
-        return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
-    return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+    return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
 
 
 @torch.compiler.disable
@@ -168,24 +175,38 @@ def rms_norm(
 ) -> Tensor:
     """``torch.nn.functional.rms_norm``, its tangent by the fused kernel where it serves the call."""
     tensors = [t for t in (input, weight) if t is not None]
-    if (
+    if not (
         _servable(input, normalized_shape, tensors)
         and any(watch.has_tangent(t) for t in tensors)
         and watch.fused_ops_serve_transforms(*tensors)
     ):
-        return _dual_norm(input, weight, None, None if eps is None else float(eps), backend, centered=False)
-    return torch_F.rms_norm(input, normalized_shape, weight, eps)
+        return torch_F.rms_norm(input, normalized_shape, weight, eps)
+    if _mixed(tensors) or autocasting.autocast_on(input.device):
+        input, weight = autocasting.cast(autocasting.norm_dtype("rms_norm", input, weight), input, weight)
+        with _autocast_off(input):
+            return rms_norm(input, normalized_shape, weight, eps, backend=backend)
+    return _dual_norm(input, weight, None, None if eps is None else float(eps), backend, centered=False)
 
 
 def _servable(input: Tensor, normalized_shape, tensors: list[Tensor]) -> bool:
-    """A norm over the last dimension the fused kernels serve: one floating dtype and device, no
-    autocast (which casts norms on CUDA)."""
+    """A norm over the last dimension of floating tensors on one device. Mixed dtypes and autocast
+    are settled by torch's rules first (``autocasting.norm_dtype``): the fused kernels then run on
+    the inputs cast to torch's result dtype (CUDA's autocast: float32; the CPU's and mixed dtypes:
+    the input's, rounding a float32 parameter of a 16-bit input), with autocast off."""
     return (
         tuple(normalized_shape) == tuple(input.shape[-1:])
-        and input.is_floating_point()
-        and all(t.dtype == input.dtype and t.device == input.device for t in tensors)
-        and not (
-            torch.amp.is_autocast_available(input.device.type)
-            and torch.is_autocast_enabled(input.device.type)
-        )
+        and all(t.is_floating_point() and t.device == input.device for t in tensors)
     )
+
+
+def _mixed(tensors: list[Tensor]) -> bool:
+    """Inputs of more than one dtype (a 16-bit input with float32 parameters: torch returns the
+    input's dtype)."""
+    return len({t.dtype for t in tensors}) > 1
+
+
+def _autocast_off(input: Tensor):
+    """Autocast off on ``input``'s device while the cast call runs (nothing to switch off elsewhere)."""
+    if not autocasting.autocast_on(input.device):
+        return contextlib.nullcontext()
+    return torch.autocast(input.device.type, enabled=False)

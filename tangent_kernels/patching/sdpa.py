@@ -31,9 +31,9 @@ import torch.nn.functional as torch_F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import forward_mode
+from .. import autocasting, forward_mode
 from . import watch
-from .attention import autocast_inputs, fused_attention
+from .attention import fused_attention
 
 T = TypeVar("T")
 
@@ -63,7 +63,7 @@ def scaled_dot_product_attention(
     )
     if not (tangents or differentiated):
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
-    q, k, v, mask = autocast_inputs(query, key, value, attn_mask)
+    q, k, v, mask = autocasting.lower_precision_inputs(query, key, value, attn_mask)
     form = fused_form(q, k, v, mask, dropout_p, is_causal, enable_gqa, scale)
     if isinstance(form, str) and not tangents:
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
