@@ -649,6 +649,28 @@ def test_patched_multihead_attention_without_tangents_is_torch_forward():
     assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
 
 
+def test_patched_multihead_attention_in_the_double_backward_form_of_a_jvp():
+    """``torch.autograd.functional.jvp(create_graph=True)`` (MeanFlow ports) carries no tangent: the
+    patched MHA ran torch's own forward, whose flash SDPA backward has no derivative, and a loss on
+    the tangent raised. A call that needs a gradient is now computed by the routed forward."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(E, 4, batch_first=True).double()
+    x, v = torch.randn(B, L, E, dtype=F64), torch.randn(B, L, E, dtype=F64)
+
+    def tangent_loss_grads():
+        mha.zero_grad()
+        _, y_t = torch.autograd.functional.jvp(lambda x: mha(x, x, x, need_weights=False)[0], (x,), (v,),
+                                               create_graph=True)  # fmt: skip
+        y_t.square().sum().backward()
+        return y_t.detach(), *(p.grad.clone() for p in mha.parameters() if p.grad is not None)
+
+    with math_attention():
+        expected = tangent_loss_grads()
+    with patched(mha), FusedCalls() as calls:
+        close(tangent_loss_grads(), expected)
+    assert calls.count == 1  # the fused op, whose backward is differentiable
+
+
 class SpyLinearInputs(torch.overrides.TorchFunctionMode):
     def __init__(self):
         super().__init__()

@@ -1,8 +1,10 @@
 """``multi_head_attention_forward`` with torch's signature and semantics, for calls under forward AD.
 
 ``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``; the routing mode hands those
-calls here. A call without tangents runs torch's own function. With tangents, ``need_weights=True``
-runs torch's own function too (its weights need the N×N scores: math attention, said once); every
+calls here. A call without tangents that needs no gradient runs torch's own function (one that
+needs a gradient is computed here, so that its backward is differentiable again: the
+double-backward form of a JVP; torch's flash SDPA's backward is not). ``need_weights=True`` runs
+torch's own function too (its weights need the N×N scores: math attention, said once); every
 other call is computed here as torch computes it, with two differences that change no value:
 the projections run on 2-D ``(tokens, E)`` views (so the weight gradients are single GEMMs, not
 per-token batched products), and the attention is ``sdpa.scaled_dot_product_attention`` (the
@@ -77,7 +79,11 @@ def multi_head_attention_forward(
         "average_attn_weights": average_attn_weights,
         "is_causal": is_causal,
     }
-    if not any(watch.has_tangent(t) for t in arguments.values()):
+    tangents = any(watch.has_tangent(t) for t in arguments.values())
+    differentiated = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in arguments.values()
+    )
+    if not (tangents or differentiated) or (need_weights and not tangents):
         return torch_F.multi_head_attention_forward(**arguments)
     if need_weights:
         result = torch_F.multi_head_attention_forward(**arguments)

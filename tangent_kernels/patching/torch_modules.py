@@ -1,7 +1,8 @@
 """torch: ``nn.MultiheadAttention`` (open_clip's attention, ``nn.Transformer*`` layers),
 ``nn.TransformerEncoder`` and its layers, ``nn.LayerNorm`` (and its subclasses: timm's,
 open_clip's) and ``nn.RMSNorm``. ``patch`` runs their forward in the routing mode when a tangent is
-present (and, for layer norms, when a gradient is needed: its backward must stay differentiable,
+present (and, for attention and layer norms, when a gradient is needed: their backward must stay
+differentiable for the double-backward form of a JVP, which torch's flash SDPA's is not, and
 ``layer_norm.py``), which serves their ``F.multi_head_attention_forward``, ``F.layer_norm`` and
 ``F.rms_norm`` calls (``mha.py``, ``layer_norm.py``); otherwise it is torch's own forward (for
 ``nn.MultiheadAttention`` and the encoder, their fast paths included). The encoder and its layers
@@ -22,12 +23,12 @@ def _any_tangent(tensors: list[Tensor]) -> bool:
     return any(watch.has_tangent(t) for t in tensors)
 
 
-def _layer_norm_route_if(tensors: list[Tensor]) -> bool:
+def _tangent_or_gradient(tensors: list[Tensor]) -> bool:
     return _any_tangent(tensors) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-_ROUTE_IF = {nn.MultiheadAttention: _any_tangent, nn.TransformerEncoder: _any_tangent,
-             nn.TransformerEncoderLayer: _any_tangent, nn.LayerNorm: _layer_norm_route_if, nn.RMSNorm: _any_tangent}
+_ROUTE_IF = {nn.MultiheadAttention: _tangent_or_gradient, nn.TransformerEncoder: _any_tangent,
+             nn.TransformerEncoderLayer: _any_tangent, nn.LayerNorm: _tangent_or_gradient, nn.RMSNorm: _any_tangent}
 
 
 def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
@@ -35,7 +36,7 @@ def plan(where: str, module: nn.Module) -> list[swaps.Swap]:
     if kind is None:
         return []
     what = f"{type(module).__name__}.forward runs in the routing mode under forward AD" + (
-        " and when it needs a gradient" if kind is nn.LayerNorm else ""
+        " and when it needs a gradient" if _ROUTE_IF[kind] is _tangent_or_gradient else ""
     )
     return [routed_forward_swap(where, module, what, _ROUTE_IF[kind], attention=kind is nn.MultiheadAttention)]
 
