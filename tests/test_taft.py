@@ -1,6 +1,8 @@
 """The TAFT toolkit: RSL loss, composition, exact forgetting, DP clipping and noise, checkpoints."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -462,3 +464,22 @@ def test_average_offsets_checks_weights_and_offsets(weights, offsets_change, err
         offsets_change(offsets[1])
     with pytest.raises(error, match=message):
         taft.average_offsets(offsets, weights)
+
+
+def test_shard_workers_end_with_the_process_that_started_them():
+    """A shard worker asks Linux to kill it when its parent dies: a parent killed mid-``fit`` left
+    its workers training on as orphans, writing checkpoints (and holding memory) until done."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    script = ("import ctypes, signal; from tangent_kernels.taft.shards import _end_with_the_parent; "
+              "_end_with_the_parent(); found = ctypes.c_int(); "
+              "ctypes.CDLL(None).prctl(2, ctypes.byref(found)); print(found.value == signal.SIGKILL)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout.strip() == "True"
+
+
+def test_shard_workers_and_data_parallel_are_refused_together():
+    """``data_parallel`` trains every shard on every rank; the shard workers dropped it silently."""
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
+    sharded = taft.ShardedTAFT(lin, taft.split_shards(8, 2), taft.TrainConfig(epochs=1))
+    with pytest.raises(ValueError, match="workers: data_parallel trains every shard"):
+        sharded.fit(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), workers=2, data_parallel=True)

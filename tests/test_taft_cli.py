@@ -152,12 +152,18 @@ def test_a_refused_train_leaves_out_as_it_was(images, tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
 def test_forget_retrains_as_trained_and_takes_an_image_path(images, tmp_path, capsys, monkeypatch):
-    """``forget --samples`` retrains with the run's augmentation (it had retrained without), and
-    takes one image's path (it had read the image as a text file of ids); a private run reports ε."""
+    """``forget --samples`` retrains with the run's augmentation (it had retrained without), drawn by
+    as many DataLoader workers as the run's (augmentation draws from each worker's stream: another
+    number of workers gave offsets 7.9e-3 apart, and resuming with it was accepted), and takes one
+    image's path (it had read the image as a text file of ids); a private run reports ε."""
     train, _ = images
     out = tmp_path / "out"
-    main(train_args(train, out, "--augment", "--privacy", "1.0", "1.0"))
+    main(train_args(train, out, "--augment", "--privacy", "1.0", "1.0", "--num-workers", "1"))
     assert "-DP" in capsys.readouterr().out
+    assert open_run(str(out), torch.device("cpu"), training=True)[1].config.num_workers == 1
+    with pytest.raises(SystemExit):
+        main(train_args(train, out, "--augment", "--privacy", "1.0", "1.0", "--num-workers", "0"))
+    assert "holds another run" in capsys.readouterr().err
     augmented = []
     real_transform = taft.cli.transform
     monkeypatch.setattr(taft.cli, "transform", lambda base, augment=False: augmented.append(augment)

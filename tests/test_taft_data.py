@@ -1,5 +1,6 @@
 """TAFT from datasets and DataLoaders: same result as tensors, shards as index sets, resume, recipe."""
 
+import random
 import resource
 
 import pytest
@@ -158,6 +159,37 @@ def test_kill_and_resume_gives_the_uninterrupted_result(tmp_path):
     with pytest.raises(ValueError, match="belongs to another run"):
         trained(TensorDataset(inputs, targets), config=taft.TrainConfig(epochs=3, batch_size=8),
                 checkpoint=str(path))  # fmt: skip
+
+
+def test_a_checkpoint_of_another_base_or_other_data_is_refused(tmp_path):
+    """The checkpoint's run named the settings, the data's length and the parameter shapes: a run
+    killed and resumed around another base model (same shapes) or on other tensors of the same
+    length resumed silently (offsets 0.02 off); now both are named in it."""
+    inputs, targets = tiny_data()
+    config = taft.TrainConfig(epochs=2, batch_size=8)
+    path = str(tmp_path / "run.pt")
+    trained(TensorDataset(inputs, targets), config=config, checkpoint=path)
+    other_base = tk.linearize(tiny_vit(torch.float32, seed=1), 1)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        taft.train(other_base, TensorDataset(inputs, targets), config=config, checkpoint=path)
+    for data in (TensorDataset(inputs.flip(0), targets), TensorDataset(inputs, targets.roll(1))):
+        with pytest.raises(ValueError, match="belongs to another run"):
+            trained(data, config=config, checkpoint=path)
+    trained(TensorDataset(inputs, targets), config=config, checkpoint=path)  # the same run resumes
+
+
+def test_resume_restores_pythons_stream(tmp_path):
+    """timm's augmentation draws from Python's ``random`` in the main process: a checkpoint holds its
+    state, so a resumed run draws what the uninterrupted one drew."""
+    inputs, targets = tiny_data()
+    config = taft.TrainConfig(epochs=1, batch_size=8)
+    path = str(tmp_path / "run.pt")
+    random.seed(7)
+    trained(TensorDataset(inputs, targets), config=config, checkpoint=path)
+    expected = random.random()
+    random.seed(8)
+    trained(TensorDataset(inputs, targets), config=config, checkpoint=path)  # restored: nothing left to train
+    assert random.random() == expected
 
 
 def test_recipe_options():

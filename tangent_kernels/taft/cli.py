@@ -143,8 +143,9 @@ def open_run(out: str, device: torch.device, data: str | None = None, training: 
     run = read_run(out)
     base = build_base(run)
     lin = linearize(base, run["blocks"], reinit=run["reinit"]).to(device)
-    sharded = ShardedTAFT.load(out, lin, config_from(run["config"]))
     augment = training and run["augment"]
+    loading = {"num_workers": run.get("augment_num_workers") or 0} if augment else {}  # as the run drew them
+    sharded = ShardedTAFT.load(out, lin, config_from(run["config"], **loading))
     folder = RunFolder(data or run["data"], run["classes"], transform(base, augment)) if with_data else None
     return run, sharded, folder
 
@@ -174,7 +175,8 @@ def train_command(args) -> None:
            "blocks": args.blocks if args.blocks == "all" else int(args.blocks), "reinit": args.reinit,
            "classes": classes, "data": os.path.abspath(args.data), "shards": args.shards,
            "protocol": args.protocol, "split": "class" if args.protocol == "class-incremental" else args.split,
-           "augment": args.augment,
+           "augment": args.augment,  # and augmentation draws depend on the DataLoader workers:
+           "augment_num_workers": args.num_workers if args.augment else None,
            "config": {k: v for k, v in dataclasses.asdict(config).items() if k not in LOADING}}  # fmt: skip
     base = build_base(run)
     folder = RunFolder(args.data, classes, transform(base, args.augment))
@@ -197,9 +199,9 @@ def train_command(args) -> None:
         sharded = ShardedTAFT(lin, split_shards(len(folder), args.shards, seed=args.seed, labels=labels), config)
     if not started and rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
+        with open(f"{path}.{os.getpid()}.tmp", "w") as f:
             json.dump(run, f, indent=1)
-        os.replace(f"{path}.tmp", path)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
     todo = [i for i in range(len(sharded.shards)) if i not in sharded.active() and len(sharded.shards[i])]
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.protocol == "shards":

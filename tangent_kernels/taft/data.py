@@ -81,14 +81,24 @@ def known_targets(dataset: Dataset) -> Tensor | None:
 
 
 def identity(dataset: Dataset) -> str:
-    """A short digest of which samples ``dataset`` is (its length, and a ``Subset``'s indices), so a
-    checkpoint is resumed only on the data it was trained on."""
+    """A short digest of which samples ``dataset`` is, so a checkpoint is resumed only on the data it
+    was trained on: its length, a ``Subset``'s indices, and what can be read without loading every
+    sample: a ``TensorDataset``'s tensors, an ``ImageFolder``'s file list and labels, or else the
+    labels where the dataset holds them (``known_targets``)."""
     digest = hashlib.sha256(type(dataset).__qualname__.encode())
     if not isinstance(dataset, IterableDataset):
         digest.update(str(len(dataset)).encode())
     if isinstance(dataset, Subset):
         digest.update(torch.as_tensor(dataset.indices, dtype=torch.long).numpy().tobytes())
         digest.update(identity(dataset.dataset).encode())
+    elif isinstance(dataset, TensorDataset):
+        for t in dataset.tensors:
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(getattr(dataset, "samples", None), list):
+        digest.update(repr(dataset.samples).encode())
+    elif not isinstance(dataset, IterableDataset) and known_targets(dataset) is not None:
+        digest.update(known_targets(dataset).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

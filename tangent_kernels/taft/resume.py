@@ -1,15 +1,18 @@
 """Per-epoch training checkpoints: a killed run restarts from its last epoch and ends as an
 uninterrupted one would (trained tensors, optimizer, learning-rate schedule, gradient scaler and
-every random state: the generators of the batches and of the DP noise, and torch's own, for
-dropout).
+the random states: the generators of the batches and of the DP noise, torch's own, for dropout,
+and Python's, which timm's augmentation draws in the main process; not those of DataLoader worker
+processes).
 
-A checkpoint names the run it belongs to (configuration, data, parameter shapes); resuming
-another run from it is refused. Written atomically (a temporary file, then ``os.replace``).
+A checkpoint names the run it belongs to (configuration, data, parameter shapes, the base model's
+fingerprint); resuming another run from it is refused. Written atomically (a temporary file of
+this process, then ``os.replace``).
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 import torch
 
@@ -25,9 +28,10 @@ def save(path: str, epoch: int, run: str, params: dict[str, torch.Tensor], optim
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "generators": {name: g.get_state() for name, g in generators.items()}, "cpu_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "python_rng": random.getstate(),
     }  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp"
+    temporary = f"{path}.{os.getpid()}.tmp"  # (two processes writing one path never share it)
     torch.save(state, temporary)
     os.replace(temporary, path)
 
@@ -58,4 +62,5 @@ def restore(path: str | None, run: str, params: dict[str, torch.Tensor], optimiz
     torch.set_rng_state(state["cpu_rng"])
     if state["cuda_rng"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)
+    random.setstate(state["python_rng"])
     return int(state["epochs_done"]), list(state["losses"])

@@ -12,6 +12,8 @@ import copy
 import dataclasses
 import os
 import random
+import signal
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -121,6 +123,16 @@ def _train_shard_job(job):
     return _train_shard(*job)
 
 
+def _end_with_the_parent() -> None:
+    """A shard worker is killed when the process that started it dies (Linux: a killed parent left
+    its workers training on, and writing checkpoints, as orphans)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class ShardedTAFT:
     """One linearized model (``linearize(...)``), one trained ``dw`` per shard of the data.
 
@@ -194,9 +206,17 @@ class ShardedTAFT:
         bar = dict(desc="shards", unit="shard", disable=not progress)
         if workers > 1 and len(jobs) > 1:
             threads = max(1, torch.get_num_threads() // workers)
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+            pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                       initializer=_end_with_the_parent)  # fmt: skip
+            try:
                 running = pool.map(_train_shard_job, [(*j, threads, paths[i]) for i, j in zip(mine, jobs)])
                 outcomes = list(tqdm(running, total=len(jobs), **bar))
+            except BaseException:  # Ctrl-C, or a shard's error: no queued shard starts, none runs on
+                pool.shutdown(wait=False, cancel_futures=True)
+                for process in list(getattr(pool, "_processes", {}).values()):
+                    process.terminate()
+                raise
+            pool.shutdown()
         else:
             outcomes = [_train_shard(*job, None, paths[i], data_parallel, progress and f"shard {i}")
                         for i, job in zip(mine, tqdm(jobs, **bar))]  # fmt: skip
@@ -222,6 +242,9 @@ class ShardedTAFT:
         if len(set(todo)) != len(todo):
             raise ValueError(f"shards: expected unique shard indices, got {todo}")
         workers = check_int("workers", workers, minimum=1)
+        if workers > 1 and data_parallel:
+            raise ValueError("workers: data_parallel trains every shard on all ranks of the process group; "
+                             "expected workers=1 with it")  # fmt: skip
         data = self._check_data(inputs, targets)
         nonempty = {i: self.shards[i] for i in todo if len(self.shards[i])}
         folder = None if resume is None else os.fspath(resume)

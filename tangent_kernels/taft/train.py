@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from ..checkpoint import base_fingerprint
 from . import distributed, resume
 from .checks import check_choice, check_int, check_real
 from .data import EpochBatches, Source, batches, identity, known_targets, source
@@ -24,7 +25,9 @@ OPTIMIZERS = ("adam", "sgd")
 LOSSES = ("rsl", "ce")
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LOADING = ("num_workers", "pin_memory", "prefetch_factor")  # how data are read: no effect on the result
+# How data are read: no effect on the result, except that a dataset drawing random augmentation
+# draws it in each DataLoader worker's stream (so with another number of workers, other draws).
+LOADING = ("num_workers", "pin_memory", "prefetch_factor")
 NOISE_STREAM, WORKERS_STREAM = 0x9E3779B97F4A7C15, 0x632BE59BD9B4E019  # seeds config.seed + these (mod 2^64)
 
 
@@ -321,7 +324,10 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
                   for name, offset in (("batches", 0), ("workers", WORKERS_STREAM), ("noise", NOISE_STREAM))}
     steps = None if data.iterable else math.ceil(num_samples / config.batch_size)
     sample_rate = None if data.iterable else min(1.0, config.batch_size / num_samples)
-    run = f"{config.run()}|{identity(data.dataset)}|{[(n, tuple(p.shape)) for n, p in named.items()]}"
+    run = None
+    if checkpoint is not None:  # (the base's fingerprint hashes its weights: only where it is checked)
+        shapes = [(n, tuple(p.shape)) for n, p in named.items()]
+        run = f"{config.run()}|{identity(data.dataset)}|{shapes}|{base_fingerprint(model)}"
     state = (named, optimizer, scheduler, scaler, generators)
     done, losses = resume.restore(checkpoint, run, *state, device)
     result = TrainResult(losses=losses, rank=distributed.rank_and_world()[0])
