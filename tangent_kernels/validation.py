@@ -13,6 +13,7 @@ converts its masks), a boolean one marks padding with ``True``.
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Sequence
 
 import torch
@@ -58,6 +59,20 @@ def one_device(**tensors: Tensor | None) -> None:
     present = [(name, t) for name, t in tensors.items() if t is not None]
     for name, t in present[1:]:
         same_device(name, t, present[0][1], present[0][0])
+
+
+def env_count(variable: str, default: int) -> int:
+    """The non-negative integer in environment variable ``variable`` (``default`` if unset)."""
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"{variable}: expected a non-negative integer, got {text!r}")
+    return value
 
 
 def number(name: str, value) -> float:

@@ -1240,3 +1240,16 @@ def test_forward_ad_trains_through_attention_math_serves(form, loss_on, monkeypa
         warnings.simplefilter("ignore")  # the once-per-reason note that math SDPA runs
         close(grads(by_forward_ad), expected, tol=1e-12)
     assert calls.count == 0
+
+
+def test_size_thresholds_from_the_environment_are_checked(monkeypatch):
+    """``TANGENT_KERNELS_CPU_FUSED_MIN_*`` set to text failed the import with int()'s bare message."""
+    monkeypatch.setenv("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", "12")
+    assert tk.validation.env_count("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", 5) == 12
+    monkeypatch.delenv("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES")
+    assert tk.validation.env_count("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", 5) == 5
+    for text in ("", "1e5", "-1"):
+        monkeypatch.setenv("TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS", text)
+        with pytest.raises(ValueError, match=f"^TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS: expected a non-negative "
+                                             f"integer, got {text!r}"):  # fmt: skip
+            tk.validation.env_count("TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS", 5)

@@ -26,14 +26,13 @@ torch's own.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from .. import autocasting, functional
+from .. import autocasting, functional, validation
 from . import watch
 
 
@@ -120,7 +119,7 @@ def _needs_exact_higher_order(tensors: list[Tensor]) -> bool:
 # 0.83x, 512×192 0.93x, 394×256 0.95x, 788×256 1.98x, 394×768 2.27x. Torch's rule has a wrong second derivative (pytorch/pytorch#196700),
 # so it serves only calls whose primal inputs do not require grad (no second-order term can be
 # asked for). ``TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS`` overrides it (0: always fused).
-CPU_FUSED_MIN_ELEMENTS = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS", 128 * 1024))
+CPU_FUSED_MIN_ELEMENTS = validation.env_count("TANGENT_KERNELS_CPU_FUSED_MIN_ELEMENTS", 128 * 1024)
 
 
 def _torch_is_faster(tensors: list[Tensor]) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,7 +30,7 @@ import torch.nn.functional as torch_F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .. import autocasting, forward_mode
+from .. import autocasting, forward_mode, validation
 from . import watch
 from .attention import fused_attention
 
@@ -126,7 +125,7 @@ def _module_scale(query: Tensor) -> float | None:
 # B·H = 6: N=224 0.82x, 256 1.11x; B·H = 96: N=128 1.28x, 256 1.45x: the crossover is at about
 # 350-400 thousand scores whatever the shape. The scores math SDPA materializes are small here.
 # ``TANGENT_KERNELS_CPU_FUSED_MIN_SCORES`` overrides it (0: always fused).
-CPU_FUSED_MIN_SCORES = int(os.environ.get("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", 6 * 256 * 256))
+CPU_FUSED_MIN_SCORES = validation.env_count("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", 6 * 256 * 256)
 
 
 def math_is_faster(q: Tensor, k: Tensor) -> bool:
