@@ -390,9 +390,13 @@ class TangentBlock(nn.Module):
         self.drop_path1 = TangentDropPath(block.drop_path1)
         self.drop_path2 = TangentDropPath(block.drop_path2)
 
-    def forward(self, x: Tensor, x_t: Tensor | None = None, is_causal: bool = False) -> Pair:
+    def forward(
+        self, x: Tensor, x_t: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> Pair:
+        """timm's ``Block.forward`` arguments after the tangent (an ``attn_mask`` is refused by the
+        attention, as there)."""
         h, h_t = self.norm1(x, x_t)
-        h, h_t = self.attn(h, h_t, is_causal=True) if is_causal else self.attn(h, h_t)
+        h, h_t = self.attn(h, h_t, attn_mask=attn_mask, is_causal=is_causal)
         h, h_t = self.ls1(h, h_t)
         h, h_t = self.drop_path1(h, h_t)
         x, x_t = x + h, add_tangents(x_t, h_t)

@@ -513,3 +513,15 @@ def test_taft_saves_no_more_than_fine_tuning(backend, blocks, device):
         p.requires_grad_(name in trainable)
     fine_tuning, _ = tk.memory.saved_tensor_bytes(lambda: model(images), weights)
     assert 0 < ours <= fine_tuning, f"TAFT saves {ours} bytes, fine-tuning {fine_tuning}"
+
+
+def test_tangent_block_takes_timm_blocks_arguments():
+    """timm's ``Block.forward(x, attn_mask=None, is_causal=False)``: the tangent block took no
+    ``attn_mask`` (a bare TypeError) and read a third positional argument as ``is_causal``."""
+    block = small_vit(torch.float64).blocks[0]
+    tangent_block = tk.modules.TangentBlock(block, backend="reference")
+    x, x_t = torch.randn(2, 5, 48, dtype=torch.float64), torch.randn(2, 5, 48, dtype=torch.float64)
+    y, _ = tangent_block(x, x_t, None, True)
+    assert max_relative_error(y, block(x, is_causal=True)) < 1e-12
+    with pytest.raises(NotImplementedError, match="TangentAttention: attn_mask is not supported"):
+        tangent_block(x, x_t, attn_mask=torch.ones(5, 5, dtype=torch.bool))
