@@ -74,8 +74,11 @@ def interleaved_ratio(numerator, denominator, device: torch.device, rounds: int)
 
 
 def peak_memory(fn, device: torch.device) -> int:
-    """Bytes allocated by ``fn()`` at its peak, above what was allocated before the call."""
+    """Bytes allocated by ``fn()`` at its peak, above what was allocated before the call. On a GPU
+    after one unmeasured call: a first call compiles and autotunes (Triton's benchmarking allocates
+    a 256 MiB cache-flush buffer), which a steady-state step does not."""
     if device.type == "cuda":
+        fn()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)

@@ -52,7 +52,7 @@ def run_case(case, device: torch.device) -> list[dict]:
         if check_error:
             row["check_error"] = check_error
         try:
-            row["peak_memory_bytes"] = peak_memory(fn, device)  # (also the first warm-up call)
+            row["peak_memory_bytes"] = peak_memory(fn, device)  # (also a warm-up: compile, autotune)
             row.update(time_call(fn, device, warmups=1))
             if mode in case.extras:
                 row.update(case.extras[mode]())
