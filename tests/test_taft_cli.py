@@ -142,10 +142,12 @@ def test_a_refused_train_leaves_out_as_it_was(images, tmp_path, capsys):
     samples, CUDA autocast on the CPU) had left a run.json that refused the corrected command."""
     train, _ = images
     out = tmp_path / "out"
-    for refused in (["--shards", "1000"], ["--precision", "bf16"]):
+    for refused, said in ((["--shards", "1000"], "num_shards"), (["--precision", "bf16"], "precision"),
+                          (["--delta", "1e-6"], "--delta: the δ of (ε, δ)-DP applies to a --privacy run")):  # fmt: skip
         with pytest.raises(SystemExit):
             main(train_args(train, out, *refused))
         assert not (out / "run.json").exists(), refused
+        assert said in capsys.readouterr().err
     main(train_args(train, out))
     assert "saved 1 shard(s)" in capsys.readouterr().out
 

@@ -34,6 +34,7 @@ from .shards import ShardedTAFT, split_shards
 from .train import LOADING, TrainConfig, accuracy, training_autocast
 
 RUN_FILE, FORMAT = "run.json", "tangent_kernels.taft_cli/1"
+DELTA = 1e-5  # --privacy's δ unless --delta is given
 PROTOCOLS = ("shards", "class-incremental", "data-incremental")
 
 
@@ -159,12 +160,14 @@ def train_command(args) -> None:
     rank = distributed.rank_and_world()[0]
     if args.blocks != "all" and not args.blocks.isdigit():
         raise ValueError(f"--blocks: expected N (the last N blocks) or 'all', got {args.blocks!r}")
+    if args.delta is not None and args.privacy is None:
+        raise ValueError("--delta: the δ of (ε, δ)-DP applies to a --privacy run; expected --privacy with it")
     if args.protocol != "shards" and args.test is None:
         raise ValueError(f"--test: the {args.protocol} protocol evaluates after each task; expected a test folder")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          loss=args.loss, kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
                          lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode, precision=args.precision,
-                         privacy=args.privacy and PrivacyConfig(*args.privacy, delta=args.delta))  # fmt: skip
+                         privacy=args.privacy and PrivacyConfig(*args.privacy, delta=args.delta or DELTA))  # fmt: skip
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: {args.data} is not a folder")
     classes = find_classes(args.data)[0]
@@ -316,7 +319,7 @@ def parser() -> argparse.ArgumentParser:
     weights.add_argument("--pretrained", action="store_true", help="timm's pretrained weights")
     train.add_argument("--privacy", type=float, nargs=2, metavar=("NOISE_MULTIPLIER", "MAX_GRAD_NORM"),
                        help="DP-SGD with this noise multiplier and clipping norm")
-    train.add_argument("--delta", type=float, default=1e-5, help="the δ of (ε, δ)-DP")
+    train.add_argument("--delta", type=float, help=f"the δ of (ε, δ)-DP (default {DELTA:g})")
     train.add_argument("--dw-penalty", type=float, default=0.0, help="adds this × ‖dw‖ (the paper's code: 1e-5)")
     train.add_argument("--lr-milestones", type=int, nargs="*", default=[], help="epochs where the lr is × 0.1")
     train.add_argument("--eval-mode", action="store_true", help="train with dropout off, as the paper's code")
