@@ -145,7 +145,8 @@ def patch(model: nn.Module) -> nn.Module:
             f"nothing-to-patch-{type(model).__qualname__}",
             f"tangent_kernels.patch: found no attention module to route in {type(model).__name__}; "
             "for code that calls F.scaled_dot_product_attention itself, use "
-            "`with tangent_kernels.fused_jvp():`",
+            "`with tangent_kernels.fused_jvp():`; attention written by hand (softmax of q·kᵀ) runs "
+            "as written, unfused (call F.scaled_dot_product_attention there to have it fused)",
         )
     record = _Record()
     try:
