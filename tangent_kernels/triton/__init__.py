@@ -7,6 +7,7 @@ defined, so later changes have no effect). Nothing here touches a GPU at import 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -32,9 +33,19 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input precision: fp32 tiles multiply in full fp32 unless torch allows TF32 for
     matmuls, as torch itself does; 16-bit tiles ignore it."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not matmuls_allow_tf32():
         return "ieee"
     return "tf32"
+
+
+def matmuls_allow_tf32() -> bool:
+    """torch's TF32 setting for CUDA matmuls, read through the ``fp32_precision`` API, which also
+    reflects the legacy setters (``allow_tf32``, ``set_float32_matmul_precision``); reading
+    ``allow_tf32`` raises once the new API has set it. ``"none"`` defers to the global setting."""
+    precision = torch.backends.cuda.matmul.fp32_precision
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
 
 
 def tile_class(element_size: int, precision: str) -> str:
@@ -75,10 +86,44 @@ def check_served(name: str, t: torch.Tensor) -> None:
         raise error(f"{name}: the triton backend cannot run it: {reason}")
 
 
+def launcher(launch):
+    """A launch entry point, run on the CUDA device of its first argument (a tensor): Triton compiles
+    and launches for the current device and its stream, whatever device the tensors live on (a model
+    on ``cuda:1`` while ``cuda:0`` is current read another GPU's memory, or raced its stream)."""
+
+    @functools.wraps(launch)
+    def on_the_tensors_device(first, *args, **kwargs):
+        if first.device.type != "cuda":
+            return launch(first, *args, **kwargs)
+        with torch.cuda.device(first.device):
+            return launch(first, *args, **kwargs)
+
+    return on_the_tensors_device
+
+
+# The attention kernels offset a row of a (B, H, N, D) tensor by ``row × row stride`` in 32-bit
+# integers (batch and head offsets are 64-bit): past this, the offset would wrap.
+MAX_ROW_OFFSET = 2**31 - 1
+
+
+def check_row_offsets(**tensors: torch.Tensor | None) -> None:
+    """Refuse ``(B, H, N, D)`` tensors whose last row starts past ``MAX_ROW_OFFSET`` elements from its
+    (batch, head) start (e.g. N = 524288 tokens of 32 heads × 128 in the (B, N, H, D) layout)."""
+    for name, t in tensors.items():
+        if t is not None and t.shape[2] and (t.shape[2] - 1) * t.stride(2) + t.shape[3] > MAX_ROW_OFFSET:
+            raise ValueError(f"{name}: {t.shape[2]} rows {t.stride(2)} elements apart reach past 2**31 - 1 "
+                             "elements, beyond the Triton attention kernels' 32-bit row offsets")  # fmt: skip
+
+
 def dense_vector(t: torch.Tensor | None) -> torch.Tensor | None:
     """A 1-D parameter (bias, norm weight) as the kernels index it, ``P + cols``: unit stride (a
     copy only if it is a strided or expanded view)."""
     return None if t is None else t.contiguous()
+
+
+# The oldest GPUs the kernels are compiled and checked for (Ampere, sm_80): the tile lists assume
+# bf16 tensor cores and 99 KB or more of shared memory (Turing's T4 has 64 KB; Volta has no bf16).
+MIN_CAPABILITY = (8, 0)
 
 
 def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
@@ -91,6 +136,9 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
         return f"device {device.type!r} is not supported (expected cuda, or cpu under TRITON_INTERPRET=1)"
     if dtype not in DTYPES:
         return f"dtype {dtype} is not supported (expected one of float16, bfloat16, float32)"
+    if device.type == "cuda" and not INTERPRETING and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+        found = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        return f"{torch.cuda.get_device_name(device)} has compute capability {found}; the kernels need 8.0 or newer"
     return ""
 
 
@@ -102,14 +150,16 @@ def length_bucket(length: int) -> int:
 
 class _BucketedCache(dict):
     """An autotuner's cache of the best config per key, with the key's entries at ``positions``
-    (sequence lengths) replaced by their ``length_bucket``."""
+    (sequence lengths) replaced by their ``length_bucket``, and the launch device's compute
+    capability added (a config tuned on one GPU may not fit another's shared memory)."""
 
     def __init__(self, positions):
         super().__init__()
         self.positions = positions
 
     def bucketed(self, key: tuple) -> tuple:
-        return tuple(length_bucket(v) if i in self.positions else v for i, v in enumerate(key))
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_initialized() else None
+        return (*(length_bucket(v) if i in self.positions else v for i, v in enumerate(key)), capability)
 
     def __contains__(self, key):
         return super().__contains__(self.bucketed(key))
@@ -125,8 +175,8 @@ class _BucketedCache(dict):
 
 
 def shared_memory_limit(device: torch.device) -> int | None:
-    """Opt-in shared memory per block of ``device``; ``None`` off CUDA (the interpreter has no limit)."""
-    if device.type != "cuda":
+    """Opt-in shared memory per block of ``device``; ``None`` off CUDA and in the interpreter (no limit)."""
+    if device.type != "cuda" or INTERPRETING:
         return None
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
@@ -134,22 +184,33 @@ def shared_memory_limit(device: torch.device) -> int | None:
 def fitting_configs(kernel, configs, args: dict, wanted: int | None = None) -> list:
     """The first ``wanted`` (all if ``None``) of ``configs`` whose compile for a launch of ``kernel``
     with ``args`` fits the launch device's shared memory, in order (Triton's ``warmup`` compiles
-    without launching; the autotuner would compile each config anyway). Off CUDA all fit; if none
-    fits, Triton's ``OutOfResources`` (callers fall back on it)."""
+    without launching; the autotuner would compile each config anyway). A config that does not
+    compile there (ptxas, resources) is dropped, as Triton's autotuner drops it when benchmarking.
+    Off CUDA all fit; if none fits, Triton's ``OutOfResources`` (callers fall back on it), or the
+    first config's compile error."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    # the kernel's own arguments: the autotuner's keyword arguments hold the launch's grid and flags too
+    args = {name: value for name, value in args.items() if name in kernel.arg_names}
     device = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
     limit = shared_memory_limit(device)
     if limit is None:
         return configs[:wanted]
-    kept, too_big = [], []
+    kept, too_big, failed = [], [], []
     for config in configs:
         if wanted is not None and len(kept) == wanted:
             break
-        shared = kernel.warmup(grid=(1,), **args, **config.all_kwargs()).metadata.shared
+        try:
+            shared = kernel.warmup(grid=(1,), **args, **config.all_kwargs()).metadata.shared
+        except (OutOfResources, CompileTimeAssertionFailure, PTXASError) as error:
+            failed.append(error)
+            continue
         (kept if shared <= limit else too_big).append(config if shared <= limit else shared)
-    if not kept:
-        from triton.runtime.errors import OutOfResources
-
+    if not kept and too_big:
         raise OutOfResources(min(too_big), limit, "shared memory")
+    if not kept:
+        raise failed[0]
     return kept
 
 

@@ -34,8 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import (DTYPE_NAMES, autotune, check_served, compiled_variants, dot_precision, tile_class,
-               unit_last_stride)
+from . import (DTYPE_NAMES, autotune, check_row_offsets, check_served, compiled_variants, dot_precision, launcher,
+               tile_class, unit_last_stride)
 from .math import dot
 
 LOG2E = 1.4426950408889634
@@ -760,6 +760,7 @@ def _bnhd_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty((batch, tokens, heads, head_dim), dtype=t.dtype, device=t.device).transpose(1, 2)
 
 
+@launcher
 def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
     """Launch the forward: returns ``(o, o_t or None, lse)`` with ``lse`` in base 2."""
     check_served("q", q)
@@ -769,6 +770,7 @@ def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
     has_tangent = q_t is not None or k_t is not None or v_t is not None
     o = _bnhd_like(q)
     o_t = _bnhd_like(q) if has_tangent else o
+    check_row_offsets(q=q, k=k, v=v, q_t=q_t, k_t=k_t, v_t=v_t, o=o)
     lse = torch.empty((batch, num_q_heads, q_len), dtype=torch.float32, device=q.device)
     mask, stride_mask_b, stride_mask_n, mask_kind = _mask_arguments(key_padding_mask, q)
     q_t_, k_t_, v_t_ = (q if q_t is None else q_t), (k if k_t is None else k_t), (v if v_t is None else v_t)
@@ -797,6 +799,7 @@ def forward(q, k, v, q_t, k_t, v_t, scale, causal, key_padding_mask):
     return o, (o_t if has_tangent else None), lse
 
 
+@launcher
 def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq, need_dkv):
     """The attention VJP at ``(q, k, v)`` for upstream ``grad_out``: ``(dq, dk, dv)``.
 
@@ -804,6 +807,7 @@ def backward(grad_out, q, k, v, o, lse, scale, causal, key_padding_mask, need_dq
     """
     check_served("q", q)
     grad_out, q, k, v, o = map(unit_last_stride, (grad_out, q, k, v, o))
+    check_row_offsets(grad_out=grad_out, q=q, k=k, v=v, o=o)
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
     block_d = head_dim_block(head_dim)

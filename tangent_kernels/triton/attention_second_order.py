@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import check_served, dot_precision, tile_class, unit_last_stride
+from . import check_row_offsets, check_served, dot_precision, launcher, tile_class, unit_last_stride
 from .attention import MASK_BOOL, _mask_arguments, _masked_scores, head_dim_block, tiled_specs, tuned
 from .math import dot
 
@@ -411,6 +411,7 @@ def _pointers_and_strides(tensors: dict) -> dict:
     return arguments
 
 
+@launcher
 def primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, scale, causal, key_padding_mask,
                  mask_grad):  # fmt: skip
     """``(dQ, dK, dV, d mask or None)`` of ``<grad_o, O> + <grad_o_t, O_t>``, as
@@ -422,6 +423,7 @@ def primal_grads(q, k, v, q_t, k_t, v_t, grad_o, grad_o_t, o, lse, scale, causal
     check_served("q", q)
     q, k, v, q_t, k_t, v_t = map(unit_last_stride, (q, k, v, q_t, k_t, v_t))
     grad_o, grad_o_t, o = map(unit_last_stride, (grad_o, grad_o_t, o))
+    check_row_offsets(q=q, k=k, v=v, q_t=q_t, k_t=k_t, v_t=v_t, grad_o=grad_o, grad_o_t=grad_o_t, o=o)
     batch, num_q_heads, q_len, head_dim = q.shape
     num_kv_heads, k_len = k.shape[1], k.shape[2]
     mask, stride_mask_b, stride_mask_n, mask_kind = _mask_arguments(key_padding_mask, q)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, check_served, dense_vector
+from . import DTYPE_NAMES, check_served, dense_vector, launcher
 from .math import gelu_and_derivative
 
 BLOCK = 1024
@@ -50,6 +50,7 @@ def _gelu_jvp_kernel(
         tl.store(A_T + offsets, (derivative * u_t).to(A_T.dtype.element_ty), mask=inside)
 
 
+@launcher
 def forward(h, h_t, bias, d_bias, approximate):
     """Launch the kernel: returns ``(a, a_t or None, gelu'(u))``."""
     check_served("h", h)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import DTYPE_NAMES, check_served, dense_vector, rows_2d
+from . import DTYPE_NAMES, check_served, dense_vector, launcher, rows_2d
 
 ROW_TILE = 4096  # the widest row held in registers (one tile)
 # The tile a wider row is walked in, at 8 warps (num_warps): at 16 warps ptxas holds a thread to 64
@@ -368,6 +368,7 @@ def _kernels(features: int) -> tuple:
     return _layer_norm_jvp_fwd_tiled_kernel, _layer_norm_bwd_tiled_kernel
 
 
+@launcher
 def forward(x, x_t, weight, bias, d_weight, d_bias, eps, centered):
     """Launch the forward kernel: returns ``(y, y_t or None, mean, rstd)``."""
     check_served("x", x)
@@ -398,6 +399,7 @@ def forward(x, x_t, weight, bias, d_weight, d_bias, eps, centered):
     return y, (y_t if has_tangent else None), mean, rstd
 
 
+@launcher
 def backward(grad, x, weight, mean, rstd, centered, input_grad, param_grads):
     """Launch the backward kernel for one stream: returns ``(grad input, grad weight, grad bias)``.
 

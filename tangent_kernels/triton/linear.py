@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import (DTYPE_NAMES, autotune, check_served, compiled_variants, dense_vector, dot_precision, rows_2d,
-               tile_class)
+from . import (DTYPE_NAMES, autotune, check_served, compiled_variants, dense_vector, dot_precision, launcher,
+               rows_2d, tile_class)
 from .math import dot, gelu_and_derivative
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}
@@ -141,6 +141,7 @@ def fused_measured_faster(weight_shape: tuple[int, int], dtype: torch.dtype, dev
 
 
 
+@launcher
 def forward(x, x_t, weight, bias, d_weight, d_bias, activation):
     """Launch the kernel: ``(y, y_t or None, gelu'(h) or None)`` shaped like ``x`` with ``N`` features."""
     check_served("x", x)
