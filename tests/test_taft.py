@@ -483,3 +483,26 @@ def test_shard_workers_and_data_parallel_are_refused_together():
     sharded = taft.ShardedTAFT(lin, taft.split_shards(8, 2), taft.TrainConfig(epochs=1))
     with pytest.raises(ValueError, match="workers: data_parallel trains every shard"):
         sharded.fit(torch.randn(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), workers=2, data_parallel=True)
+
+
+def test_a_shard_worker_that_dies_is_named(monkeypatch):
+    """A worker killed by a signal (out of memory) surfaced as ``BrokenProcessPool`` naming nothing:
+    the error now names the shards left undone."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    class DyingPool:  # yields shard 0's result, then its pool breaks
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def map(self, fn, jobs):
+            yield fn(next(iter(jobs)))
+            raise BrokenProcessPool("A process in the process pool was terminated abruptly")
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    monkeypatch.setattr(taft.shards, "ProcessPoolExecutor", DyingPool)
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
+    sharded = taft.ShardedTAFT(lin, taft.split_shards(12, 3), taft.TrainConfig(epochs=1, batch_size=4))
+    with pytest.raises(RuntimeError, match=r"^shards: a worker process ended abruptly .* before shards \[1, 2\]"):
+        sharded.fit(torch.randn(12, 1, 8, 8), torch.zeros(12, dtype=torch.long), workers=2, progress=False)

@@ -186,3 +186,17 @@ def test_forgetting_a_shard_needs_no_data(images, tmp_path, capsys):
     shutil.rmtree(data)
     main(["forget", "--out", str(out), "--shard", "0"])
     assert "forgot shard 0; 1 shard(s) left" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_hidden_folders_are_not_classes(images, tmp_path, capsys):
+    """A notebook's ``.ipynb_checkpoints`` in the data folder became a fourth class (torchvision's rule)."""
+    data = tmp_path / "data"
+    shutil.copytree(images[0], data)
+    (data / ".ipynb_checkpoints").mkdir()
+    shutil.copy(next((data / "class_0").iterdir()), data / ".ipynb_checkpoints" / "0-checkpoint.png")
+    main(train_args(data, tmp_path / "out"))
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["classes"] == ["class_0", "class_1", "class_2"]
+    main(["eval", "--out", str(tmp_path / "out"), "--data", str(data)])
+    assert "on 12 images" in capsys.readouterr().out

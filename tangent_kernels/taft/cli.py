@@ -47,12 +47,18 @@ class RunFolder(ImageFolder):
         super().__init__(root, transform=transform)
 
     def find_classes(self, directory):
-        found, _ = super().find_classes(directory)
+        found = visible_classes(directory)
         unknown = sorted(set(found) - set(self.run_classes))
         if unknown:
             raise ValueError(f"--data: {directory} has classes {unknown} the run was not trained on "
                              f"(its classes: {self.run_classes})")  # fmt: skip
         return found, {c: self.run_classes.index(c) for c in found}
+
+
+def visible_classes(directory: str) -> list[str]:
+    """torchvision's classes of ``directory`` (its sub-folders, sorted) but hidden ones (a notebook's
+    ``.ipynb_checkpoints``, a Mac's ``.DS_Store`` folders), which torchvision counts as classes."""
+    return [name for name in find_classes(directory)[0] if not name.startswith(".")]
 
 
 def fingerprint(folder: ImageFolder) -> str:
@@ -170,7 +176,7 @@ def train_command(args) -> None:
                          privacy=args.privacy and PrivacyConfig(*args.privacy, delta=args.delta or DELTA))  # fmt: skip
     if not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: {args.data} is not a folder")
-    classes = find_classes(args.data)[0]
+    classes = visible_classes(args.data)
     weights = None if args.weights is None else os.path.abspath(args.weights)
     run = {"format": FORMAT, "model": args.model, "model_args": json.loads(args.model_args),
            "img_size": args.img_size, "pretrained": args.pretrained, "weights": weights,

@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import get_context
 
 import torch
@@ -208,9 +209,15 @@ class ShardedTAFT:
             threads = max(1, torch.get_num_threads() // workers)
             pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
                                        initializer=_end_with_the_parent)  # fmt: skip
+            outcomes = []
             try:
                 running = pool.map(_train_shard_job, [(*j, threads, paths[i]) for i, j in zip(mine, jobs)])
-                outcomes = list(tqdm(running, total=len(jobs), **bar))
+                outcomes.extend(tqdm(running, total=len(jobs), **bar))
+            except BrokenProcessPool as error:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(f"shards: a worker process ended abruptly (killed by a signal, e.g. out of "
+                                   f"memory) before shards {mine[len(outcomes):]} were done; their per-epoch "
+                                   "checkpoints, if any, resume them") from error  # fmt: skip
             except BaseException:  # Ctrl-C, or a shard's error: no queued shard starts, none runs on
                 pool.shutdown(wait=False, cancel_futures=True)
                 for process in list(getattr(pool, "_processes", {}).values()):
