@@ -370,6 +370,19 @@ def test_forgetting_deletes_the_shard_from_every_folder_saved_to(tmp_path):
     assert shard_files(second) == ["shard_1.safetensors"]
 
 
+def test_forgetting_deletes_the_shards_checkpoints_where_it_trained(tmp_path):
+    """``fit(resume=ck)`` then ``save(final)``: forgetting shard 0 left ``ck/resume/shard_0.pt``,
+    its trained offsets and optimizer state (only saved and loaded folders were rewritten)."""
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
+    sharded = taft.ShardedTAFT(lin, taft.split_shards(12, 2), taft.TrainConfig(epochs=1, batch_size=4))
+    sharded.fit(torch.randn(12, 1, 8, 8), torch.zeros(12, dtype=torch.long), progress=False,
+                resume=tmp_path / "ck")  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "ck" / "resume").iterdir()) == ["shard_0.pt", "shard_1.pt"]
+    sharded.save(tmp_path / "final")
+    sharded.forget_shard(0)
+    assert sorted(p.name for p in (tmp_path / "ck" / "resume").iterdir()) == ["shard_1.pt"]
+
+
 def test_save_removes_stale_shard_files(tmp_path):
     sharded = sharded_with_offsets()
     sharded.save(tmp_path)

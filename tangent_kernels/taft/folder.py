@@ -42,7 +42,7 @@ def resume_file(folder: str, shard: int) -> str:
     return os.path.join(folder, RESUME_FOLDER, f"shard_{shard}.pt")
 
 
-def _remove(path: str) -> None:
+def remove(path: str) -> None:
     try:
         os.remove(path)
     except FileNotFoundError:
@@ -56,9 +56,9 @@ def write(folder: str, model: nn.Module, shards: list[Tensor], offsets: dict[int
     ``offsets`` (the active shards), the shard lists, and the index."""
     for index, path in _shard_files(folder).items():
         if index not in offsets:
-            _remove(path)
+            remove(path)
     for index in {*offsets, *stale, *(i for i, s in enumerate(shards) if not len(s))}:
-        _remove(resume_file(folder, index))
+        remove(resume_file(folder, index))
     for i, state in sorted(offsets.items()):
         save_offsets(model, os.path.join(folder, f"shard_{i}.safetensors"), {"shard": str(i)}, state=state)
     samples = {f"shard_{i}": s.contiguous() for i, s in enumerate(shards)}

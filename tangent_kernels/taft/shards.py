@@ -166,6 +166,7 @@ class ShardedTAFT:
         self.offsets: dict[int, dict[str, Tensor]] = {}
         self.results: dict[int, TrainResult] = {}
         self._folders: set[str] = set()  # saved to or loaded from: rewritten when data is forgotten
+        self._resumed_in: set[str] = set()  # fit(resume=...) folders: their checkpoints saw the data too
         self._composed: str | None = None  # the weighting of the composition ``model`` holds
 
     def _check_shard_index(self, name: str, index) -> int:
@@ -255,6 +256,8 @@ class ShardedTAFT:
         data = self._check_data(inputs, targets)
         nonempty = {i: self.shards[i] for i in todo if len(self.shards[i])}
         folder = None if resume is None else os.fspath(resume)
+        if folder is not None:
+            self._resumed_in.add(os.path.realpath(folder))
         outcomes = self._train(data, nonempty, workers, bool(progress), folder, bool(data_parallel))
         self.num_samples = len(data)
         for i, (offsets, result) in outcomes.items():
@@ -308,6 +311,9 @@ class ShardedTAFT:
                 self._write(folder, touched)
             else:
                 self._folders.discard(folder)
+        for folder in sorted(self._resumed_in - self._folders):
+            for i in touched:
+                on_disk.remove(on_disk.resume_file(folder, i))
 
     def forget_shard(self, index: int) -> None:
         """Remove shard ``index`` and its data from the composition, exactly (see the class doc)."""
