@@ -147,20 +147,20 @@ def layer_norm(
     if not _servable(input, normalized_shape, tensors):
         return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
     tangents = any(watch.has_tangent(t) for t in tensors)
-    if not tangents and (_mixed(tensors) or not _needs_exact_higher_order(tensors)):
+    if not (tangents or _needs_exact_higher_order(tensors)):
         return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-    if _mixed(tensors) or autocasting.autocast_on(input.device):
-        dtype = autocasting.norm_dtype("layer_norm", input, weight, bias)
+    dtype = autocasting.norm_dtype("layer_norm", input, weight, bias)
+    if (tangents and _mixed(tensors)) or dtype != input.dtype:  # the fused kernels take one dtype
         input, weight, bias = autocasting.cast(dtype, input, weight, bias)
         with _autocast_off(input):
             return layer_norm(input, normalized_shape, weight, bias, eps, backend=backend)
-    if tangents:
-        if _torch_is_faster(tensors):
-            return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
-        if not watch.fused_ops_serve_transforms(*tensors):  # plain ops, differentiated by torch
-            return functional.layer_norm_jvp(input, None, weight, bias, eps=float(eps), backend="reference")[0]
-        return _dual_norm(input, weight, bias, float(eps), backend, centered=True)
-    return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
+    if not tangents:  # (torch's own op, mixed dtypes included, with a backward exact to every order)
+        return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
+    if _torch_is_faster(tensors):
+        return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+    if not watch.fused_ops_serve_transforms(*tensors):  # plain ops, differentiated by torch
+        return functional.layer_norm_jvp(input, None, weight, bias, eps=float(eps), backend="reference")[0]
+    return _dual_norm(input, weight, bias, float(eps), backend, centered=True)
 
 
 @torch.compiler.disable
