@@ -200,3 +200,15 @@ def test_hidden_folders_are_not_classes(images, tmp_path, capsys):
     assert run["classes"] == ["class_0", "class_1", "class_2"]
     main(["eval", "--out", str(tmp_path / "out"), "--data", str(data)])
     assert "on 12 images" in capsys.readouterr().out
+
+
+@pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
+def test_a_file_that_is_no_image_is_a_clean_error(images, tmp_path, capsys):
+    """A Mac's ``._x.png`` resource fork in a class folder gave PIL's traceback mid-training."""
+    data = tmp_path / "data"
+    shutil.copytree(images[0], data)
+    (data / "class_1" / "._0.png").write_bytes(b"\x00\x05\x16\x07 not an image")
+    with pytest.raises(SystemExit):
+        main(train_args(data, tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert "tangent-taft train: error: " in err and "._0.png" in err and "Traceback" not in err

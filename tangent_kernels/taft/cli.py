@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     command = {"train": train_command, "eval": eval_command, "forget": forget_command}[args.command]
     try:
         command(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:  # (OSError: a file that is not an image, a full disk)
         print(f"tangent-taft {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
