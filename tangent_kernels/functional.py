@@ -57,7 +57,9 @@ def layer_norm_jvp(
     ``weight``/``bias`` are the frozen ``g0``/``b0`` (``None`` for no affine), ``d_weight``/
     ``d_bias`` their trainable offsets. Note the default ``eps`` is timm's ViT value, 1e-6.
     """
-    x, x_t, weight, bias, d_weight, d_bias = _as_autocast_norms("layer_norm", x, x_t, weight, bias, d_weight, d_bias)
+    if _autocast_on(x):
+        dtype = autocasting.norm_dtype("layer_norm", x, weight, bias)
+        x, x_t, weight, bias, d_weight, d_bias = autocasting.cast(dtype, x, x_t, weight, bias, d_weight, d_bias)
     eps = validation.layer_norm(x, x_t, weight, bias, d_weight, d_bias, eps, no_features_ok=True)
     return _norm_jvp("layer_norm_jvp", x, x_t, weight, bias, d_weight, d_bias, eps, True, backend)
 
@@ -75,7 +77,9 @@ def rms_norm_jvp(
     ``y_t = g0 · (x_t − x̂ · mean(x̂ · x_t)) · rstd + dg · x̂``. ``eps=None`` is torch's default, the
     machine epsilon of the computation's dtype (float32's for 16-bit and float32 inputs).
     """
-    x, x_t, weight, d_weight = _as_autocast_norms("rms_norm", x, x_t, weight, d_weight)
+    if _autocast_on(x):
+        x, x_t, weight, d_weight = autocasting.cast(autocasting.norm_dtype("rms_norm", x, weight), x, x_t, weight,
+                                                    d_weight)  # fmt: skip
     if eps is None:
         validation.tensor("x", x)
         eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
@@ -83,13 +87,11 @@ def rms_norm_jvp(
     return _norm_jvp("rms_norm_jvp", x, x_t, weight, None, d_weight, None, eps, False, backend)
 
 
-def _as_autocast_norms(op: str, x: Tensor, *others: Tensor | None) -> list[Tensor | None]:
-    """Under ``torch.autocast``, the norm's tensors (input, tangent, parameters and offsets) in the
-    dtype torch's own norm computes in there (float32 on CUDA, the input's on the CPU)."""
-    if not (isinstance(x, Tensor) and autocasting.autocast_on(x.device)):
-        return [x, *others]
-    params = others[1:3] if op == "layer_norm" else others[1:2]
-    return autocasting.cast(autocasting.norm_dtype(op, x, *params), x, *others)
+def _autocast_on(x) -> bool:
+    """Autocast is on for tensor ``x``'s device: a norm's tensors (input, tangent, parameters and
+    offsets) then go in the dtype torch's own norm computes in there (float32 on CUDA, the input's
+    on the CPU)."""
+    return isinstance(x, Tensor) and autocasting.autocast_on(x.device)
 
 
 def _norm_jvp(op, x, x_t, weight, bias, d_weight, d_bias, eps: float, centered: bool, backend: str):

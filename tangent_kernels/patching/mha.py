@@ -83,7 +83,7 @@ def multi_head_attention_forward(
     differentiated = torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad for t in arguments.values()
     )
-    if not (tangents or differentiated) or (need_weights and not tangents):
+    if not tangents and (need_weights or not differentiated):
         return torch_F.multi_head_attention_forward(**arguments)
     if need_weights:
         result = torch_F.multi_head_attention_forward(**arguments)
