@@ -4,9 +4,10 @@ torch's forward-AD rule for ``layer_norm`` is a chain of element-wise ops: on th
 about 100× the fused ``layer_norm_jvp`` (40 ms against 0.4 ms for 3152×384 float32 rows), so the
 routing mode serves ``F.layer_norm`` calls with tangents here: both streams by one call of the
 differentiable ``functional.layer_norm_jvp`` on the unpacked dual inputs, in the dtype torch's
-own call would compute in (under autocast, or for mixed dtypes: ``_servable``). Calls it does not
-serve run torch's own: no tangent, a norm over more than the last dimension, or a small CPU call
-that cannot need a second-order term (below).
+own call would compute in (under autocast, or for mixed dtypes: ``_servable``); a norm over several
+trailing dims (``LayerNorm([C, H, W])``) as the norm over them flattened into one. Calls it does
+not serve run torch's own: no tangent, or a small CPU call that cannot need a second-order term
+(below).
 
 Calls without tangents whose inputs require grad (plain autograd, no ``torch.func`` transform)
 run ``_LayerNormExactHigherOrder``: torch's forward and backward, but a backward that is itself
@@ -26,6 +27,7 @@ torch's own.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as torch_F
@@ -149,6 +151,8 @@ def layer_norm(
     tangents = any(watch.has_tangent(t) for t in tensors)
     if not (tangents or _needs_exact_higher_order(tensors)):
         return torch_F.layer_norm(input, normalized_shape, weight, bias, eps)
+    if len(normalized_shape) > 1:
+        return _over_flattened_dims(layer_norm, input, normalized_shape, weight, bias, eps=eps, backend=backend)
     dtype = autocasting.norm_dtype("layer_norm", input, weight, bias)
     if (tangents and _mixed(tensors)) or dtype != input.dtype:  # the fused kernels take one dtype
         input, weight, bias = autocasting.cast(dtype, input, weight, bias)
@@ -180,6 +184,8 @@ def rms_norm(
         and watch.fused_ops_serve_transforms(*tensors)
     ):
         return torch_F.rms_norm(input, normalized_shape, weight, eps)
+    if len(normalized_shape) > 1:
+        return _over_flattened_dims(rms_norm, input, normalized_shape, weight, eps=eps, backend=backend)
     if _mixed(tensors) or autocasting.autocast_on(input.device):
         input, weight = autocasting.cast(autocasting.norm_dtype("rms_norm", input, weight), input, weight)
         with _autocast_off(input):
@@ -187,13 +193,23 @@ def rms_norm(
     return _dual_norm(input, weight, None, None if eps is None else float(eps), backend, centered=False)
 
 
+def _over_flattened_dims(norm, input: Tensor, normalized_shape, *parameters: Tensor | None, **options) -> Tensor:
+    """``norm`` over the last ``len(normalized_shape)`` dims of ``input``, as the same norm over
+    those dims flattened into one (the fused kernels normalize the last dim only)."""
+    dims = len(normalized_shape)
+    flat_parameters = (None if p is None else p.flatten() for p in parameters)
+    y = norm(input.flatten(-dims), (math.prod(normalized_shape),), *flat_parameters, **options)
+    return y.unflatten(-1, input.shape[-dims:])
+
+
 def _servable(input: Tensor, normalized_shape, tensors: list[Tensor]) -> bool:
-    """A norm over the last dimension of floating tensors on one device. Mixed dtypes and autocast
+    """A norm over trailing dimensions of floating tensors on one device. Mixed dtypes and autocast
     are settled by torch's rules first (``autocasting.norm_dtype``): the fused kernels then run on
     the inputs cast to torch's result dtype (CUDA's autocast: float32; the CPU's and mixed dtypes:
     the input's, rounding a float32 parameter of a 16-bit input), with autocast off."""
     return (
-        tuple(normalized_shape) == tuple(input.shape[-1:])
+        len(normalized_shape) > 0
+        and tuple(normalized_shape) == tuple(input.shape[input.dim() - len(normalized_shape):])
         and all(t.is_floating_point() and t.device == input.device for t in tensors)
     )
 
