@@ -9,6 +9,8 @@ input dtypes and autocast dtype, on one-element tensors.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as torch_F
 from torch import Tensor
@@ -23,6 +25,13 @@ _found: dict[tuple, torch.dtype] = {}
 def autocast_on(device: torch.device) -> bool:
     """``torch.autocast`` is enabled for ``device``'s type."""
     return torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+
+
+def autocast_off(device: torch.device):
+    """A context with autocast off for ``device``'s type (a null context where it is off)."""
+    if not autocast_on(device):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def norm_dtype(op: str, x: Tensor, *params: Tensor | None) -> torch.dtype:

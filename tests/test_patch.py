@@ -1241,14 +1241,17 @@ def test_query_rows_that_see_no_key(form, dtype, monkeypatch):
         (F64, {"attn_mask": "bool", "scale": 0.3}),
         (torch.float32, {"attn_mask": "float"}),
         (torch.bfloat16, {"is_causal": True}),
+        (F64, {"scale": -0.4}),  # (raised: the square root of the scale)
+        (F64, {"keys": 0}),  # no keys: torch's zeros (raised: the maximum of no scores)
     ],
 )
 def test_forward_ad_math_gives_torchs_math(dtype, call):
     """The math that serves ``forward_ad`` calls (below) gives torch's math SDPA's values (16-bit
     inputs computed in float32, as torch does) and refuses what torch refuses, in its words."""
     torch.manual_seed(0)
+    keys = call.pop("keys", 7)
     q, q_t = torch.randn(2, 4, 5, 8, dtype=dtype), torch.randn(2, 4, 5, 8, dtype=dtype)
-    k, v = (torch.randn(2, 2 if call.get("enable_gqa") else 4, 7, 8, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(2, 2 if call.get("enable_gqa") else 4, keys, 8, dtype=dtype) for _ in range(2))
     masks = {"bool": torch.rand(5, 7) > 0.2, "float": torch.randn(2, 1, 5, 7)}
     call = dict(call, attn_mask=masks.get(call.get("attn_mask")))
     with sdpa_kernel(SDPBackend.MATH):
@@ -1260,6 +1263,35 @@ def test_forward_ad_math_gives_torchs_math(dtype, call):
     close(out, expected, tol=1e-6 if dtype == torch.float32 else 1e-12)
     with pytest.raises(RuntimeError, match="attn_mask should not be set when is_causal"):
         tk.patching.sdpa._composite_sdpa(q, k, v, masks["bool"], 0.0, True, None, False)
+
+
+def test_forward_ad_math_under_autocast_returns_torchs_dtype(monkeypatch):
+    """Under CPU bf16 autocast a ``forward_ad`` call that math serves returned float32 (the dtype
+    before autocast's cast) where torch returns bf16; it returns torch's dtype and values."""
+    monkeypatch.setattr(tk.patching.sdpa, "CPU_FUSED_MIN_SCORES", 6 * 256 * 256)  # math serves this small call
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    q_t = torch.randn_like(q)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16), forward_ad.dual_level():
+            return forward_ad.unpack_dual(F.scaled_dot_product_attention(forward_ad.make_dual(q, q_t), k, v))
+
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = run()
+    with fused_jvp(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the note that math serves a small call
+        out = run()
+    assert out.primal.dtype == out.tangent.dtype == torch.bfloat16
+    close(out, expected, tol=1e-2)  # bf16 rounding of the same math (float32's result: 6e-3 off)
+
+
+def test_enable_gqa_without_a_head_dim_is_refused_as_torch_refuses_it():
+    q, k, v = (torch.randn(5, 8, dtype=F64) for _ in range(3))
+    with pytest.raises(IndexError), sdpa_kernel(SDPBackend.MATH):
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with fused_jvp(), pytest.raises(IndexError):
+        jvp(lambda q: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), (q,), (q,))
 
 
 @pytest.mark.parametrize("form", ["small call", "dropout", "mask per head"])

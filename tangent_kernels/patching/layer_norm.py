@@ -26,7 +26,6 @@ torch's own.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -156,7 +155,7 @@ def layer_norm(
     dtype = autocasting.norm_dtype("layer_norm", input, weight, bias)
     if (tangents and _mixed(tensors)) or dtype != input.dtype:  # the fused kernels take one dtype
         input, weight, bias = autocasting.cast(dtype, input, weight, bias)
-        with _autocast_off(input):
+        with autocasting.autocast_off(input.device):
             return layer_norm(input, normalized_shape, weight, bias, eps, backend=backend)
     if not tangents:  # (torch's own op, mixed dtypes included, with a backward exact to every order)
         return _LayerNormExactHigherOrder.apply(input, weight, bias, float(eps))[0]
@@ -188,7 +187,7 @@ def rms_norm(
         return _over_flattened_dims(rms_norm, input, normalized_shape, weight, eps=eps, backend=backend)
     if _mixed(tensors) or autocasting.autocast_on(input.device):
         input, weight = autocasting.cast(autocasting.norm_dtype("rms_norm", input, weight), input, weight)
-        with _autocast_off(input):
+        with autocasting.autocast_off(input.device):
             return rms_norm(input, normalized_shape, weight, eps, backend=backend)
     return _dual_norm(input, weight, None, None if eps is None else float(eps), backend, centered=False)
 
@@ -218,10 +217,3 @@ def _mixed(tensors: list[Tensor]) -> bool:
     """Inputs of more than one dtype (a 16-bit input with float32 parameters: torch returns the
     input's dtype)."""
     return len({t.dtype for t in tensors}) > 1
-
-
-def _autocast_off(input: Tensor):
-    """Autocast off on ``input``'s device while the cast call runs (nothing to switch off elsewhere)."""
-    if not autocasting.autocast_on(input.device):
-        return contextlib.nullcontext()
-    return torch.autocast(input.device.type, enabled=False)

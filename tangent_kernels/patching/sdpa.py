@@ -67,7 +67,7 @@ def scaled_dot_product_attention(
     if isinstance(form, str) and not tangents:
         return torch_F.scaled_dot_product_attention(query, key, value, attn_mask, **call)
     if isinstance(form, str) or math_is_faster(q, k):
-        out = _math_sdpa(query, key, value, attn_mask, call)
+        out = _math_sdpa(q, k, v, mask, call)  # (autocast's casts made: the composite math runs without it)
         if isinstance(form, str):  # after the call: a form torch refuses raises, without a warning first
             watch.served_by_math(form)
         else:
@@ -158,33 +158,39 @@ def _math_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
 
 def _composite_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float,
                     is_causal: bool, scale: float | None, enable_gqa: bool) -> Tensor:  # fmt: skip
-    """torch's math SDPA (same products, 16-bit inputs in float32, the same dropout draw from the
-    global stream) in ops whose ``forward_ad`` tangent graph can be differentiated: under
-    ``torch.autograd.forward_ad`` outside ``torch.func``, torch's softmax builds a tangent graph
-    whose backward raises (it modifies an output of its exp in place), so no loss on the tangent
-    could train through it. Inputs torch refuses are refused by torch (checked on meta tensors)."""
+    """torch's math SDPA (same products, 16-bit inputs in float32, a negative scale's sign on the
+    query, the same dropout draw from the global stream) in ops whose ``forward_ad`` tangent graph
+    can be differentiated: under ``torch.autograd.forward_ad`` outside ``torch.func``, torch's
+    softmax builds a tangent graph whose backward raises (it modifies an output of its exp in
+    place), so no loss on the tangent could train through it. Inputs torch refuses are refused by
+    torch (checked on meta tensors); the inputs come cast as autocast casts them, and the math runs
+    with autocast off (in float32 for 16-bit inputs, as torch's)."""
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         metas = [None if t is None else t.detach().to("meta") for t in (query, key, value, attn_mask)]
         torch_F.scaled_dot_product_attention(*metas, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     dtype = query.dtype
     if dtype in (torch.float16, torch.bfloat16):
         query, key, value = query.float(), key.float(), value.float()
-    if enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]:
+    if enable_gqa and key.shape[-3] != query.shape[-3]:
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], -3)
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], -3)
-    root_scale = math.sqrt(1 / math.sqrt(query.shape[-1]) if scale is None else scale)
-    scores = (query * root_scale) @ (key.transpose(-2, -1) * root_scale)
-    if is_causal:
-        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, -math.inf)
-    elif attn_mask is not None:
-        scores = scores + attn_mask
-    weights = (scores - scores.detach().amax(-1, keepdim=True)).exp()
-    weights = weights / weights.sum(-1, keepdim=True)
-    if dropout_p > 0.0:
-        weights = torch_F.dropout(weights, dropout_p)
-    return (weights @ value).to(dtype)
+    scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
+    root_scale = math.sqrt(abs(scale))
+    with autocasting.autocast_off(query.device):
+        scores = (query * math.copysign(root_scale, scale)) @ (key.transpose(-2, -1) * root_scale)
+        if is_causal:
+            attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, -math.inf)
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        if scores.shape[-1]:  # (no keys: torch's zeros)
+            scores = scores - scores.detach().amax(-1, keepdim=True)
+        weights = scores.exp()
+        weights = weights / weights.sum(-1, keepdim=True)
+        if dropout_p > 0.0:
+            weights = torch_F.dropout(weights, dropout_p)
+        return (weights @ value).to(dtype)
 
 
 def fused_form(
@@ -205,6 +211,8 @@ def fused_form(
         return "SDPA with batch dims that differ between query, key and value (broadcast)"
     if not (q.dtype == k.dtype == v.dtype and q.device == k.device == v.device and q.is_floating_point()):
         return "SDPA with query, key and value of different dtypes or devices"
+    if enable_gqa and q.dim() < 3:
+        return "SDPA with enable_gqa on inputs without a head dim"  # (torch refuses it)
     heads = (q.shape[-3], k.shape[-3], v.shape[-3]) if q.dim() > 2 else (1, 1, 1)
     if (
         heads[1] != heads[2]
