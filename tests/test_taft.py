@@ -141,6 +141,30 @@ def test_save_and_load_shards(tmp_path):
         taft.ShardedTAFT.load(tmp_path, tk.linearize(tiny_vit(seed=1), 1))
 
 
+def test_privacy_spent_is_saved_with_the_shards(tmp_path):
+    """Each privately trained shard's (ε, δ) is saved in its offsets file and loaded back (before,
+    only the training printed it); the composition spends the largest of its shards' (each sample
+    trained one shard), and is not private while a shard trained without privacy is in it."""
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
+    inputs, targets = torch.randn(30, 1, 8, 8), torch.randint(0, 5, (30,))
+    privacy = taft.PrivacyConfig(noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-4)
+    sharded = taft.ShardedTAFT(lin, [torch.arange(0, 10), torch.arange(10, 30)],
+                               taft.TrainConfig(epochs=1, batch_size=5, privacy=privacy))  # fmt: skip
+    results = sharded.fit(inputs, targets, progress=False)
+    assert results[0].epsilon > results[1].epsilon  # (the smaller shard samples a larger fraction)
+    assert sharded.privacy_spent() == (results[0].epsilon, 1e-4)
+    sharded.save(tmp_path)
+    restored = taft.ShardedTAFT.load(tmp_path, lin)
+    assert restored.privacy_spent() == sharded.privacy_spent()
+    restored.forget_shard(0)
+    assert restored.privacy_spent() == (results[1].epsilon, 1e-4)
+    assert taft.ShardedTAFT.load(tmp_path, lin).privacy_spent() == (results[1].epsilon, 1e-4)  # (rewritten)
+    restored.results.pop(1)  # a shard trained without privacy
+    assert restored.privacy_spent() is None
+    restored.save(tmp_path)
+    assert taft.ShardedTAFT.load(tmp_path, lin).privacy_spent() is None
+
+
 def test_parallel_shard_training_matches_serial():
     """SGD: processes use fewer threads (another summation order), and Adam's normalization turns
     the rounding of a near-zero gradient into a step of size lr."""
@@ -447,6 +471,11 @@ def test_load_refuses_a_damaged_folder(tmp_path):
     folder = saved("swapped")
     (folder / "shard_1.safetensors").write_bytes((folder / "shard_2.safetensors").read_bytes())
     with pytest.raises(ValueError, match="holds the offsets of shard '2', not 1"):
+        taft.ShardedTAFT.load(folder, lin)
+    folder = saved("bad privacy")
+    tk.checkpoint.save_offsets(lin, folder / "shard_1.safetensors", {"shard": "1", "epsilon": "small"},
+                               state=sharded.offsets[1])  # fmt: skip
+    with pytest.raises(ValueError, match=r"shard_1.safetensors: expected a number for each of \['epsilon', 'delta'\]"):
         taft.ShardedTAFT.load(folder, lin)
     folder = saved("bad index")
     (folder / "taft.json").write_text("{not json")

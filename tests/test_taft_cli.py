@@ -157,7 +157,8 @@ def test_forget_retrains_as_trained_and_takes_an_image_path(images, tmp_path, ca
     """``forget --samples`` retrains with the run's augmentation (it had retrained without), drawn by
     as many DataLoader workers as the run's (augmentation draws from each worker's stream: another
     number of workers gave offsets 7.9e-3 apart, and resuming with it was accepted), and takes one
-    image's path (it had read the image as a text file of ids); a private run reports ε."""
+    image's path (it had read the image as a text file of ids); a private run reports ε, and
+    ``eval`` reports the ε saved with the shards."""
     train, _ = images
     out = tmp_path / "out"
     main(train_args(train, out, "--augment", "--privacy", "1.0", "1.0", "--num-workers", "1"))
@@ -174,6 +175,9 @@ def test_forget_retrains_as_trained_and_takes_an_image_path(images, tmp_path, ca
     main(["forget", "--out", str(out), "--samples", image])
     assert "retrained shard(s) [0]" in capsys.readouterr().out
     assert augmented[-1] is True
+    main(["eval", "--out", str(out), "--data", str(train), "--per-shard"])
+    said = capsys.readouterr().out.splitlines()  # the ε the retraining spent, saved with the shard
+    assert len(said) == 2 and all(line.endswith(", 1e-05)-DP") for line in said), said
 
 
 @pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")

@@ -247,12 +247,16 @@ def train_command(args) -> None:
 def eval_command(args) -> None:
     device = distributed.init_from_env()
     _, sharded, folder = open_run(args.out, device, args.data)
+    spent = sharded.privacy_spent()
     print(f"composition of {len(sharded.active())} shard(s): top-1 "
-          f"{accuracy(sharded.compose(), folder, batch_size=args.batch_size):.4f} on {len(folder)} images")
+          f"{accuracy(sharded.compose(), folder, batch_size=args.batch_size):.4f} on {len(folder)} images"
+          + ("" if spent is None else f", ({spent[0]:.3g}, {spent[1]:g})-DP"))
     if args.per_shard:
         for i in sharded.active():
+            result = sharded.results.get(i)
             print(f"shard {i} ({len(sharded.shards[i])} samples): top-1 "
-                  f"{accuracy(sharded.shard_model(i), folder, batch_size=args.batch_size):.4f}")
+                  f"{accuracy(sharded.shard_model(i), folder, batch_size=args.batch_size):.4f}"
+                  + ("" if result is None or result.epsilon is None else f", ({result.epsilon:.3g}, {result.delta:g})-DP"))
 
 
 def sample_ids(text: str, folder: ImageFolder) -> list[int]:

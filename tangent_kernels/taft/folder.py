@@ -1,7 +1,8 @@
 """A ``ShardedTAFT`` on disk: one folder holding exactly its current state.
 
 - ``shard_<i>.safetensors``: the offsets of each active shard ``i`` (``checkpoint.save_offsets``:
-  tied to the base model's fingerprint, with a checksum), and no other file of that name;
+  tied to the base model's fingerprint, with a checksum; for a shard trained privately, the
+  ``epsilon`` and ``delta`` it spent in its header), and no other file of that name;
 - ``shard_samples.safetensors``: the sample indices of every shard (empty once forgotten);
 - ``taft.json``: the layout version, the number of shards and of samples, the trained shards;
 - ``resume/shard_<i>.pt``: while shard ``i`` trains, its per-epoch checkpoint (``taft.resume``).
@@ -29,6 +30,7 @@ from .checks import check_disjoint, check_indices, check_int
 LAYOUT = "tangent_kernels.sharded_taft/1"
 SHARD_FILE = re.compile(r"shard_(\d+)\.safetensors")
 SAMPLES_FILE, INDEX_FILE, RESUME_FOLDER = "shard_samples.safetensors", "taft.json", "resume"
+PRIVACY_KEYS = ("epsilon", "delta")
 
 
 def _shard_files(folder: str) -> dict[int, str]:
@@ -50,17 +52,21 @@ def remove(path: str) -> None:
 
 
 def write(folder: str, model: nn.Module, shards: list[Tensor], offsets: dict[int, dict[str, Tensor]],
-          num_samples: int | None, description: str, stale: Sequence[int] = ()) -> None:  # fmt: skip
+          num_samples: int | None, description: str, stale: Sequence[int] = (),
+          privacy: dict[int, tuple[float, float]] | None = None) -> None:  # fmt: skip
     """Make ``folder`` hold exactly this state: stale shard files and checkpoints (of the shards in
     ``offsets``, the empty ones and ``stale``) deleted first, then the offsets of every entry of
-    ``offsets`` (the active shards), the shard lists, and the index."""
+    ``offsets`` (the active shards, with the ``(epsilon, delta)`` of those in ``privacy``), the
+    shard lists, and the index."""
+    privacy = {} if privacy is None else privacy
     for index, path in _shard_files(folder).items():
         if index not in offsets:
             remove(path)
     for index in {*offsets, *stale, *(i for i, s in enumerate(shards) if not len(s))}:
         remove(resume_file(folder, index))
     for i, state in sorted(offsets.items()):
-        save_offsets(model, os.path.join(folder, f"shard_{i}.safetensors"), {"shard": str(i)}, state=state)
+        spent = dict(zip(PRIVACY_KEYS, map(repr, privacy[i]))) if i in privacy else {}
+        save_offsets(model, os.path.join(folder, f"shard_{i}.safetensors"), {"shard": str(i), **spent}, state=state)
     samples = {f"shard_{i}": s.contiguous() for i, s in enumerate(shards)}
     save_file(samples, os.path.join(folder, SAMPLES_FILE))
     index = {"format": LAYOUT, "num_shards": len(shards), "num_samples": num_samples,
@@ -108,9 +114,11 @@ def _read_samples(folder: str, num_shards: int, num_samples: int | None) -> list
     return shards
 
 
-def read(folder: str, model: nn.Module) -> tuple[list[Tensor], dict[int, dict[str, Tensor]], int | None]:
-    """The shard lists, the offsets of the trained shards (checked against ``model``'s base) and
-    the number of samples saved in ``folder`` by ``write``."""
+def read(folder: str, model: nn.Module) -> tuple[list[Tensor], dict[int, dict[str, Tensor]], int | None,
+                                                dict[int, tuple[float, float]]]:  # fmt: skip
+    """The shard lists, the offsets of the trained shards (checked against ``model``'s base), the
+    number of samples, and the ``(epsilon, delta)`` of the shards trained privately, saved in
+    ``folder`` by ``write``."""
     num_shards, num_samples, trained = _read_index(folder)
     shards = _read_samples(folder, num_shards, num_samples)
     where = f"{os.path.join(folder, INDEX_FILE)}: trained"
@@ -120,13 +128,27 @@ def read(folder: str, model: nn.Module) -> tuple[list[Tensor], dict[int, dict[st
         raise ValueError(f"{folder}: {INDEX_FILE} lists the trained shards {trained}, but the folder "
                          f"holds offsets files of shards {sorted(files)}; a file is missing or left over "
                          "(the folder was changed outside ShardedTAFT.save)")  # fmt: skip
-    offsets = {}
+    offsets, privacy = {}, {}
     for i in trained:
         if i >= num_shards or not len(shards[i]):
             raise ValueError(f"{files[i]}: offsets of shard {i}, which has no samples "
                              f"(of {num_shards} shards)")  # fmt: skip
-        saved_as = read_header(files[i]).get("shard")
-        if saved_as != str(i):
-            raise ValueError(f"{files[i]}: holds the offsets of shard {saved_as!r}, not {i}")
+        header = read_header(files[i])
+        if header.get("shard") != str(i):
+            raise ValueError(f"{files[i]}: holds the offsets of shard {header.get('shard')!r}, not {i}")
         offsets[i] = read_offsets(model, files[i])
-    return shards, offsets, num_samples
+        if any(key in header for key in PRIVACY_KEYS):
+            privacy[i] = _privacy_spent(files[i], header)
+    return shards, offsets, num_samples, privacy
+
+
+def _privacy_spent(path: str, header: dict[str, str]) -> tuple[float, float]:
+    """The ``(epsilon, delta)`` in an offsets file's header, checked."""
+    try:
+        epsilon, delta = (float(header[key]) for key in PRIVACY_KEYS)
+    except (KeyError, ValueError):
+        raise ValueError(f"{path}: expected a number for each of {list(PRIVACY_KEYS)} in its header, got "
+                         f"{ {key: header.get(key) for key in PRIVACY_KEYS} }") from None  # fmt: skip
+    if not (epsilon >= 0 and 0 <= delta < 1):
+        raise ValueError(f"{path}: expected epsilon >= 0 and delta in [0, 1) in its header, got {epsilon}, {delta}")
+    return epsilon, delta

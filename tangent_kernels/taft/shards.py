@@ -358,8 +358,18 @@ class ShardedTAFT:
     def _write(self, folder: str, stale: Sequence[int] = ()) -> None:
         self._check_shards(self.num_samples)
         active = self.active()
+        privacy = {i: (r.epsilon, r.delta) for i, r in self.results.items() if i in active and r.epsilon is not None}
         on_disk.write(folder, self.model, self.shards, {i: self.offsets[i] for i in active}, self.num_samples,
-                      repr(self.config), stale)  # fmt: skip
+                      repr(self.config), stale, privacy)  # fmt: skip
+
+    def privacy_spent(self) -> tuple[float, float] | None:
+        """The ``(epsilon, delta)`` of the composition: the largest spent by an active shard, since
+        each sample trained one shard only (parallel composition); ``None`` if an active shard was
+        trained without privacy (or none is trained)."""
+        spent = [self.results.get(i, TrainResult()) for i in self.active()]
+        if not spent or any(r.epsilon is None for r in spent):
+            return None
+        return max(r.epsilon for r in spent), max(r.delta for r in spent)
 
     def save(self, folder: str | os.PathLike) -> None:
         """One safetensors file of offsets per active shard (with the base fingerprint), and the
@@ -379,8 +389,9 @@ class ShardedTAFT:
         folder with missing, extra or corrupted files is refused with the file named. The loaded
         object rewrites ``folder`` when it forgets data."""
         folder = os.fspath(folder)
-        shards, offsets, num_samples = on_disk.read(folder, linearized)
+        shards, offsets, num_samples, privacy = on_disk.read(folder, linearized)
         sharded = cls(linearized, shards, config)
         sharded.offsets, sharded.num_samples = offsets, num_samples
+        sharded.results = {i: TrainResult(epsilon=epsilon, delta=delta) for i, (epsilon, delta) in privacy.items()}
         sharded._folders.add(os.path.realpath(folder))
         return sharded
