@@ -114,6 +114,17 @@ def test_dp_noise_has_the_stated_scale():
     assert abs(values.mean().item()) < 5 * expected_std / math.sqrt(values.numel())
 
 
+def test_privacy_without_opacus_is_refused_before_training(monkeypatch):
+    """opacus is an optional dependency (``[taft]``); without it a private run trained every epoch
+    and then failed to account for them."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "opacus" else find_spec(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"needs opacus.*tangent-kernels\[taft\]"):
+        taft.PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+
+
 def test_private_training_reports_opacus_epsilon():
     from opacus.accountants import RDPAccountant
 

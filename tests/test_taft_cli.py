@@ -139,16 +139,24 @@ def test_class_incremental_example_runs(tmp_path):
 @pytest.mark.filterwarnings("ignore:vit_tiny_patch16_224. no --weights")
 def test_a_refused_train_leaves_out_as_it_was(images, tmp_path, capsys):
     """Every setting is checked before run.json is written: a refused command (more shards than
-    samples, CUDA autocast on the CPU) had left a run.json that refused the corrected command."""
+    samples, CUDA autocast on the CPU) had left a run.json that refused the corrected command; and
+    a run.json left by a command that failed before any shard saved an epoch does not refuse it."""
     train, _ = images
     out = tmp_path / "out"
     for refused, said in ((["--shards", "1000"], "num_shards"), (["--precision", "bf16"], "precision"),
-                          (["--delta", "1e-6"], "--delta: the δ of (ε, δ)-DP applies to a --privacy run")):  # fmt: skip
+                          (["--delta", "1e-6"], "--delta: the δ of (ε, δ)-DP applies to a --privacy run"),
+                          (["--privacy", "1", "1", "--delta", "0"], "PrivacyConfig.delta"),  # (took δ = 1e-5)
+                          (["--test", str(train)], "--test: the shards protocol evaluates nothing"),  # (ignored)
+                          (["--weights", str(tmp_path / "nothing.pt")], "--weights: "),
+                          (["--model-args", "{img_size: 8}"], "--model-args: expected a JSON object")):  # fmt: skip
         with pytest.raises(SystemExit):
             main(train_args(train, out, *refused))
         assert not (out / "run.json").exists(), refused
         assert said in capsys.readouterr().err
-    main(train_args(train, out))
+    with pytest.raises(SystemExit):  # refused once training began: a loss that diverged
+        main(train_args(train, out, "--lr", "1e30", "--optimizer", "sgd"))
+    assert "the loss became" in capsys.readouterr().err and (out / "run.json").exists()
+    main(train_args(train, out))  # (the run.json left by a run that saved nothing had refused it)
     assert "saved 1 shard(s)" in capsys.readouterr().out
 
 
@@ -175,6 +183,11 @@ def test_forget_retrains_as_trained_and_takes_an_image_path(images, tmp_path, ca
     main(["forget", "--out", str(out), "--samples", image])
     assert "retrained shard(s) [0]" in capsys.readouterr().out
     assert augmented[-1] is True
+    for nothing in ("", ",", str(tmp_path / "empty.txt")):  # (forgot nothing, and said it rewrote OUT)
+        (tmp_path / "empty.txt").write_text("\n")
+        with pytest.raises(SystemExit):
+            main(["forget", "--out", str(out), "--samples", nothing])
+        assert "--samples: " in capsys.readouterr().err
     main(["eval", "--out", str(out), "--data", str(train), "--per-shard"])
     said = capsys.readouterr().out.splitlines()  # the ε the retraining spent, saved with the shard
     assert len(said) == 2 and all(line.endswith(", 1e-05)-DP") for line in said), said

@@ -29,6 +29,7 @@ from torchvision.datasets.folder import find_classes
 from .. import linearize
 from . import distributed
 from .data import transform
+from .folder import INDEX_FILE, RESUME_FOLDER
 from .privacy import PrivacyConfig
 from .shards import ShardedTAFT, split_shards
 from .train import LOADING, TrainConfig, accuracy, training_autocast
@@ -161,6 +162,14 @@ def _seen(folder: ImageFolder, classes: set[int]) -> torch.utils.data.Subset:
     return torch.utils.data.Subset(folder, [i for i, t in enumerate(folder.targets) if t in classes])
 
 
+def _trained_anything(out: str) -> bool:
+    """``out`` holds saved shards or a training checkpoint: a run that started there (a ``run.json``
+    alone is of a command that failed before its first epoch ended, e.g. its loss diverged, and a
+    corrected command may take its place)."""
+    checkpoints = os.path.join(out, RESUME_FOLDER)
+    return os.path.isfile(os.path.join(out, INDEX_FILE)) or (os.path.isdir(checkpoints) and bool(os.listdir(checkpoints)))
+
+
 def train_command(args) -> None:
     device = distributed.init_from_env()
     rank = distributed.rank_and_world()[0]
@@ -170,15 +179,27 @@ def train_command(args) -> None:
         raise ValueError("--delta: the δ of (ε, δ)-DP applies to a --privacy run; expected --privacy with it")
     if args.protocol != "shards" and args.test is None:
         raise ValueError(f"--test: the {args.protocol} protocol evaluates after each task; expected a test folder")
+    if args.protocol == "shards" and args.test is not None:
+        raise ValueError("--test: the shards protocol evaluates nothing while it trains; expected --test with "
+                         "--protocol class-incremental or data-incremental (or `tangent-taft eval --data`)")  # fmt: skip
+    for flag, path, kind in (("--data", args.data, "folder"), ("--test", args.test, "folder"),
+                             ("--weights", args.weights, "file")):  # fmt: skip
+        if path is not None and not (os.path.isdir if kind == "folder" else os.path.isfile)(path):
+            raise FileNotFoundError(f"{flag}: {path} is not a {kind}")
+    try:
+        model_args = json.loads(args.model_args)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--model-args: expected a JSON object of timm.create_model arguments, got "
+                         f"{args.model_args!r} ({error})") from None  # fmt: skip
+    if not isinstance(model_args, dict):
+        raise ValueError(f"--model-args: expected a JSON object of timm.create_model arguments, got {args.model_args!r}")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                          loss=args.loss, kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
                          lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode, precision=args.precision,
-                         privacy=args.privacy and PrivacyConfig(*args.privacy, delta=args.delta or DELTA))  # fmt: skip
-    if not os.path.isdir(args.data):
-        raise FileNotFoundError(f"--data: {args.data} is not a folder")
+                         privacy=args.privacy and PrivacyConfig(*args.privacy, delta=DELTA if args.delta is None else args.delta))  # fmt: skip
     classes = visible_classes(args.data)
     weights = None if args.weights is None else os.path.abspath(args.weights)
-    run = {"format": FORMAT, "model": args.model, "model_args": json.loads(args.model_args),
+    run = {"format": FORMAT, "model": args.model, "model_args": model_args,
            "img_size": args.img_size, "pretrained": args.pretrained, "weights": weights,
            "weights_sha256": None if weights is None else file_digest(weights), "seed": args.seed,
            "blocks": args.blocks if args.blocks == "all" else int(args.blocks), "reinit": args.reinit,
@@ -192,7 +213,7 @@ def train_command(args) -> None:
     run = json.loads(json.dumps({**run, "data_fingerprint": fingerprint(folder)}))  # as run.json holds it
     path = os.path.join(args.out, RUN_FILE)
     distributed.barrier()  # every rank reads OUT before rank 0 writes there
-    started = os.path.isfile(path)
+    started = os.path.isfile(path) and _trained_anything(args.out)
     if started and read_run(args.out) != run:
         raise ValueError(f"--out: {args.out} holds another run (its {RUN_FILE} differs: model, data or "
                          "settings); choose another --out, or run the same command to resume")  # fmt: skip
@@ -267,9 +288,12 @@ def sample_ids(text: str, folder: ImageFolder) -> list[int]:
         return [where[os.path.realpath(text)]]
     if not os.path.isfile(text):
         try:
-            return [int(part) for part in text.split(",") if part.strip()]
+            ids = [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
-            raise ValueError(f"--samples: expected comma-separated sample ids or a file, got {text!r}") from None
+            ids = []
+        if not ids:
+            raise ValueError(f"--samples: expected comma-separated sample ids, an image or a file, got {text!r}")
+        return ids
     ids = []
     with open(text) as f:
         for number, line in enumerate(f, 1):
@@ -283,6 +307,8 @@ def sample_ids(text: str, folder: ImageFolder) -> list[int]:
             if path not in where:
                 raise ValueError(f"--samples: {text}:{number}: {line!r} is no image of {folder.root}")
             ids.append(where[path])
+    if not ids:
+        raise ValueError(f"--samples: {text} lists no sample id or image")
     return ids
 
 
@@ -359,7 +385,9 @@ def main(argv: list[str] | None = None) -> None:
     command = {"train": train_command, "eval": eval_command, "forget": forget_command}[args.command]
     try:
         command(args)
-    except (ValueError, TypeError, OSError) as error:  # (OSError: a file that is not an image, a full disk)
+    # (OSError: a file that is not an image, a full disk; FloatingPointError: a diverging loss;
+    # ImportError: opacus missing for --privacy)
+    except (ValueError, TypeError, OSError, ArithmeticError, ImportError) as error:
         print(f"tangent-taft {args.command}: error: {error}", file=sys.stderr)
         sys.exit(2)
     finally:
