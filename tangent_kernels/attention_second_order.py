@@ -73,7 +73,8 @@ def primal_grads(
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
 
     def grouped(t: Tensor | None) -> Tensor | None:  # (B, Hq, L, D) -> (B, Hkv, group, L, D)
-        return None if t is None else t.to(compute).unflatten(1, (num_kv_heads, num_q_heads // num_kv_heads))
+        # (reshape, not unflatten: torch's legacy vmap, under vectorized autograd.functional, has no rule for it)
+        return None if t is None else t.to(compute).reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, *t.shape[2:])
 
     def shared(t: Tensor | None) -> Tensor | None:  # (B, Hkv, L, D) -> (B, Hkv, 1, L, D)
         return None if t is None else t.to(compute).unsqueeze(2)
@@ -85,7 +86,7 @@ def primal_grads(
 
     dq_blocks, dk, dv, d_bias = [], None, None, None
     for start in range(0, q_len, rows):
-        block = tuple(None if t is None else t[..., start : start + rows, :] for t in queries)
+        block = queries if rows >= q_len else tuple(None if t is None else t[..., start : start + rows, :] for t in queries)
         block_allowed = allowed
         if causal:
             query_pos = torch.arange(start, min(start + rows, q_len), device=q.device)
@@ -101,7 +102,7 @@ def primal_grads(
         dk, dv = _add(dk, dk_block), _add(dv, dv_block)
         d_bias = _add(d_bias, d_bias_block)
 
-    dq = torch.cat(dq_blocks, dim=-2).flatten(1, 2).to(q.dtype)
+    dq = torch.cat(dq_blocks, dim=-2).reshape(q.shape).to(q.dtype)
     dk, dv = dk.squeeze(2).to(k.dtype), dv.squeeze(2).to(v.dtype)
     if d_bias is not None:
         d_bias = d_bias.to(key_padding_mask.dtype)

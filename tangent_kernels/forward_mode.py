@@ -74,3 +74,14 @@ def tangent_carrier(**tensors: Tensor | None) -> str | None:
     if not active():
         return None
     return next((name for name, t in tensors.items() if has_tangent(t)), None)
+
+
+def under_grad_transform() -> bool:
+    """A ``torch.func`` gradient transform (``grad``, ``vjp``, ``jacrev``, per-sample ``vmap(grad)``)
+    is active: it refuses the fused ops' registered backward ("must override setup_context")."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())

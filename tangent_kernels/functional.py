@@ -12,7 +12,8 @@ with respect to a primal input (a second-order term) is implemented for attentio
 again, so double backward works too; the linear and GELU ops raise ``NotImplementedError`` for it,
 and ``"auto"`` runs their reference (which has it) when a primal input requires grad. The ops have
 no forward-AD rule: where an input carries a tangent of an enclosing ``torch.func.jvp`` or
-``forward_ad`` level, ``"auto"`` runs the reference and an explicit fused backend raises.
+``forward_ad`` level, or inside a ``torch.func`` gradient transform (``grad``, ``vjp``, ``jacrev``),
+``"auto"`` runs the reference and an explicit fused backend raises.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def _autocast_on(x) -> bool:
 def _norm_jvp(op, x, x_t, weight, bias, d_weight, d_bias, eps: float, centered: bool, backend: str):
     """Layer norm (``centered``) or RMSNorm on the chosen backend, after validation."""
     chosen = backends.select(op, backend, x.device, x.dtype)
-    chosen = _reference_under_forward_ad(op, chosen, backend, x, x=x, x_t=x_t, weight=weight, bias=bias,
+    chosen = _reference_where_unservable(op, chosen, backend, x, x=x, x_t=x_t, weight=weight, bias=bias,
                                          d_weight=d_weight, d_bias=d_bias)  # fmt: skip
     if chosen == "reference" or x.numel() == 0:
         return reference.layer_norm_jvp(x, x_t, weight, bias, d_weight, d_bias, eps, centered)
@@ -105,16 +106,23 @@ def _norm_jvp(op, x, x_t, weight, bias, d_weight, d_bias, eps: float, centered: 
     return y, _none_if(x_t is None and d_weight is None and d_bias is None, y_t)
 
 
-def _reference_under_forward_ad(op: str, chosen: str, backend: str, like: Tensor, **tensors: Tensor | None) -> str:
+def _reference_where_unservable(op: str, chosen: str, backend: str, like: Tensor, **tensors: Tensor | None) -> str:
     """The reference where an input carries a forward-AD tangent of an enclosing ``torch.func.jvp``
-    or ``forward_ad`` level: torch differentiates its plain ops, where it would silently drop the
-    tangent through the fused ops (a zero tangent); an explicit fused backend raises."""
-    name = None if chosen == "reference" else forward_mode.tangent_carrier(**tensors)
-    if name is None:
+    or ``forward_ad`` level (torch differentiates its plain ops, where it would silently drop the
+    tangent through the fused ops: a zero tangent), or inside a ``torch.func`` gradient transform,
+    which cannot run the fused ops' backward; an explicit fused backend raises."""
+    if chosen == "reference":
         return chosen
-    return _fall_back(op, backend, like,
-                      f"{name}: carries a forward-AD tangent (torch.func.jvp or forward_ad around this call), which "
-                      f"the fused ops cannot differentiate; use backend='auto' or 'reference'")  # fmt: skip
+    name = forward_mode.tangent_carrier(**tensors)
+    if name is not None:
+        reason = (f"{name}: carries a forward-AD tangent (torch.func.jvp or forward_ad around this call), which "
+                  f"the fused ops cannot differentiate; use backend='auto' or 'reference'")  # fmt: skip
+    elif forward_mode.under_grad_transform():
+        reason = ("torch.func.grad, vjp or jacrev around this call cannot differentiate the fused ops (plain "
+                  "autograd can); use backend='auto' or 'reference'")  # fmt: skip
+    else:
+        return chosen
+    return _fall_back(op, backend, like, reason)
 
 
 def _fall_back(op: str, backend: str, like: Tensor, reason: str) -> str:
@@ -154,7 +162,7 @@ def attention_jvp(
     key_padding_mask = validation.attention(q, k, v, q_t, k_t, v_t, key_padding_mask)
     scale, causal = validation.attention_scale(scale, q.shape[-1]), validation.flag("causal", causal)
     chosen = backends.select("attention_jvp", backend, q.device, q.dtype)
-    chosen = _reference_under_forward_ad("attention_jvp", chosen, backend, q, q=q, k=k, v=v, q_t=q_t, k_t=k_t, v_t=v_t,
+    chosen = _reference_where_unservable("attention_jvp", chosen, backend, q, q=q, k=k, v=v, q_t=q_t, k_t=k_t, v_t=v_t,
                                          key_padding_mask=key_padding_mask)  # fmt: skip
     if chosen == "triton":
         from .triton.attention import MAX_HEAD_DIM
@@ -162,7 +170,7 @@ def attention_jvp(
         if q.shape[-1] > MAX_HEAD_DIM:
             chosen = _fall_back("attention_jvp", backend, q,
                                 f"q: the triton attention supports head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}")  # fmt: skip
-    if chosen != "reference" and not math.isfinite(scale):
+    if chosen != "reference" and not -math.inf < scale < math.inf:  # (not math.isfinite: a symbol under dynamic compile)
         # torch adds a masked key's -inf to a ±inf score (NaN); the kernels skip masked keys
         reason = f"scale: the fused kernels need a finite scale, got {scale}"
         chosen = _fall_back("attention_jvp", backend, q, reason)
@@ -204,7 +212,7 @@ def linear_jvp(
     validation.linear("", x, x.shape[-1], weight, bias, d_weight, d_bias)
     validation.choice("activation", activation, ACTIVATIONS)
     chosen = backends.select("linear_jvp", backend, x.device, x.dtype)
-    chosen = _reference_under_forward_ad("linear_jvp", chosen, backend, x, x=x, x_t=x_t, weight=weight, bias=bias,
+    chosen = _reference_where_unservable("linear_jvp", chosen, backend, x, x=x, x_t=x_t, weight=weight, bias=bias,
                                          d_weight=d_weight, d_bias=d_bias)  # fmt: skip
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(x, weight, bias):
         chosen = _fall_back("linear_jvp", backend, x, "")
@@ -258,7 +266,7 @@ def gelu_jvp(x: Tensor, x_t: Tensor | None, approximate: str = "none", backend: 
     validation.like("x_t", x_t, x, "x")
     validation.choice("approximate", approximate, APPROXIMATIONS)
     chosen = backends.select("gelu_jvp", backend, x.device, x.dtype)
-    chosen = _reference_under_forward_ad("gelu_jvp", chosen, backend, x, x=x, x_t=x_t)
+    chosen = _reference_where_unservable("gelu_jvp", chosen, backend, x, x=x, x_t=x_t)
     if chosen != "reference" and backend == "auto" and _primal_requires_grad(x):
         chosen = _fall_back("gelu_jvp", backend, x, "")
     if chosen == "reference" or x.numel() == 0 or x_t is None:
@@ -297,7 +305,7 @@ def mlp_jvp(
     validation.linear("fc2_", x, fc1_weight.shape[0], fc2_weight, fc2_bias, d_fc2_weight, d_fc2_bias)
     validation.choice("approximate", approximate, APPROXIMATIONS)
     chosen = backends.select("mlp_jvp", backend, x.device, x.dtype)
-    chosen = _reference_under_forward_ad("mlp_jvp", chosen, backend, x, x=x, x_t=x_t, fc1_weight=fc1_weight,
+    chosen = _reference_where_unservable("mlp_jvp", chosen, backend, x, x=x, x_t=x_t, fc1_weight=fc1_weight,
                                          fc1_bias=fc1_bias, fc2_weight=fc2_weight, fc2_bias=fc2_bias,
                                          d_fc1_weight=d_fc1_weight, d_fc1_bias=d_fc1_bias, d_fc2_weight=d_fc2_weight,
                                          d_fc2_bias=d_fc2_bias)  # fmt: skip

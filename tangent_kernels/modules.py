@@ -20,6 +20,7 @@ on that device, float32 on CUDA).
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 
 import torch
 import torch.nn.functional as torch_F
@@ -138,8 +139,9 @@ class TangentForwardAD(nn.Module):
         with fused_jvp(_op_backend("attention_jvp", self.backend)):
             if x_t is None and not self.offset_names:
                 return self.frozen(x, **kwargs), None
-            w0 = {name: self.frozen.get_buffer(name) for name in self.offset_names}
-            dw = {name: self.get_parameter(name) for name in self.offset_names}
+            # read by attribute: under torch.func.functional_call the offsets are plain tensors
+            w0 = {name: attrgetter(name)(self.frozen) for name in self.offset_names}
+            dw = {name: attrgetter(name)(self) for name in self.offset_names}
 
             def run(x: Tensor, weights: dict[str, Tensor]) -> Tensor:
                 return torch.func.functional_call(self.frozen, weights, (x,), kwargs)

@@ -399,6 +399,50 @@ def test_no_images_give_no_logits(blocks):
     assert lin(images).shape == y_t.shape == model(images).shape == (0, model.num_classes)
 
 
+@pytest.mark.parametrize("variant", ["base", "map_pool"])  # map_pool: a TangentForwardAD part
+def test_torch_func_gradients_and_functional_call(variant):
+    """``torch.func.grad``/``vmap(grad)`` (per-sample gradients) over ``functional_call`` of a
+    linearized ViT give plain autograd's gradients: the fused ops' backward cannot run under
+    torch.func's grad transform ("must override the setup_context staticmethod"), so ``"auto"``
+    runs the reference there; and a part linearized by forward AD read its offsets as registered
+    Parameters ("'latent' is not an nn.Parameter" under functional_call)."""
+    torch.manual_seed(0)
+    lin = tk.linearize(small_vit(**VARIANTS[variant]), "all")
+    randomize_offsets(lin)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    offsets = {name: p.detach().clone() for name, p in lin.named_parameters()}
+
+    def loss(offsets, images):
+        return functional_call(lin, offsets, (images,)).sin().sum()
+
+    grads = torch.func.grad(loss)(offsets, images)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(offsets, images[:, None])
+    for i in range(3):
+        lin.zero_grad()
+        lin(images[i : i + 1]).sin().sum().backward()
+        for name, p in lin.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-10, atol=1e-12)
+    lin.zero_grad()
+    lin(images).sin().sum().backward()
+    for name, p in lin.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-10, atol=1e-12)
+    x, w = torch.randn(4, 8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    with pytest.raises(tk.BackendUnavailableError, match="torch.func.grad, vjp or jacrev"):  # explicit: refused
+        torch.func.grad(lambda w: tk.functional.layer_norm_jvp(x, None, w, None, backend="cpp")[0].sum())(w)
+
+
+def test_compiles_with_dynamic_shapes():
+    """``torch.compile(fullgraph=True, dynamic=True)``: the scale is a symbol there, and checking it
+    with ``math.isfinite`` broke the graph (fullgraph refused it)."""
+    torch.manual_seed(0)
+    lin = tk.linearize(small_vit(torch.float32), 1)
+    randomize_offsets(lin)
+    compiled = torch.compile(lin, backend="eager", fullgraph=True, dynamic=True)
+    for batch in (2, 3):
+        images = torch.randn(batch, 3, 32, 32)
+        torch.testing.assert_close(compiled(images), lin(images))
+
+
 class TestUnsupported:
     def test_not_a_vit(self):
         with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Sequential"):

@@ -967,6 +967,49 @@ def test_routed_calls_under_composed_torch_func_transforms(op, transform):
         close(TRANSFORMS[transform](routed, x, t), TRANSFORMS[transform](plain, x, t))
 
 
+@pytest.mark.parametrize("op", ["attention", "layer norm"])
+def test_batched_hessian_vector_products_through_routed_calls(op):
+    """``autograd.grad(..., is_grads_batched=True)`` of a gradient (batched Hessian-vector
+    products; ``autograd.functional.hessian(vectorize=True)``) runs torch's legacy vmap through the
+    fused op's second-order backward, which raised on views it has no rule for (unflatten, flatten,
+    a whole-range slice)."""
+    torch.manual_seed(0)
+    x0, w = torch.randn(1, 5, 8, dtype=F64), torch.randn(8, dtype=F64)
+
+    def f(x):
+        if op == "layer norm":
+            return F.layer_norm(x, (8,), w)
+        q = x.reshape(1, 5, 2, 4).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, q.sin(), q.cos())
+
+    def batched_hvps(function):
+        x = x0.clone().requires_grad_()
+        gx = torch.autograd.grad(function(x).sin().sum(), x, create_graph=True)[0]
+        return torch.autograd.grad(gx, x, torch.randn(3, 1, 5, 8, dtype=F64, generator=torch.Generator().manual_seed(1)),
+                                   is_grads_batched=True)[0]  # fmt: skip
+
+    expected = batched_hvps(lambda x: composite_layer_norm(x, w)) if op == "layer norm" else None
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = expected if op == "layer norm" else batched_hvps(f)
+    with fused_jvp():
+        close(batched_hvps(f), expected)
+
+
+def test_a_float32_tangent_on_a_float64_layer_norm_input_is_computed_as_torch():
+    """Forward AD lets a float32 tangent ride on a float64 primal: torch's rule gives a float64
+    tangent; the routed layer norm raised (x_t: expected dtype torch.float64)."""
+    torch.manual_seed(0)
+    x, x_t, w = torch.randn(3, 8, dtype=F64), torch.randn(3, 8), torch.randn(8, dtype=F64)
+    with forward_ad.dual_level():
+        # (the float32 tangent's values, exact in float64: torch's element-wise rules round some
+        # steps to float32, 6e-8 off)
+        expected = forward_ad.unpack_dual(composite_layer_norm(forward_ad.make_dual(x, x_t.double())) * w).tangent
+        with fused_jvp():
+            out = forward_ad.unpack_dual(F.layer_norm(forward_ad.make_dual(x, x_t), (8,), w)).tangent
+    assert out.dtype == F64
+    close(out, expected)
+
+
 def test_double_backward_form_through_a_mask_the_kernel_does_not_serve_under_math_sdpa():
     """A mask the fused kernel does not serve keeps torch's SDPA when the call carries no tangent
     (as unpatched, its double backward then fails on the CPU's flash SDPA); inside

@@ -44,13 +44,20 @@ def _dual_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
     ``(y, y_t)`` (an ``autograd.Function``'s ``jvp`` rule would compute the primal twice: forward,
     then jvp)."""
     (x, x_t), (weight, weight_t), (bias, bias_t) = (
-        forward_ad.unpack_dual(t) if t is not None else (None, None) for t in (x, weight, bias)
+        _primal_and_tangent(t) if t is not None else (None, None) for t in (x, weight, bias)
     )
     if centered:
         y, y_t = functional.layer_norm_jvp(x, x_t, weight, bias, weight_t, bias_t, eps, backend)
     else:
         y, y_t = functional.rms_norm_jvp(x, x_t, weight, weight_t, eps, backend)
     return forward_ad.make_dual(y, y_t)
+
+
+def _primal_and_tangent(t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A dual tensor's primal and tangent, the tangent in the primal's dtype (forward AD lets a
+    float32 tangent ride on a float64 primal; torch's rules compute in the primal's dtype)."""
+    primal, tangent = forward_ad.unpack_dual(t)
+    return primal, None if tangent is None else tangent.to(primal.dtype)
 
 
 def _differentiable_backward(grad_y, x, weight, bias, eps, needs):
@@ -198,7 +205,7 @@ def _over_flattened_dims(norm, input: Tensor, normalized_shape, *parameters: Ten
     dims = len(normalized_shape)
     flat_parameters = (None if p is None else p.flatten() for p in parameters)
     y = norm(input.flatten(-dims), (math.prod(normalized_shape),), *flat_parameters, **options)
-    return y.unflatten(-1, input.shape[-dims:])
+    return y.reshape(*y.shape[:-1], *input.shape[-dims:])  # (legacy vmap has no rule for unflatten)
 
 
 def _servable(input: Tensor, normalized_shape, tensors: list[Tensor]) -> bool:
