@@ -15,6 +15,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
+from . import autocasting, validation
 from .modules import (
     TangentPatchEmbed,
     UnsupportedModuleError,
@@ -109,6 +110,9 @@ class LinearizedViT(nn.Module):
 
         super().__init__()
         _check_supported(model)
+        reinit, fresh_cls_token = validation.flag("reinit", reinit), validation.flag("fresh_cls_token", fresh_cls_token)
+        proj = getattr(model.patch_embed, "proj", None)
+        self.in_chans = proj.in_channels if isinstance(proj, nn.Conv2d) else None
         depth = len(model.blocks)
         num_linearized = depth if blocks == "all" else blocks
         if isinstance(num_linearized, bool) or not isinstance(num_linearized, int) or not 1 <= num_linearized <= depth:
@@ -151,6 +155,19 @@ class LinearizedViT(nn.Module):
         head_dist = getattr(model, "head_dist", None)  # DeiT distilled
         self.head_dist = None if head_dist is None else tangent_module(head_dist, backend)
         self.train(model.training)
+
+    def _check_images(self, images) -> None:
+        """``(batch, channels, height, width)`` images the patch embedding takes: on the weights'
+        device, of their dtype (any floating dtype under autocast), with their number of channels."""
+        weight = next(b for b in self.buffers() if b.is_floating_point())  # a frozen w0
+        validation.tensor("images", images)
+        validation.same_device("images", images, weight, "the model's weights")
+        if images.dim() != 4:
+            raise ValueError(f"images: expected (batch, channels, height, width), got shape {tuple(images.shape)}")
+        if self.in_chans is not None and images.shape[1] != self.in_chans:
+            raise ValueError(f"images: expected {self.in_chans} channels (dim 1), got shape {tuple(images.shape)}")
+        if images.dtype != weight.dtype and not autocasting.autocast_on(images.device):
+            raise TypeError(f"images: expected dtype {weight.dtype} (as the model's weights), got {images.dtype}")
 
     def _embed(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Tokens and their tangent entering the first linearized block."""
@@ -221,6 +238,7 @@ class LinearizedViT(nn.Module):
 
     def forward_dual(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Both streams: ``(f(x; w0), J f(x; w0) · dw)``."""
+        self._check_images(images)
         x, x_t = self._embed(images)
         for block in self.blocks.values():
             x, x_t = block(x, x_t)

@@ -443,6 +443,26 @@ def test_compiles_with_dynamic_shapes():
         torch.testing.assert_close(compiled(images), lin(images))
 
 
+@pytest.mark.parametrize("call, error, message", [
+    (lambda lin, x: lin(x.float()), TypeError, r"images: expected dtype torch.float64 \(as the model's weights\)"),
+    (lambda lin, x: lin(x[:, :1]), ValueError, r"images: expected 3 channels"),
+    (lambda lin, x: lin(x[0]), ValueError, r"images: expected \(batch, channels, height, width\)"),
+    (lambda lin, x: lin(x.tolist()), TypeError, "images: expected a torch.Tensor"),
+    (lambda lin, x: lin(x.to("meta")), ValueError, "images: expected device cpu"),
+    (lambda lin, x: lin.blocks["2"].attn(torch.randn(5, 48, dtype=x.dtype)), ValueError,
+     r"x: expected \(batch, tokens, 48\)"),
+    (lambda lin, x: tk.linearize(small_vit(), 1, reinit="yes"), TypeError, "reinit: expected True or False"),
+    (lambda lin, x: tk.linearize(small_vit(), 1, fresh_cls_token=1), TypeError, "fresh_cls_token: expected"),
+    (lambda lin, x: tk.modules.TangentForwardAD("x"), TypeError, "module: expected an nn.Module"),
+])  # fmt: skip
+def test_bad_inputs_are_refused_naming_them(call, error, message):
+    """Images or tokens the linearized model cannot take, and bad settings, raise naming them (they
+    raised torch's conv error, an unpacking error, or were accepted)."""
+    lin = tk.linearize(small_vit(), 1)
+    with pytest.raises(error, match=message):
+        call(lin, torch.randn(2, 3, 32, 32, dtype=torch.float64))
+
+
 class TestUnsupported:
     def test_not_a_vit(self):
         with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Sequential"):

@@ -1,5 +1,6 @@
 """The TAFT toolkit: RSL loss, composition, exact forgetting, DP clipping and noise, checkpoints."""
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -174,6 +175,25 @@ def test_privacy_spent_is_saved_with_the_shards(tmp_path):
     assert restored.privacy_spent() is None
     restored.save(tmp_path)
     assert taft.ShardedTAFT.load(tmp_path, lin).privacy_spent() is None
+
+
+def test_loaded_shards_retrain_only_by_their_own_recipe(tmp_path):
+    """``load`` took any TrainConfig, and forgetting then retrained the shard by another recipe (not
+    an exact forgetting): retraining needs the recipe saved with the shards (loading settings may
+    differ); composing and forgetting whole shards need none."""
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
+    inputs, targets = torch.randn(12, 1, 8, 8), torch.randint(0, 5, (12,))
+    recipe = taft.TrainConfig(epochs=1, batch_size=4, optimizer="sgd", lr=0.05)
+    sharded = taft.ShardedTAFT(lin, taft.split_shards(12, 2), recipe)
+    sharded.fit(inputs, targets, progress=False)
+    sharded.save(tmp_path)
+    other = taft.ShardedTAFT.load(tmp_path, lin)  # the default recipe: Adam
+    other.compose()
+    with pytest.raises(ValueError, match="config: the loaded shards were trained with"):
+        other.forget_samples([0], inputs, targets)
+    other.forget_shard(1)
+    same = taft.ShardedTAFT.load(tmp_path, lin, dataclasses.replace(recipe, num_workers=1))
+    assert same.forget_samples([int(same.shards[0][0])], inputs, targets) == [0]
 
 
 def test_parallel_shard_training_matches_serial():

@@ -4,7 +4,8 @@
   tied to the base model's fingerprint, with a checksum; for a shard trained privately, the
   ``epsilon`` and ``delta`` it spent in its header), and no other file of that name;
 - ``shard_samples.safetensors``: the sample indices of every shard (empty once forgotten);
-- ``taft.json``: the layout version, the number of shards and of samples, the trained shards;
+- ``taft.json``: the layout version, the number of shards and of samples, the trained shards, and
+  the recipe they were trained with (``TrainConfig.run()``: forgetting retrains by it);
 - ``resume/shard_<i>.pt``: while shard ``i`` trains, its per-epoch checkpoint (``taft.resume``).
 
 ``write`` deletes stale shard files first, so after it the folder holds no offsets of an
@@ -19,6 +20,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -52,7 +54,7 @@ def remove(path: str) -> None:
 
 
 def write(folder: str, model: nn.Module, shards: list[Tensor], offsets: dict[int, dict[str, Tensor]],
-          num_samples: int | None, description: str, stale: Sequence[int] = (),
+          num_samples: int | None, description: str, recipe: str, stale: Sequence[int] = (),
           privacy: dict[int, tuple[float, float]] | None = None) -> None:  # fmt: skip
     """Make ``folder`` hold exactly this state: stale shard files and checkpoints (of the shards in
     ``offsets``, the empty ones and ``stale``) deleted first, then the offsets of every entry of
@@ -70,13 +72,14 @@ def write(folder: str, model: nn.Module, shards: list[Tensor], offsets: dict[int
     samples = {f"shard_{i}": s.contiguous() for i, s in enumerate(shards)}
     save_file(samples, os.path.join(folder, SAMPLES_FILE))
     index = {"format": LAYOUT, "num_shards": len(shards), "num_samples": num_samples,
-             "trained": sorted(offsets), "config": description}  # fmt: skip
+             "trained": sorted(offsets), "config": description, "recipe": recipe}  # fmt: skip
     with open(os.path.join(folder, INDEX_FILE), "w") as f:
         json.dump(index, f)
 
 
-def _read_index(folder: str) -> tuple[int, int | None, list]:
-    """``taft.json``: the number of shards, of samples (``None`` before any training), the trained."""
+def _read_index(folder: str) -> tuple[int, int | None, list, str | None]:
+    """``taft.json``: the number of shards, of samples (``None`` before any training), the trained,
+    and their recipe (``None`` in a folder saved before it was recorded)."""
     path = os.path.join(folder, INDEX_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder}: no {INDEX_FILE}; not a folder written by ShardedTAFT.save")
@@ -96,7 +99,10 @@ def _read_index(folder: str) -> tuple[int, int | None, list]:
     trained = index.get("trained")
     if not isinstance(trained, list):
         raise ValueError(f"{path}: trained: expected a list of shard indices, got {trained!r}")
-    return num_shards, num_samples, trained
+    recipe = index.get("recipe")
+    if recipe is not None and not isinstance(recipe, str):
+        raise ValueError(f"{path}: recipe: expected the TrainConfig.run() text, got {recipe!r}")
+    return num_shards, num_samples, trained, recipe
 
 
 def _read_samples(folder: str, num_shards: int, num_samples: int | None) -> list[Tensor]:
@@ -114,12 +120,19 @@ def _read_samples(folder: str, num_shards: int, num_samples: int | None) -> list
     return shards
 
 
-def read(folder: str, model: nn.Module) -> tuple[list[Tensor], dict[int, dict[str, Tensor]], int | None,
-                                                dict[int, tuple[float, float]]]:  # fmt: skip
-    """The shard lists, the offsets of the trained shards (checked against ``model``'s base), the
-    number of samples, and the ``(epsilon, delta)`` of the shards trained privately, saved in
-    ``folder`` by ``write``."""
-    num_shards, num_samples, trained = _read_index(folder)
+class Saved(NamedTuple):
+    """What ``read`` finds in a folder written by ``write``."""
+
+    shards: list[Tensor]
+    offsets: dict[int, dict[str, Tensor]]  # of the trained shards, checked against the model's base
+    num_samples: int | None
+    privacy: dict[int, tuple[float, float]]  # (epsilon, delta) of the shards trained privately
+    recipe: str | None  # TrainConfig.run() of the training (None: not recorded)
+
+
+def read(folder: str, model: nn.Module) -> Saved:
+    """The state saved in ``folder`` by ``write``, checked (see the module docstring)."""
+    num_shards, num_samples, trained, recipe = _read_index(folder)
     shards = _read_samples(folder, num_shards, num_samples)
     where = f"{os.path.join(folder, INDEX_FILE)}: trained"
     trained = [check_int(f"{where}[{k}]", i, minimum=0) for k, i in enumerate(trained)]
@@ -139,7 +152,7 @@ def read(folder: str, model: nn.Module) -> tuple[list[Tensor], dict[int, dict[st
         offsets[i] = read_offsets(model, files[i])
         if any(key in header for key in PRIVACY_KEYS):
             privacy[i] = _privacy_spent(files[i], header)
-    return shards, offsets, num_samples, privacy
+    return Saved(shards, offsets, num_samples, privacy, recipe)
 
 
 def _privacy_spent(path: str, header: dict[str, str]) -> tuple[float, float]:

@@ -166,6 +166,7 @@ class ShardedTAFT:
         self.offsets: dict[int, dict[str, Tensor]] = {}
         self.results: dict[int, TrainResult] = {}
         self._folders: set[str] = set()  # saved to or loaded from: rewritten when data is forgotten
+        self._recipe: str | None = None  # loaded shards' training recipe where it is not self.config's
         self._resumed_in: set[str] = set()  # fit(resume=...) folders: their checkpoints saw the data too
         self._composed: str | None = None  # the weighting of the composition ``model`` holds
 
@@ -200,6 +201,11 @@ class ShardedTAFT:
         process group, each rank trains its share of the shards (or, ``data_parallel``, every rank
         every shard, each on part of every batch) and all get every result."""
         from tqdm.auto import tqdm
+
+        if self._recipe is not None:
+            raise ValueError(f"config: the loaded shards were trained with {self._recipe}, not this object's "
+                             f"{self.config.run()}; load them with that TrainConfig to train or retrain shards "
+                             "(forgetting retrains as the shard was trained)")  # fmt: skip
 
         configs = {i: dataclasses.replace(self.config, seed=self.config.seed + i) for i in shards}
         mine = list(shards) if data_parallel else distributed.share(list(shards))
@@ -360,7 +366,7 @@ class ShardedTAFT:
         active = self.active()
         privacy = {i: (r.epsilon, r.delta) for i, r in self.results.items() if i in active and r.epsilon is not None}
         on_disk.write(folder, self.model, self.shards, {i: self.offsets[i] for i in active}, self.num_samples,
-                      repr(self.config), stale, privacy)  # fmt: skip
+                      repr(self.config), self._recipe or self.config.run(), stale, privacy)  # fmt: skip
 
     def privacy_spent(self) -> tuple[float, float] | None:
         """The ``(epsilon, delta)`` of the composition: the largest spent by an active shard, since
@@ -387,11 +393,15 @@ class ShardedTAFT:
              config: TrainConfig = TrainConfig()) -> ShardedTAFT:  # fmt: skip
         """Shards saved by ``save``, onto the same linearized base model (refused otherwise). A
         folder with missing, extra or corrupted files is refused with the file named. The loaded
-        object rewrites ``folder`` when it forgets data."""
+        object rewrites ``folder`` when it forgets data; it trains or retrains shards only if
+        ``config`` is the recipe the saved shards were trained with (what changes learning: not
+        the loading settings)."""
         folder = os.fspath(folder)
-        shards, offsets, num_samples, privacy = on_disk.read(folder, linearized)
-        sharded = cls(linearized, shards, config)
-        sharded.offsets, sharded.num_samples = offsets, num_samples
-        sharded.results = {i: TrainResult(epsilon=epsilon, delta=delta) for i, (epsilon, delta) in privacy.items()}
+        saved = on_disk.read(folder, linearized)
+        sharded = cls(linearized, saved.shards, config)
+        sharded.offsets, sharded.num_samples = saved.offsets, saved.num_samples
+        sharded.results = {i: TrainResult(epsilon=e, delta=d) for i, (e, d) in saved.privacy.items()}
+        if saved.offsets and saved.recipe != config.run():
+            sharded._recipe = saved.recipe  # the shards' own: retraining by another is refused
         sharded._folders.add(os.path.realpath(folder))
         return sharded
