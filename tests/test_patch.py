@@ -1378,6 +1378,13 @@ def test_forward_ad_trains_through_attention_math_serves(form, loss_on, monkeypa
     assert calls.count == 0
 
 
+def test_patch_and_fused_jvp_check_their_arguments_at_once():
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got str"):  # (vars() argument ...)
+        tk.patch("model")
+    with pytest.raises(ValueError, match="backend: expected one of"), fused_jvp(backend="fused"):
+        pass  # (was checked only at the first fused call: small CPU calls never checked it)
+
+
 def test_size_thresholds_from_the_environment_are_checked(monkeypatch):
     """``TANGENT_KERNELS_CPU_FUSED_MIN_*`` set to text failed the import with int()'s bare message."""
     monkeypatch.setenv("TANGENT_KERNELS_CPU_FUSED_MIN_SCORES", "12")

@@ -126,6 +126,20 @@ def test_privacy_without_opacus_is_refused_before_training(monkeypatch):
         taft.PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0)
 
 
+def test_loading_and_noise_settings_are_checked():
+    """A prefetch_factor without workers (torch's DataLoader refuses it only when built, inside
+    training), noise for a tensor (its rows were taken as the parameters' gradients), and the
+    accuracy of no samples (0.0 before: undefined)."""
+    with pytest.raises(ValueError, match="TrainConfig.prefetch_factor: applies to DataLoader worker processes"):
+        taft.TrainConfig(prefetch_factor=2)
+    taft.TrainConfig(prefetch_factor=2, num_workers=1)
+    config = taft.PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+    with pytest.raises(TypeError, match="summed: expected a list of gradient tensors"):
+        taft.add_noise(torch.zeros(3, 4), config, 8.0)
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
+    assert math.isnan(taft.accuracy(lin, torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)))
+
+
 def test_private_training_reports_opacus_epsilon():
     from opacus.accountants import RDPAccountant
 

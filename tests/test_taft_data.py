@@ -74,6 +74,8 @@ def test_an_iterable_dataset_trains_in_stream_order_and_bad_samples_are_named():
         trained(TensorDataset(inputs, bad))  # a dataset that keeps its targets: refused before training
     with pytest.raises(TypeError, match="expected samples \\(input tensor, target\\), got str"):
         trained(Stream(["a"] * 3, [1] * 3))
+    with pytest.raises(ValueError, match="an iterable dataset that yields none"):  # (a bare StopIteration)
+        trained(Stream([], []))
     with pytest.raises(TypeError, match="inputs: expected a tensor, a torch.utils.data.Dataset or a DataLoader"):
         trained([(inputs[0], 1)] * 3)
 

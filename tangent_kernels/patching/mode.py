@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as torch_F
 from torch.overrides import TorchFunctionMode
 
+from .. import backends, validation
 from . import watch
 from .layer_norm import layer_norm, rms_norm
 from .mha import multi_head_attention_forward
@@ -83,6 +84,7 @@ def fused_jvp(backend: str = "auto"):
     ``backend`` picks the fused kernels' backend (``"auto"``, ``"triton"``, ``"cpp"``,
     ``"reference"``); a nested ``fused_jvp`` keeps the enclosing one's.
     """
+    validation.choice("backend", backend, backends.BACKENDS)  # now, not at the first fused call
     if routing_active():
         yield
         return

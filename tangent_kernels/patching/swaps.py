@@ -137,6 +137,8 @@ def patch(model: nn.Module) -> nn.Module:
     Patch the model that runs: a copy made before ``patch()`` (e.g. by a ``LinearizedModel``) is
     not patched (a warning says so when it runs under forward AD); a copy of a patched model is.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if _RECORD in vars(model):
         raise RuntimeError("patch: this model is already patched (call unpatch first)")
     planned = plan(model)

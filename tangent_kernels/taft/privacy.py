@@ -98,6 +98,9 @@ def add_noise(summed: list[Tensor], config: PrivacyConfig, expected_batch_size: 
     """``(sum + N(0, (noise_multiplier · max_grad_norm)²)) / expected_batch_size`` per tensor."""
     if not isinstance(config, PrivacyConfig):
         raise TypeError(f"config: expected a PrivacyConfig, got {type(config).__name__}")
+    if isinstance(summed, Tensor) or not all(isinstance(s, Tensor) for s in summed):
+        raise TypeError("summed: expected a list of gradient tensors (one per parameter), got "
+                        f"{type(summed).__name__}")  # fmt: skip
     check_real("expected_batch_size", expected_batch_size, above=0.0)
     std = config.noise_multiplier * config.max_grad_norm
     noisy = []

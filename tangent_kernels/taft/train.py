@@ -74,6 +74,9 @@ class TrainConfig:
         check_int("TrainConfig.num_workers", self.num_workers, minimum=0)
         if self.prefetch_factor is not None:
             check_int("TrainConfig.prefetch_factor", self.prefetch_factor, minimum=1)
+            if self.num_workers == 0:  # (torch's DataLoader refuses it too, but only when it is built)
+                raise ValueError("TrainConfig.prefetch_factor: applies to DataLoader worker processes; expected "
+                                 "num_workers > 0 with it, or prefetch_factor=None")  # fmt: skip
         for name in ("lr", "kappa", "alpha"):
             check_real(f"TrainConfig.{name}", getattr(self, name), above=0.0)
         for name in ("weight_decay", "dw_penalty"):
@@ -222,7 +225,9 @@ def check_source(model: nn.Module, inputs, targets, config: TrainConfig) -> tupl
     dataset = data.dataset
     if not data.iterable and len(dataset) == 0:
         raise ValueError("inputs: expected at least one sample, got an empty dataset")
-    sample = next(iter(dataset)) if data.iterable else dataset[0]
+    sample = next(iter(dataset), None) if data.iterable else dataset[0]
+    if data.iterable and sample is None:
+        raise ValueError("inputs: expected at least one sample, got an iterable dataset that yields none")
     batch, cause = None, None
     try:  # one sample as a batch, through the loader's collate_fn (which may build (inputs, targets))
         batch = (data.loader.get("collate_fn") or default_collate)([sample])
@@ -391,7 +396,7 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
 @torch.no_grad()
 def accuracy(model: nn.Module, inputs, targets: Tensor | None = None, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``(inputs, targets)`` tensors, a ``Dataset`` of
-    ``(input, class)`` samples, or a ``DataLoader`` (its batches as they come)."""
+    ``(input, class)`` samples, or a ``DataLoader`` (its batches as they come); NaN for no samples."""
     model.eval()
     device = next(iter(model.buffers()), next(iter(model.parameters()))).device
     if isinstance(inputs, torch.utils.data.DataLoader):
@@ -402,4 +407,4 @@ def accuracy(model: nn.Module, inputs, targets: Tensor | None = None, batch_size
     for x, y in loader:
         correct += int((model(x.to(device)).argmax(dim=1).cpu() == y).sum())
         total += len(y)
-    return correct / max(total, 1)
+    return correct / total if total else math.nan  # (no samples: undefined, not 0)
