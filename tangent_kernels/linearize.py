@@ -111,8 +111,9 @@ class LinearizedViT(nn.Module):
         super().__init__()
         _check_supported(model)
         reinit, fresh_cls_token = validation.flag("reinit", reinit), validation.flag("fresh_cls_token", fresh_cls_token)
-        proj = getattr(model.patch_embed, "proj", None)
-        self.in_chans = proj.in_channels if isinstance(proj, nn.Conv2d) else None
+        proj = getattr(model.patch_embed, "proj", None)  # (a hybrid's projects its CNN backbone's features)
+        plain = isinstance(proj, nn.Conv2d) and getattr(model.patch_embed, "backbone", None) is None
+        self.in_chans = proj.in_channels if plain else None
         depth = len(model.blocks)
         num_linearized = depth if blocks == "all" else blocks
         if isinstance(num_linearized, bool) or not isinstance(num_linearized, int) or not 1 <= num_linearized <= depth:

@@ -231,15 +231,15 @@ class TangentLayerScale(nn.Module):
         _register_linearized(self, "gamma", _frozen(layer_scale, "gamma"))
 
     def forward(self, x: Tensor, x_t: Tensor | None = None) -> Pair:
-        _check_features(x, x_t, self.gamma0.numel())
+        _check_features(x, self.gamma0.numel())
         return x * self.gamma0, add_tangents(None if x_t is None else x_t * self.gamma0, x * self.gamma)
 
 
-def _check_features(x, x_t, width: int, tokens: bool = False) -> None:
-    """``x`` (and ``x_t``) of ``width`` features: ``(..., width)``, or ``(batch, tokens, width)`` as
-    timm's attention takes them (``tokens``)."""
-    validation.features(x, x_t)
-    if x.shape[-1] != width or (tokens and x.dim() != 3):
+def _check_features(x, width: int, tokens: bool = False) -> None:
+    """``x`` of ``width`` features: ``(..., width)``, or ``(batch, tokens, width)`` as timm's
+    attention takes them (``tokens``); its tangent is checked by the ops it meets."""
+    validation.tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] != width or (tokens and x.dim() != 3):
         expected = f"(batch, tokens, {width})" if tokens else f"(..., {width})"
         raise ValueError(f"x: expected {expected}, got shape {tuple(x.shape)}")
 
@@ -350,7 +350,7 @@ class TangentAttention(nn.Module):
     ) -> Pair:
         if attn_mask is not None:
             raise NotImplementedError("TangentAttention: attn_mask is not supported (is_causal=True is)")
-        _check_features(x, x_t, self.qkv.in_features, tokens=True)
+        _check_features(x, self.qkv.in_features, tokens=True)
         batch, tokens, _ = x.shape
         qkv, qkv_t = self.qkv(x, x_t)
         (q, k, v), (q_t, k_t, v_t) = self._heads(qkv), self._heads(qkv_t)

@@ -463,6 +463,14 @@ def test_bad_inputs_are_refused_naming_them(call, error, message):
         call(lin, torch.randn(2, 3, 32, 32, dtype=torch.float64))
 
 
+def test_hybrid_vit_takes_its_images():
+    """A hybrid ViT's patch projection takes its CNN backbone's features (64 channels here), not the
+    image's: the image check refused every image."""
+    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64, depth=2, num_classes=5).eval()
+    images = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(tk.linearize(model, 1)(images), model(images), rtol=1e-5, atol=1e-5)
+
+
 class TestUnsupported:
     def test_not_a_vit(self):
         with pytest.raises(tk.UnsupportedModuleError, match="expected a timm VisionTransformer, got Sequential"):

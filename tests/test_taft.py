@@ -1,6 +1,7 @@
 """The TAFT toolkit: RSL loss, composition, exact forgetting, DP clipping and noise, checkpoints."""
 
 import dataclasses
+import json
 import math
 import subprocess
 import sys
@@ -117,13 +118,16 @@ def test_dp_noise_has_the_stated_scale():
 
 def test_privacy_without_opacus_is_refused_before_training(monkeypatch):
     """opacus is an optional dependency (``[taft]``); without it a private run trained every epoch
-    and then failed to account for them."""
+    and then failed to account for them. Settings are still made and read (the command line's
+    ``eval`` of a private run needs no accountant)."""
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "opacus" else find_spec(name, *a))
+    config = taft.TrainConfig(epochs=1, privacy=taft.PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0))
+    lin = tk.linearize(tiny_vit(torch.float32), 1)
     with pytest.raises(ModuleNotFoundError, match=r"needs opacus.*tangent-kernels\[taft\]"):
-        taft.PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0)
+        taft.train(lin, torch.randn(4, 1, 8, 8), torch.randint(0, 5, (4,)), config)
 
 
 def test_loading_and_noise_settings_are_checked():
@@ -207,7 +211,14 @@ def test_loaded_shards_retrain_only_by_their_own_recipe(tmp_path):
         other.forget_samples([0], inputs, targets)
     other.forget_shard(1)
     same = taft.ShardedTAFT.load(tmp_path, lin, dataclasses.replace(recipe, num_workers=1))
+    assert taft.TrainConfig(lr=1).run() == taft.TrainConfig(lr=1.0).run()  # equal configs, one recipe
     assert same.forget_samples([int(same.shards[0][0])], inputs, targets) == [0]
+    index = json.loads((tmp_path / "taft.json").read_text())
+    del index["recipe"]  # a folder saved before the recipe was recorded: not stamped with a loader's
+    (tmp_path / "taft.json").write_text(json.dumps(index))
+    taft.ShardedTAFT.load(tmp_path, lin).save(tmp_path)
+    assert json.loads((tmp_path / "taft.json").read_text())["recipe"] is None
+    assert taft.ShardedTAFT.load(tmp_path, lin, recipe).forget_samples([int(same.shards[0][1])], inputs, targets) == [0]
 
 
 def test_parallel_shard_training_matches_serial():

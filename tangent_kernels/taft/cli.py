@@ -30,7 +30,7 @@ from .. import linearize
 from . import distributed
 from .data import transform
 from .folder import INDEX_FILE, RESUME_FOLDER
-from .privacy import PrivacyConfig
+from .privacy import PrivacyConfig, require_accountant
 from .shards import ShardedTAFT, split_shards
 from .train import LOADING, TrainConfig, accuracy, training_autocast
 
@@ -197,6 +197,8 @@ def train_command(args) -> None:
                          loss=args.loss, kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
                          lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode, precision=args.precision,
                          privacy=args.privacy and PrivacyConfig(*args.privacy, delta=DELTA if args.delta is None else args.delta))  # fmt: skip
+    if config.privacy is not None:
+        require_accountant()  # (before OUT is written)
     classes = visible_classes(args.data)
     weights = None if args.weights is None else os.path.abspath(args.weights)
     run = {"format": FORMAT, "model": args.model, "model_args": model_args,

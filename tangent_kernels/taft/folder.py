@@ -54,7 +54,7 @@ def remove(path: str) -> None:
 
 
 def write(folder: str, model: nn.Module, shards: list[Tensor], offsets: dict[int, dict[str, Tensor]],
-          num_samples: int | None, description: str, recipe: str, stale: Sequence[int] = (),
+          num_samples: int | None, description: str, recipe: str | None, stale: Sequence[int] = (),
           privacy: dict[int, tuple[float, float]] | None = None) -> None:  # fmt: skip
     """Make ``folder`` hold exactly this state: stale shard files and checkpoints (of the shards in
     ``offsets``, the empty ones and ``stale``) deleted first, then the offsets of every entry of

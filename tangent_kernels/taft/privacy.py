@@ -34,7 +34,6 @@ class PrivacyConfig:
 
     ``noise_multiplier``: finite, >= 0 (0 clips without noise: ε = inf); ``max_grad_norm``: finite,
     > 0, with a finite product (the noise's standard deviation); ``delta``: finite, in (0, 1).
-    opacus (the accountant) must be installed: a private run without it would fail once trained.
     """
 
     noise_multiplier: float
@@ -49,9 +48,14 @@ class PrivacyConfig:
             raise ValueError(f"PrivacyConfig.noise_multiplier: expected a finite noise standard deviation "
                              f"noise_multiplier · max_grad_norm, "
                              f"got {self.noise_multiplier} · {self.max_grad_norm}")  # fmt: skip
-        if importlib.util.find_spec("opacus") is None:
-            raise ModuleNotFoundError("PrivacyConfig: the privacy accountant needs opacus, which is not "
-                                      "installed; pip install 'tangent-kernels[taft]' (or opacus)")  # fmt: skip
+
+
+def require_accountant() -> None:
+    """Refuse a private training before it starts when opacus (the accountant) is not installed:
+    it would fail once every epoch had run."""
+    if importlib.util.find_spec("opacus") is None:
+        raise ModuleNotFoundError("privacy: the privacy accountant needs opacus, which is not installed; "
+                                  "pip install 'tangent-kernels[taft]' (or opacus)")  # fmt: skip
 
 
 def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:

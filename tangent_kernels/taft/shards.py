@@ -166,7 +166,7 @@ class ShardedTAFT:
         self.offsets: dict[int, dict[str, Tensor]] = {}
         self.results: dict[int, TrainResult] = {}
         self._folders: set[str] = set()  # saved to or loaded from: rewritten when data is forgotten
-        self._recipe: str | None = None  # loaded shards' training recipe where it is not self.config's
+        self._recipe: str | None = config.run()  # the shards' training recipe (None: loaded, not recorded)
         self._resumed_in: set[str] = set()  # fit(resume=...) folders: their checkpoints saw the data too
         self._composed: str | None = None  # the weighting of the composition ``model`` holds
 
@@ -202,7 +202,7 @@ class ShardedTAFT:
         every shard, each on part of every batch) and all get every result."""
         from tqdm.auto import tqdm
 
-        if self._recipe is not None:
+        if self._recipe not in (None, self.config.run()):
             raise ValueError(f"config: the loaded shards were trained with {self._recipe}, not this object's "
                              f"{self.config.run()}; load them with that TrainConfig to train or retrain shards "
                              "(forgetting retrains as the shard was trained)")  # fmt: skip
@@ -366,7 +366,7 @@ class ShardedTAFT:
         active = self.active()
         privacy = {i: (r.epsilon, r.delta) for i, r in self.results.items() if i in active and r.epsilon is not None}
         on_disk.write(folder, self.model, self.shards, {i: self.offsets[i] for i in active}, self.num_samples,
-                      repr(self.config), self._recipe or self.config.run(), stale, privacy)  # fmt: skip
+                      repr(self.config), self._recipe, stale, privacy)  # fmt: skip
 
     def privacy_spent(self) -> tuple[float, float] | None:
         """The ``(epsilon, delta)`` of the composition: the largest spent by an active shard, since
@@ -401,7 +401,6 @@ class ShardedTAFT:
         sharded = cls(linearized, saved.shards, config)
         sharded.offsets, sharded.num_samples = saved.offsets, saved.num_samples
         sharded.results = {i: TrainResult(epsilon=e, delta=d) for i, (e, d) in saved.privacy.items()}
-        if saved.offsets and saved.recipe != config.run():
-            sharded._recipe = saved.recipe  # the shards' own: retraining by another is refused
+        sharded._recipe = saved.recipe if saved.offsets else config.run()  # (no shard trained yet: any)
         sharded._folders.add(os.path.realpath(folder))
         return sharded

@@ -19,7 +19,7 @@ from . import distributed, resume
 from .checks import check_choice, check_int, check_real
 from .data import EpochBatches, Source, batches, identity, known_targets, source
 from .loss import rsl_loss
-from .privacy import PrivacyConfig, add_noise, clipped_gradient_sum, epsilon
+from .privacy import PrivacyConfig, add_noise, clipped_gradient_sum, epsilon, require_accountant
 
 OPTIMIZERS = ("adam", "sgd")
 LOSSES = ("rsl", "ce")
@@ -108,7 +108,12 @@ class TrainConfig:
 
     def run(self) -> str:
         """The settings that change what is learned (loading settings left out)."""
-        return repr({f.name: getattr(self, f.name) for f in fields(self) if f.name not in LOADING})
+        return repr({f.name: _as_declared(f, getattr(self, f.name)) for f in fields(self) if f.name not in LOADING})
+
+
+def _as_declared(field_, value):
+    """A number as its field declares it (``lr=1`` is ``lr=1.0``: one recipe, one text)."""
+    return float(value) if field_.type == "float" and isinstance(value, int) else value
 
 
 @dataclass
@@ -296,6 +301,8 @@ def train(model: nn.Module, inputs, targets: Tensor | None = None, config: Train
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    if config.privacy is not None:
+        require_accountant()
     if not isinstance(progress, (bool, str)):
         raise TypeError(f"progress: expected a bool or a str (the bar's label), "
                         f"got {type(progress).__name__}")  # fmt: skip
