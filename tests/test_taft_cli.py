@@ -148,7 +148,9 @@ def test_a_refused_train_leaves_out_as_it_was(images, tmp_path, capsys):
                           (["--privacy", "1", "1", "--delta", "0"], "PrivacyConfig.delta"),  # (took δ = 1e-5)
                           (["--test", str(train)], "--test: the shards protocol evaluates nothing"),  # (ignored)
                           (["--weights", str(tmp_path / "nothing.pt")], "--weights: "),
-                          (["--model-args", "{img_size: 8}"], "--model-args: expected a JSON object")):  # fmt: skip
+                          (["--model-args", "{img_size: 8}"], "--model-args: expected a JSON object"),
+                          (["--shards", "0"], "--shards: expected a positive integer"),
+                          (["--img-size", "0"], "--img-size: expected a positive integer")):  # fmt: skip
         with pytest.raises(SystemExit):
             main(train_args(train, out, *refused))
         assert not (out / "run.json").exists(), refused

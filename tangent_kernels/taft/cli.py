@@ -59,7 +59,10 @@ class RunFolder(ImageFolder):
 def visible_classes(directory: str) -> list[str]:
     """torchvision's classes of ``directory`` (its sub-folders, sorted) but hidden ones (a notebook's
     ``.ipynb_checkpoints``, a Mac's ``.DS_Store`` folders), which torchvision counts as classes."""
-    return [name for name in find_classes(directory)[0] if not name.startswith(".")]
+    try:
+        return [name for name in find_classes(directory)[0] if not name.startswith(".")]
+    except FileNotFoundError as error:  # (torchvision's words: no class folder)
+        raise ValueError(f"--data: {str(error).rstrip('.')}; expected one sub-folder of images per class") from None
 
 
 def fingerprint(folder: ImageFolder) -> str:
@@ -173,6 +176,9 @@ def _trained_anything(out: str) -> bool:
 def train_command(args) -> None:
     device = distributed.init_from_env()
     rank = distributed.rank_and_world()[0]
+    for flag, value in (("--shards", args.shards), ("--img-size", args.img_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: expected a positive integer, got {value}")
     if args.blocks != "all" and not args.blocks.isdigit():
         raise ValueError(f"--blocks: expected N (the last N blocks) or 'all', got {args.blocks!r}")
     if args.delta is not None and args.privacy is None:
@@ -268,6 +274,8 @@ def train_command(args) -> None:
 
 
 def eval_command(args) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     device = distributed.init_from_env()
     _, sharded, folder = open_run(args.out, device, args.data)
     spent = sharded.privacy_spent()
