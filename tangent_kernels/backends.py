@@ -87,6 +87,8 @@ def last_backend(op: str) -> str | None:
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, str]:
     """For each backend, ``""`` if it can run on this device and dtype, else the reason it cannot."""
     device = torch.device(device)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype: expected a torch.dtype (e.g. torch.float32), got {dtype!r}")
     return {
         "triton": triton_backend.unsupported_reason(device, dtype),
         "cpp": cpp.unsupported_reason(device, dtype),

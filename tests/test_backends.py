@@ -62,10 +62,16 @@ def test_dtype_the_backend_lacks(device):
         F.layer_norm_jvp(x, None, None, None, backend="triton")
 
 
-def test_available_backends_reports_reasons():
+def test_available_backends_reports_reasons(monkeypatch):
     status = tk.available_backends("cpu")
     assert status["reference"] == ""
     assert set(status) == {"triton", "cpp", "reference"}
+    with pytest.raises(TypeError, match="dtype: expected a torch.dtype"):  # (said "float32 is not supported")
+        tk.available_backends("cpu", "float32")
+    if triton_backend.AVAILABLE:  # a host without a GPU (it raised torch's "Found no NVIDIA driver")
+        monkeypatch.setattr(triton_backend, "INTERPRETING", False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert "no CUDA GPU is available" in tk.available_backends("cuda")["triton"]
 
 
 def test_last_backend_rejects_unknown_op():

@@ -1,7 +1,10 @@
 """What a GPU launch needs that the interpreter does not check: the tensors' device made current,
-32-bit row offsets that cannot wrap, and torch's TF32 setting read as torch 2.14 keeps it."""
+32-bit row offsets that cannot wrap, torch's TF32 setting read as torch 2.14 keeps it; and
+launches from several threads taking turns."""
 
 import contextlib
+import sys
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -33,6 +36,46 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
     assert on_device(SimpleNamespace(device=torch.device("cuda", 1)), 2)[2] == [torch.device("cuda", 1)]
     assert on_device(torch.empty(1), 2)[2] == [torch.device("cuda", 1)], "CPU tensors: no device entered"
     assert all(getattr(launch, "__wrapped__", None) for launch in LAUNCHERS)
+
+
+def test_launches_from_several_threads_take_turns():
+    """``nn.DataParallel`` launches a replica per GPU from threads at once: Triton's autotuner keeps
+    the running launch's arguments on itself and the interpreter swaps ``triton.language`` while a
+    kernel runs, so concurrent launches crashed ("Did you forget to add @triton.jit?" in 1-2 of
+    3-4 threads, every run). Each thread's results equal the same launches run alone."""
+    from tangent_kernels import functional
+
+    def launches(seed):
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for n in (3, 5, 7):
+            x, q = torch.randn(n, 8, generator=g), torch.randn(1, 1, n, 8, generator=g)
+            out += functional.layer_norm_jvp(x, x, torch.ones(8), torch.zeros(8), backend="triton")
+            out += functional.attention_jvp(q, q, q, q, q, q, backend="triton")
+        return out
+
+    alone = [launches(seed) for seed in range(3)]
+    results, errors = {}, []
+
+    def run(seed):
+        try:
+            results[seed] = launches(seed)
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, as GPUs' short launches would
+    try:
+        threads = [threading.Thread(target=run, args=(seed,)) for seed in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    for seed, expected in enumerate(alone):
+        assert all(torch.equal(a, b) for a, b in zip(results[seed], expected, strict=True))
 
 
 def test_attention_rows_past_32_bit_offsets_are_refused(monkeypatch):
@@ -81,7 +124,11 @@ def test_gpus_older_than_ampere_are_refused(monkeypatch):
     shared memory): on a T4 or V100 the Triton backend says so, and ``"auto"`` picks another."""
     monkeypatch.setattr(triton_package, "INTERPRETING", False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     for capability, refused in (((7, 5), True), ((8, 0), False), ((12, 0), False)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         reason = triton_package.unsupported_reason(torch.device("cuda"), torch.float16)
         assert reason == ("Tesla T4 has compute capability 7.5; the kernels need 8.0 or newer" if refused else "")
+    assert triton_package.unsupported_reason(torch.device("cuda", 3), torch.float16) == (
+        "device cuda:3 does not exist (1 CUDA GPUs)")  # (torch raised before)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import torch
 
@@ -86,17 +87,27 @@ def check_served(name: str, t: torch.Tensor) -> None:
         raise error(f"{name}: the triton backend cannot run it: {reason}")
 
 
+# Launches from several threads at once (``nn.DataParallel`` runs a replica per GPU in threads)
+# take turns: Triton's autotuner keeps the running launch's arguments on itself (``nargs``, reset
+# to ``None`` when a launch ends), so concurrent launches read each other's or crash on ``None``,
+# and the interpreter swaps ``triton.language`` globally while a kernel runs. Only the host-side
+# launch is held: the kernels run asynchronously on each device's stream.
+_LAUNCH_LOCK = threading.RLock()
+
+
 def launcher(launch):
     """A launch entry point, run on the CUDA device of its first argument (a tensor): Triton compiles
     and launches for the current device and its stream, whatever device the tensors live on (a model
-    on ``cuda:1`` while ``cuda:0`` is current read another GPU's memory, or raced its stream)."""
+    on ``cuda:1`` while ``cuda:0`` is current read another GPU's memory, or raced its stream); one
+    thread at a time (``_LAUNCH_LOCK``)."""
 
     @functools.wraps(launch)
     def on_the_tensors_device(first, *args, **kwargs):
-        if first.device.type != "cuda":
-            return launch(first, *args, **kwargs)
-        with torch.cuda.device(first.device):
-            return launch(first, *args, **kwargs)
+        with _LAUNCH_LOCK:
+            if first.device.type != "cuda":
+                return launch(first, *args, **kwargs)
+            with torch.cuda.device(first.device):
+                return launch(first, *args, **kwargs)
 
     return on_the_tensors_device
 
@@ -136,6 +147,10 @@ def unsupported_reason(device: torch.device, dtype: torch.dtype) -> str:
         return f"device {device.type!r} is not supported (expected cuda, or cpu under TRITON_INTERPRET=1)"
     if dtype not in DTYPES:
         return f"dtype {dtype} is not supported (expected one of float16, bfloat16, float32)"
+    if device.type == "cuda" and not INTERPRETING and not torch.cuda.is_available():
+        return "no CUDA GPU is available (torch.cuda.is_available() is False)"
+    if device.type == "cuda" and not INTERPRETING and (device.index or 0) >= torch.cuda.device_count():
+        return f"device {device} does not exist ({torch.cuda.device_count()} CUDA GPUs)"
     if device.type == "cuda" and not INTERPRETING and torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
         found = ".".join(map(str, torch.cuda.get_device_capability(device)))
         return f"{torch.cuda.get_device_name(device)} has compute capability {found}; the kernels need 8.0 or newer"
