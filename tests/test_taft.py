@@ -207,7 +207,7 @@ def test_loaded_shards_retrain_only_by_their_own_recipe(tmp_path):
     sharded.save(tmp_path)
     other = taft.ShardedTAFT.load(tmp_path, lin)  # the default recipe: Adam
     other.compose()
-    with pytest.raises(ValueError, match="config: the loaded shards were trained with"):
+    with pytest.raises(ValueError, match="config: the trained shards were trained with"):
         other.forget_samples([0], inputs, targets)
     other.forget_shard(1)
     same = taft.ShardedTAFT.load(tmp_path, lin, dataclasses.replace(recipe, num_workers=1))
@@ -219,6 +219,12 @@ def test_loaded_shards_retrain_only_by_their_own_recipe(tmp_path):
     taft.ShardedTAFT.load(tmp_path, lin).save(tmp_path)
     assert json.loads((tmp_path / "taft.json").read_text())["recipe"] is None
     assert taft.ShardedTAFT.load(tmp_path, lin, recipe).forget_samples([int(same.shards[0][1])], inputs, targets) == [0]
+    fresh = taft.ShardedTAFT(lin, taft.split_shards(12, 2))
+    fresh.config = recipe  # set before any shard trained: the recipe of what it trains
+    fresh.fit(inputs, targets, shards=[0], progress=False)
+    fresh.config = taft.TrainConfig(epochs=1)
+    with pytest.raises(ValueError, match="config: the trained shards were trained with"):
+        fresh.fit(inputs, targets, shards=[1], progress=False)  # (shards of two recipes in one composition)
 
 
 def test_parallel_shard_training_matches_serial():

@@ -166,7 +166,7 @@ class ShardedTAFT:
         self.offsets: dict[int, dict[str, Tensor]] = {}
         self.results: dict[int, TrainResult] = {}
         self._folders: set[str] = set()  # saved to or loaded from: rewritten when data is forgotten
-        self._recipe: str | None = config.run()  # the shards' training recipe (None: loaded, not recorded)
+        self._recipe: str | None = None  # the trained shards' TrainConfig.run() (None: not known)
         self._resumed_in: set[str] = set()  # fit(resume=...) folders: their checkpoints saw the data too
         self._composed: str | None = None  # the weighting of the composition ``model`` holds
 
@@ -202,10 +202,12 @@ class ShardedTAFT:
         every shard, each on part of every batch) and all get every result."""
         from tqdm.auto import tqdm
 
-        if self._recipe not in (None, self.config.run()):
-            raise ValueError(f"config: the loaded shards were trained with {self._recipe}, not this object's "
-                             f"{self.config.run()}; load them with that TrainConfig to train or retrain shards "
-                             "(forgetting retrains as the shard was trained)")  # fmt: skip
+        if not self.active():  # no trained shard: this training sets the recipe
+            self._recipe = self.config.run()
+        elif self._recipe not in (None, self.config.run()):
+            raise ValueError(f"config: the trained shards were trained with {self._recipe}, not this object's "
+                             f"{self.config.run()}; use that TrainConfig (ShardedTAFT.load(..., config)) to train "
+                             "or retrain shards (forgetting retrains as the shard was trained)")  # fmt: skip
 
         configs = {i: dataclasses.replace(self.config, seed=self.config.seed + i) for i in shards}
         mine = list(shards) if data_parallel else distributed.share(list(shards))
@@ -401,6 +403,6 @@ class ShardedTAFT:
         sharded = cls(linearized, saved.shards, config)
         sharded.offsets, sharded.num_samples = saved.offsets, saved.num_samples
         sharded.results = {i: TrainResult(epsilon=e, delta=d) for i, (e, d) in saved.privacy.items()}
-        sharded._recipe = saved.recipe if saved.offsets else config.run()  # (no shard trained yet: any)
+        sharded._recipe = saved.recipe
         sharded._folders.add(os.path.realpath(folder))
         return sharded
