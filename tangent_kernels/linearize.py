@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from . import autocasting, validation
 from .modules import (
+    TangentForwardAD,
     TangentPatchEmbed,
     UnsupportedModuleError,
     _frozen,
@@ -134,7 +135,9 @@ class LinearizedViT(nn.Module):
             if fresh_cls_token:
                 raise ValueError("fresh_cls_token: with blocks='all' the class token is already linearized")
             self.frozen = None
-            self.patch_embed = TangentPatchEmbed(model.patch_embed, backend)
+            hybrid = getattr(model.patch_embed, "backbone", None) is not None  # a CNN stem: by forward AD
+            self.patch_embed = (TangentForwardAD if hybrid else TangentPatchEmbed)(model.patch_embed, backend)
+            self.grid_size = getattr(model.patch_embed, "grid_size", None)
             for name in (*PREFIX_TOKENS, "pos_embed"):
                 _register_linearized(self, name, _frozen(model, name))
             self.norm_pre = tangent_module(model.norm_pre, backend)
@@ -186,7 +189,7 @@ class LinearizedViT(nn.Module):
                 from timm.layers import resample_abs_pos_embed
 
                 prefix_rows = 0 if self.no_embed_class else self.num_prefix_tokens
-                pos = tuple(resample_abs_pos_embed(p, new_size=(height, width), old_size=self.patch_embed.grid_size,
+                pos = tuple(resample_abs_pos_embed(p, new_size=(height, width), old_size=self.grid_size,
                                                    num_prefix_tokens=prefix_rows) for p in pos)  # fmt: skip
             rows = (batch, height * width, channels)  # not -1: ambiguous for an empty batch
             x, x_t = x.reshape(rows), None if x_t is None else x_t.reshape(rows)

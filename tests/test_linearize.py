@@ -463,12 +463,18 @@ def test_bad_inputs_are_refused_naming_them(call, error, message):
         call(lin, torch.randn(2, 3, 32, 32, dtype=torch.float64))
 
 
-def test_hybrid_vit_takes_its_images():
-    """A hybrid ViT's patch projection takes its CNN backbone's features (64 channels here), not the
-    image's: the image check refused every image."""
-    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64, depth=2, num_classes=5).eval()
-    images = torch.randn(1, 3, 64, 64)
-    torch.testing.assert_close(tk.linearize(model, 1)(images), model(images), rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("dynamic_img_size", [False, True])
+def test_hybrid_vit(dynamic_img_size):
+    """A hybrid ViT (a CNN stem before the patch projection): its projection takes the stem's
+    features (64 channels here), not the image's (the image check refused every image), and with
+    every block linearized the stem is linearized by forward AD (it raised AttributeError: no
+    'norm')."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64, depth=2, num_classes=5,
+                              dynamic_img_size=dynamic_img_size).double().eval()  # fmt: skip
+    images = torch.randn(2, 3, 96 if dynamic_img_size else 64, 64, dtype=torch.float64)
+    torch.testing.assert_close(tk.linearize(model, 1)(images), model(images))
+    check(model, tk.linearize(model, "all"), images, 1e-12)
 
 
 class TestUnsupported:
