@@ -212,6 +212,8 @@ def test_loaded_shards_retrain_only_by_their_own_recipe(tmp_path):
     other.forget_shard(1)
     same = taft.ShardedTAFT.load(tmp_path, lin, dataclasses.replace(recipe, num_workers=1))
     assert taft.TrainConfig(lr=1).run() == taft.TrainConfig(lr=1.0).run()  # equal configs, one recipe
+    privacy = (taft.PrivacyConfig(noise_multiplier=1, max_grad_norm=2), taft.PrivacyConfig(1.0, 2.0))
+    assert len({taft.TrainConfig(privacy=p).run() for p in privacy}) == 1
     assert same.forget_samples([int(same.shards[0][0])], inputs, targets) == [0]
     index = json.loads((tmp_path / "taft.json").read_text())
     del index["recipe"]  # a folder saved before the recipe was recorded: not stamped with a loader's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -86,3 +87,12 @@ def check_disjoint(name: str, groups: Sequence[Tensor]) -> None:
         index = int(unique[counts > 1][0])
         holders = [i for i, group in enumerate(groups) if bool((group == index).any())]
         raise ValueError(f"{name}: expected disjoint shards, got sample {index} in shards {holders}")
+
+
+def floats_as_declared(config) -> None:
+    """A frozen dataclass's ``float`` fields given as ints made floats (``lr=1`` is ``lr=1.0``:
+    one setting, one text in a recipe); called after the checks, which refuse bools."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type == "float" and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(config, f.name, float(value))

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .checks import check_int, check_real
+from .checks import check_int, check_real, floats_as_declared
 
 # The accountant's domain. Its fractional-order series never ends once the noise is so small that
 # its square underflows (about 1e-154), overflows for noise above about 1e154, and takes seconds
@@ -48,6 +48,7 @@ class PrivacyConfig:
             raise ValueError(f"PrivacyConfig.noise_multiplier: expected a finite noise standard deviation "
                              f"noise_multiplier · max_grad_norm, "
                              f"got {self.noise_multiplier} · {self.max_grad_norm}")  # fmt: skip
+        floats_as_declared(self)
 
 
 def require_accountant() -> None:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoint import base_fingerprint
 from . import distributed, resume
-from .checks import check_choice, check_int, check_real
+from .checks import check_choice, check_int, check_real, floats_as_declared
 from .data import EpochBatches, Source, batches, identity, known_targets, source
 from .loss import rsl_loss
 from .privacy import PrivacyConfig, add_noise, clipped_gradient_sum, epsilon, require_accountant
@@ -100,6 +100,7 @@ class TrainConfig:
         if self.privacy is not None and self.precision == "fp16":
             raise ValueError("TrainConfig.precision: 'fp16' scales the loss, which per-sample clipping of DP-SGD "
                              "(privacy) does not undo; expected 'fp32' or 'bf16' with privacy")  # fmt: skip
+        floats_as_declared(self)
 
     def loss_fn(self):
         if self.loss == "rsl":
@@ -108,12 +109,7 @@ class TrainConfig:
 
     def run(self) -> str:
         """The settings that change what is learned (loading settings left out)."""
-        return repr({f.name: _as_declared(f, getattr(self, f.name)) for f in fields(self) if f.name not in LOADING})
-
-
-def _as_declared(field_, value):
-    """A number as its field declares it (``lr=1`` is ``lr=1.0``: one recipe, one text)."""
-    return float(value) if field_.type == "float" and isinstance(value, int) else value
+        return repr({f.name: getattr(self, f.name) for f in fields(self) if f.name not in LOADING})
 
 
 @dataclass
