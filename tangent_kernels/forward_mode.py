@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 
@@ -79,9 +81,6 @@ def tangent_carrier(**tensors: Tensor | None) -> str | None:
 def under_grad_transform() -> bool:
     """A ``torch.func`` gradient transform (``grad``, ``vjp``, ``jacrev``, per-sample ``vmap(grad)``)
     is active: it refuses the fused ops' registered backward ("must override setup_context")."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
         return False
     return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())

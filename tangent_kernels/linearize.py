@@ -112,9 +112,9 @@ class LinearizedViT(nn.Module):
         super().__init__()
         _check_supported(model)
         reinit, fresh_cls_token = validation.flag("reinit", reinit), validation.flag("fresh_cls_token", fresh_cls_token)
-        proj = getattr(model.patch_embed, "proj", None)  # (a hybrid's projects its CNN backbone's features)
-        plain = isinstance(proj, nn.Conv2d) and getattr(model.patch_embed, "backbone", None) is None
-        self.in_chans = proj.in_channels if plain else None
+        hybrid = getattr(model.patch_embed, "backbone", None) is not None  # a CNN stem before the projection
+        proj = getattr(model.patch_embed, "proj", None)
+        self.in_chans = proj.in_channels if isinstance(proj, nn.Conv2d) and not hybrid else None
         depth = len(model.blocks)
         num_linearized = depth if blocks == "all" else blocks
         if isinstance(num_linearized, bool) or not isinstance(num_linearized, int) or not 1 <= num_linearized <= depth:
@@ -135,7 +135,6 @@ class LinearizedViT(nn.Module):
             if fresh_cls_token:
                 raise ValueError("fresh_cls_token: with blocks='all' the class token is already linearized")
             self.frozen = None
-            hybrid = getattr(model.patch_embed, "backbone", None) is not None  # a CNN stem: by forward AD
             self.patch_embed = (TangentForwardAD if hybrid else TangentPatchEmbed)(model.patch_embed, backend)
             self.grid_size = getattr(model.patch_embed, "grid_size", None)
             for name in (*PREFIX_TOKENS, "pos_embed"):

@@ -29,8 +29,8 @@ from torchvision.datasets.folder import find_classes
 from .. import linearize
 from . import distributed
 from .data import transform
-from .folder import INDEX_FILE, RESUME_FOLDER
-from .privacy import PrivacyConfig, require_accountant
+from . import folder as on_disk
+from .privacy import PrivacyConfig
 from .shards import ShardedTAFT, split_shards
 from .train import LOADING, TrainConfig, accuracy, training_autocast
 
@@ -165,14 +165,6 @@ def _seen(folder: ImageFolder, classes: set[int]) -> torch.utils.data.Subset:
     return torch.utils.data.Subset(folder, [i for i, t in enumerate(folder.targets) if t in classes])
 
 
-def _trained_anything(out: str) -> bool:
-    """``out`` holds saved shards or a training checkpoint: a run that started there (a ``run.json``
-    alone is of a command that failed before its first epoch ended, e.g. its loss diverged, and a
-    corrected command may take its place)."""
-    checkpoints = os.path.join(out, RESUME_FOLDER)
-    return os.path.isfile(os.path.join(out, INDEX_FILE)) or (os.path.isdir(checkpoints) and bool(os.listdir(checkpoints)))
-
-
 def train_command(args) -> None:
     device = distributed.init_from_env()
     rank = distributed.rank_and_world()[0]
@@ -203,8 +195,6 @@ def train_command(args) -> None:
                          loss=args.loss, kappa=args.kappa, seed=args.seed, dw_penalty=args.dw_penalty,
                          lr_milestones=tuple(args.lr_milestones), eval_mode=args.eval_mode, precision=args.precision,
                          privacy=args.privacy and PrivacyConfig(*args.privacy, delta=DELTA if args.delta is None else args.delta))  # fmt: skip
-    if config.privacy is not None:
-        require_accountant()  # (before OUT is written)
     classes = visible_classes(args.data)
     weights = None if args.weights is None else os.path.abspath(args.weights)
     run = {"format": FORMAT, "model": args.model, "model_args": model_args,
@@ -221,7 +211,9 @@ def train_command(args) -> None:
     run = json.loads(json.dumps({**run, "data_fingerprint": fingerprint(folder)}))  # as run.json holds it
     path = os.path.join(args.out, RUN_FILE)
     distributed.barrier()  # every rank reads OUT before rank 0 writes there
-    started = os.path.isfile(path) and _trained_anything(args.out)
+    # (a run.json alone is of a command that failed before any shard saved an epoch, e.g. its loss
+    # diverged or opacus is missing: a corrected command may take its place)
+    started = os.path.isfile(path) and on_disk.holds_training(args.out)
     if started and read_run(args.out) != run:
         raise ValueError(f"--out: {args.out} holds another run (its {RUN_FILE} differs: model, data or "
                          "settings); choose another --out, or run the same command to resume")  # fmt: skip
@@ -230,7 +222,7 @@ def train_command(args) -> None:
     lin = linearize(base, run["blocks"], reinit=args.reinit).to(device)
     config = config_from(run["config"], num_workers=args.num_workers, pin_memory=device.type == "cuda")
     training_autocast(config, device)  # refuses bf16/fp16 off CUDA
-    if os.path.isfile(os.path.join(args.out, "taft.json")):
+    if os.path.isfile(os.path.join(args.out, on_disk.INDEX_FILE)):
         sharded = ShardedTAFT.load(args.out, lin, config)
     else:
         labels = torch.as_tensor(folder.targets) if run["split"] == "class" else None

@@ -46,6 +46,12 @@ def resume_file(folder: str, shard: int) -> str:
     return os.path.join(folder, RESUME_FOLDER, f"shard_{shard}.pt")
 
 
+def holds_training(folder: str) -> bool:
+    """``folder`` holds saved shards or a training checkpoint."""
+    checkpoints = os.path.join(folder, RESUME_FOLDER)
+    return os.path.isfile(os.path.join(folder, INDEX_FILE)) or (os.path.isdir(checkpoints) and bool(os.listdir(checkpoints)))
+
+
 def remove(path: str) -> None:
     try:
         os.remove(path)
